@@ -1,0 +1,89 @@
+"""Worker and CLI processes for tests that kill, signal or run the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from worker.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def environment(settings: Settings, **extra: str) -> dict[str, str]:
+    """The process environment that gives a child process these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLESS_")}
+    env.update(
+        AGENTLESS_AMQP_URL=settings.amqp_url,
+        AGENTLESS_DATABASE_URL=settings.database_url,
+        AGENTLESS_PREFIX=settings.prefix,
+        AGENTLESS_RESPONSE_TIMEOUT=str(settings.response_timeout),
+        AGENTLESS_MAX_RESPONSE_BYTES=str(settings.max_response_bytes),
+        AGENTLESS_CONCURRENCY=str(settings.concurrency),
+        AGENTLESS_WORKER_PORT="0",
+        AGENTLESS_LOG_FORMAT="json",
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Child:
+    """A long-running `agentless` process; its logs go to a file so that it never blocks on a
+    full pipe."""
+
+    process: asyncio.subprocess.Process
+    log: Path
+
+    def logs(self) -> str:
+        return self.log.read_text()
+
+
+async def start(settings: Settings, *args: str, **extra_env: str) -> Child:
+    """`agentless ARGS…` as a child process that runs until it is stopped."""
+    handle, name = tempfile.mkstemp(prefix="agentless-", suffix=".log")
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "worker",
+            *args,
+            cwd=ROOT,
+            env=environment(settings, **extra_env),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=handle,
+            stderr=handle,
+        )
+    finally:
+        os.close(handle)
+    return Child(process, Path(name))
+
+
+async def run(
+    settings: Settings, *args: str, timeout: float = 60, **extra_env: str
+) -> tuple[int, str, str]:
+    """`agentless ARGS…` to its end: exit code, stdout, stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        *args,
+        cwd=ROOT,
+        env=environment(settings, **extra_env),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.communicate()
+        raise
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()

@@ -1,0 +1,166 @@
+"""The `agentless` command as a user runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aio_pika.abc import AbstractChannel
+
+from tests import processes
+from tests.conftest import Events, Target
+from worker.service import Worker
+from worker.settings import Settings
+
+
+@pytest.mark.parametrize("command", [[], ["worker"], ["run"], ["submit"]])
+async def test_help(settings: Settings, command: list[str]) -> None:
+    code, out, _ = await processes.run(settings, *command, "--help")
+    assert code == 0
+    assert "usage: agentless" in out
+
+
+async def test_submit_wait_prints_the_result(
+    worker: Worker, settings: Settings, target: Target
+) -> None:
+    code, out, err = await processes.run(
+        settings,
+        "submit",
+        "--url",
+        f"{target.url}/hook?status=201",
+        "--json",
+        '{"commit": "abc"}',
+        "--criteria",
+        "body.status == 'created'",
+        "--task-id",
+        "cli-1",
+        "--var",
+        "release=7",
+        "--wait",
+    )
+    assert code == 0, err
+    event = json.loads(out)
+    assert (event["name"], event["taskId"], event["result"]) == (
+        "TaskCompleted",
+        "cli-1",
+        "succeeded",
+    )
+    assert event["variables"] == {"release": "7"}
+
+
+async def test_submit_wait_exits_1_when_the_task_fails(
+    worker: Worker, settings: Settings, target: Target
+) -> None:
+    code, out, _ = await processes.run(
+        settings, "submit", "--url", f"{target.url}/hook?status=503", "--wait"
+    )
+    assert code == 1
+    assert json.loads(out)["reason"] == "HTTP 503"
+
+
+async def test_submit_from_a_file(
+    worker: Worker, settings: Settings, target: Target, tmp_path: Path, events: Events
+) -> None:
+    task = tmp_path / "task.json"
+    task.write_text(
+        json.dumps({"taskId": "file-1", "planId": "p", "request": {"url": f"{target.url}/x"}})
+    )
+    code, out, err = await processes.run(settings, "submit", str(task))
+    assert code == 0, err
+    assert json.loads(out) == {"taskId": "file-1", "planId": "p"}
+    assert (await events.completed("file-1"))["result"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["submit"], "request: give exactly one of request.url or request.connection"),
+        (
+            ["submit", "--url", "ftp://x"],
+            "request.url: must be an absolute http:// or https:// URL",
+        ),
+        (["submit", "--url", "http://x", "--criteria", "a =="], "not a valid JMESPath expression"),
+        (["submit", "--url", "http://x", "-H", "nocolon"], "is not of the form 'Name: value'"),
+        (["submit", "/nonexistent.json"], "cannot read /nonexistent.json"),
+    ],
+)
+async def test_submit_rejects_bad_input_before_queueing(
+    settings: Settings, args: list[str], message: str
+) -> None:
+    code, _, err = await processes.run(settings, *args)
+    assert code == 2
+    assert message in err
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"AGENTLESS_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"},
+            "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/",
+        ),
+        (
+            {"AGENTLESS_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/postgres"},
+            "cannot reach PostgreSQL at postgresql://postgres@127.0.0.1:1/postgres",
+        ),
+        (
+            {"AGENTLESS_CONCURRENCY": "lots"},
+            "AGENTLESS_CONCURRENCY: Input should be a valid integer",
+        ),
+        ({"AGENTLESS_AMQP_URL": "http://x"}, "AGENTLESS_AMQP_URL: Value error, must be an amqp://"),
+        ({"AGENTLESS_EGRESS_DENY": "10.0.0.0/33"}, "AGENTLESS_EGRESS_DENY"),
+        ({"AGENTLESS_CONNECTIONS": "/nonexistent.json"}, "AGENTLESS_CONNECTIONS: cannot read"),
+    ],
+    ids=["broker", "database", "concurrency", "amqp-scheme", "cidr", "connections"],
+)
+async def test_worker_refuses_to_start_with_an_actionable_message(
+    settings: Settings, db: asyncpg.Connection, env: dict[str, str], message: str
+) -> None:
+    code, _, err = await processes.run(settings, "worker", timeout=60, **env)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+async def test_config_file_supplies_settings_the_environment_lacks(
+    settings: Settings, tmp_path: Path
+) -> None:
+    config = tmp_path / "agentless.env"
+    config.write_text("AGENTLESS_CALLBACK_TIMEOUT=nope\nAGENTLESS_CONCURRENCY=nope\n")
+    code, _, err = await processes.run(settings, "--config", str(config), "worker")
+    assert code == 2
+    # The file's bad value is read; the environment's good one wins over the file's other one.
+    assert "AGENTLESS_CALLBACK_TIMEOUT" in err
+    assert "AGENTLESS_CONCURRENCY" not in err
+    code, _, err = await processes.run(settings, "--config", str(tmp_path / "missing"), "worker")
+    assert code == 2
+    assert "is not a readable file" in err
+
+
+async def test_logs_are_json_lines_with_task_and_plan_ids(
+    settings: Settings, channel: AbstractChannel, db: asyncpg.Connection, target: Target
+) -> None:
+    child = await processes.start(settings, "worker")
+    code, _, err = await processes.run(
+        settings,
+        "submit",
+        "--url",
+        f"{target.url}/x",
+        "--task-id",
+        "log-1",
+        "--plan-id",
+        "plan-log",
+        "--wait",
+    )
+    assert code == 0, err
+    child.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(child.process.wait(), 30) == 0
+    lines = [json.loads(line) for line in child.logs().splitlines()]
+    completed = [line for line in lines if line["event"] == "task completed"]
+    assert completed
+    assert (completed[0]["taskId"], completed[0]["planId"]) == ("log-1", "plan-log")
+    assert completed[0]["result"] == "succeeded"

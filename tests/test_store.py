@@ -1,0 +1,158 @@
+"""The store against the real PostgreSQL, and the group commit beneath it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import asyncpg
+import pytest
+
+from worker.batch import Batcher
+from worker.models import Outcome, Result
+from worker.settings import Settings
+from worker.store import Claimed, ClaimRequest, Store, TaskRecord, migrations
+
+
+async def test_concurrent_start_ups_migrate_once(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    async def start_up() -> str:
+        async with Store.open(settings.database_url, pool_size=1) as store:
+            return store.schema
+
+    schemas = await asyncio.gather(*(start_up() for _ in range(8)))
+    assert len(set(schemas)) == 1
+    versions = await db.fetch("SELECT version FROM schema_migrations ORDER BY version")
+    assert [v["version"] for v in versions] == [m.version for m in migrations()]
+
+
+def claim_request(task_id: str, body: bytes = b"{}") -> ClaimRequest:
+    return ClaimRequest(
+        task_id=task_id,
+        plan_id="p",
+        job_id="p",
+        hub_name="build",
+        project_id=None,
+        name=None,
+        mode="apiResponse",
+        digest=hashlib.sha256(body).digest(),
+        message=body.decode(),
+        queued_at=None,
+        lease_seconds=60,
+    )
+
+
+async def test_claim_then_complete_then_redelivery_sees_the_result(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    async with Store.open(settings.database_url) as store:
+        claimed = await store.claim(claim_request("s-1"))
+        assert isinstance(claimed, Claimed)
+        assert claimed.attempts == 1
+        completed_at = await store.complete("s-1", 1, Outcome(Result.SUCCEEDED, "HTTP 200"))
+        assert not isinstance(completed_at, TaskRecord)
+        again = await store.claim(claim_request("s-1"))
+        assert isinstance(again, TaskRecord)
+        assert (again.result, again.reason, again.completed_at) == (
+            Result.SUCCEEDED,
+            "HTTP 200",
+            completed_at,
+        )
+
+
+async def test_a_superseded_attempt_cannot_record_its_result(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    async with Store.open(settings.database_url) as store:
+        # Worker id 0 holds no lock, so the running attempt counts as abandoned.
+        assert isinstance(await store.claim(claim_request("s-2")), Claimed)
+        second = await store.claim(claim_request("s-2"))
+        assert isinstance(second, Claimed)
+        assert second.attempts == 2
+        late = await store.complete("s-2", 1, Outcome(Result.FAILED, "late"))
+        assert isinstance(late, TaskRecord)
+        assert late.result is None
+        assert not isinstance(
+            await store.complete("s-2", 2, Outcome(Result.SUCCEEDED, "ok")), TaskRecord
+        )
+
+
+async def test_a_running_attempt_of_a_live_worker_is_not_claimed(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    async with (
+        Store.open(settings.database_url) as store,
+        store.registered_worker(settings.database_url, lambda: 0),
+    ):
+        assert isinstance(await store.claim(claim_request("s-3")), Claimed)
+        busy = await store.claim(claim_request("s-3"))
+        assert isinstance(busy, TaskRecord)
+        assert busy.worker_alive
+
+
+async def test_many_concurrent_claims_share_round_trips(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    async with Store.open(settings.database_url) as store:
+        got = await asyncio.gather(*(store.claim(claim_request(f"m-{i}")) for i in range(300)))
+        assert all(isinstance(g, Claimed) and g.attempts == 1 for g in got)
+        # The same id twice in one burst: one statement must not touch a row twice.
+        twice = await asyncio.gather(
+            store.claim(claim_request("dup")), store.claim(claim_request("dup"))
+        )
+        assert sorted(isinstance(t, Claimed) for t in twice) == [False, True] or all(
+            isinstance(t, Claimed) for t in twice
+        )
+
+
+async def test_batcher_groups_concurrent_items_and_isolates_a_bad_one() -> None:
+    sizes: list[int] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        await asyncio.sleep(0)
+        if 13 in items:
+            raise ValueError("13 is refused")
+        return [i * 2 for i in items]
+
+    batcher: Batcher[int, int] = Batcher(flush, key=lambda i: i, parallel=1)
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(10)))
+    assert results == [i * 2 for i in range(10)]
+    assert sizes[0] == 10
+
+    outcomes = await asyncio.gather(
+        *(batcher.submit(i) for i in range(10, 16)), return_exceptions=True
+    )
+    assert [o if not isinstance(o, Exception) else str(o) for o in outcomes] == [
+        20,
+        22,
+        24,
+        "13 is refused",
+        28,
+        30,
+    ]
+
+
+async def test_batcher_keeps_duplicate_keys_apart() -> None:
+    batches: list[list[str]] = []
+
+    async def flush(items: list[str]) -> list[str]:
+        batches.append(items)
+        return items
+
+    batcher: Batcher[str, str] = Batcher(flush, key=lambda s: s, parallel=1)
+    await asyncio.gather(*(batcher.submit(s) for s in ["a", "b", "a", "a"]))
+    assert batches == [["a", "b"], ["a"], ["a"]]
+
+
+@pytest.mark.parametrize("parallel", [1, 3])
+async def test_batcher_fails_every_caller_when_the_database_is_gone(parallel: int) -> None:
+    async def flush(items: list[int]) -> list[int]:
+        raise ConnectionRefusedError("gone")
+
+    batcher: Batcher[int, int] = Batcher(
+        flush, key=lambda i: i, parallel=parallel, isolate=lambda e: not isinstance(e, OSError)
+    )
+    outcomes = await asyncio.gather(*(batcher.submit(i) for i in range(5)), return_exceptions=True)
+    assert all(isinstance(o, ConnectionRefusedError) for o in outcomes)

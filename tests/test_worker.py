@@ -1,0 +1,239 @@
+"""A worker in this process against the real broker and database: the task's whole life."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from aio_pika.abc import AbstractChannel
+
+from tests.conftest import Dead, Events, Target, publish, task_message
+from worker.models import MAX_TASK_BYTES
+from worker.service import Worker
+from worker.settings import Settings
+
+
+async def row(db: asyncpg.Connection, task_id: str) -> dict[str, Any]:
+    record = await db.fetchrow("SELECT * FROM tasks WHERE task_id = $1", task_id)
+    assert record is not None
+    return dict(record)
+
+
+async def test_task_succeeds_end_to_end(
+    worker: Worker,
+    channel: AbstractChannel,
+    settings: Settings,
+    events: Events,
+    target: Target,
+    db: asyncpg.Connection,
+) -> None:
+    task = task_message(
+        target,
+        taskId="e2e-1",
+        planId="p-7",
+        hubName="release",
+        successCriteria="body.status == 'created'",
+        variables={"anything": ["returned", 1]},
+        request={
+            "method": "POST",
+            "url": f"{target.url}/hook?key=e2e-1&status=201",
+            "headers": {"Authorization": "Bearer s3cret", "X-Trace": "$(system.PlanId)"},
+            "body": {"commit": "abc123"},
+        },
+    )
+    await publish(channel, settings, task)
+    completed = await events.completed("e2e-1")
+
+    assert completed["result"] == "succeeded"
+    assert completed["reason"] == "HTTP 201; successCriteria true"
+    assert completed["eventId"] == "e2e-1:completed"
+    assert completed["hubName"] == "release"
+    assert completed["jobId"] == "p-7"
+    assert completed["attempts"] == 1
+    assert completed["variables"] == {"anything": ["returned", 1]}
+    response = completed["response"]
+    assert isinstance(response, dict)
+    assert response["statusCode"] == 201
+    assert response["body"]["headers"]["X-Trace"] == "p-7"
+    assert orjson.loads(response["body"]["body"]) == {"commit": "abc123"}
+    started = events.named("TaskStarted", "e2e-1")
+    assert [e["eventId"] for e in started] == ["e2e-1:started"]
+    assert "task.started.release" in events.routing_keys
+    assert "task.completed.release" in events.routing_keys
+
+    stored = await row(db, "e2e-1")
+    assert (stored["state"], stored["result"], stored["attempts"]) == ("completed", "succeeded", 1)
+    message = orjson.loads(stored["message"])
+    assert message["request"]["headers"]["Authorization"] == "***"
+    assert "s3cret" not in stored["message"]
+    assert orjson.loads(stored["response"])["statusCode"] == 201
+    assert stored["queued_at"] <= stored["started_at"] <= stored["completed_at"]
+
+
+@pytest.mark.parametrize(
+    ("query", "criteria", "reason"),
+    [
+        ("&status=500", None, "HTTP 500"),
+        ("&status=404", "body.status == 'created'", "HTTP 404"),
+        ("&say=nope", "body.status == 'created'", "HTTP 200; successCriteria false"),
+        ("", "statusCode < `200`", "HTTP 200; successCriteria false"),
+        ("", "body.missing", "HTTP 200; successCriteria false"),
+    ],
+)
+async def test_task_fails_on_status_or_criteria(
+    worker: Worker,
+    channel: AbstractChannel,
+    settings: Settings,
+    events: Events,
+    target: Target,
+    query: str,
+    criteria: str | None,
+    reason: str,
+) -> None:
+    task = task_message(target, query=query, successCriteria=criteria)
+    await publish(channel, settings, task)
+    completed = await events.completed(str(task["taskId"]))
+    assert (completed["result"], completed["reason"]) == ("failed", reason)
+
+
+async def test_completion_also_goes_to_reply_to(
+    worker: Worker,
+    channel: AbstractChannel,
+    settings: Settings,
+    target: Target,
+) -> None:
+    replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+    task = task_message(target)
+    await publish(channel, settings, task, reply_to=replies.name, correlation_id="corr-9")
+    async with asyncio.timeout(10):
+        async with replies.iterator() as messages:
+            async for message in messages:
+                await message.ack()
+                break
+    assert message.correlation_id == "corr-9"
+    assert orjson.loads(message.body)["taskId"] == task["taskId"]
+    assert orjson.loads(message.body)["name"] == "TaskCompleted"
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"not json", "message is not JSON: expected ident at line 1 column 2"),
+        (b"[1, 2]", "message is not a JSON object"),
+        (
+            b'{"planId": "p", "request": {"url": "http://x"}}',
+            "message does not fit the task schema: taskId: Field required",
+        ),
+        (
+            b'{"taskId": "a b", "planId": "p", "request": {"url": "ftp://x"}}',
+            "message does not fit the task schema: taskId: String should match pattern "
+            "'^[A-Za-z0-9._:-]{1,128}$'; request.url: must be an absolute http:// or https:// URL",
+        ),
+        (
+            b'{"taskId": "t", "planId": "p", "request": {"url": "http://x"}, '
+            b'"succesCriteria": "a"}',
+            "message does not fit the task schema: succesCriteria: Extra inputs are not permitted",
+        ),
+        (
+            b'{"taskId": "t", "planId": "p", "request": {"url": "http://x"}, '
+            b'"successCriteria": "body.["}',
+            "message does not fit the task schema: successCriteria: not a valid JMESPath "
+            "expression: Invalid jmespath expression: Incomplete expression at position 6",
+        ),
+        (
+            b'{"taskId": "t", "planId": "p", "request": {"url": "http://x", "body": "\\u0000"}}',
+            "message contains a NUL character (\\u0000), which cannot be stored",
+        ),
+        (
+            b'{"taskId": "t", "planId": "p", "request": {"url": "http://x"}, "x": "'
+            + b"a" * MAX_TASK_BYTES
+            + b'"}',
+            f"message is {MAX_TASK_BYTES + 71} bytes, over the {MAX_TASK_BYTES}-byte limit",
+        ),
+    ],
+    ids=["not-json", "not-object", "missing", "bad-fields", "typo", "criteria", "nul", "large"],
+)
+async def test_invalid_messages_are_dead_lettered_with_reason(
+    worker: Worker,
+    channel: AbstractChannel,
+    settings: Settings,
+    events: Events,
+    dead: Dead,
+    target: Target,
+    body: bytes,
+    reason: str,
+) -> None:
+    await publish(channel, settings, body, message_id="bad-1")
+    got, message = await dead.next()
+    assert got == reason
+    assert message.body == body
+    assert message.message_id == "bad-1"
+    # The worker goes on with the next task.
+    task = task_message(target)
+    await publish(channel, settings, task)
+    assert (await events.completed(str(task["taskId"])))["result"] == "succeeded"
+
+
+async def test_redelivered_completed_task_is_not_invoked_again(
+    worker: Worker,
+    channel: AbstractChannel,
+    settings: Settings,
+    events: Events,
+    target: Target,
+) -> None:
+    task = task_message(target)
+    task_id = str(task["taskId"])
+    await publish(channel, settings, task)
+    first = await events.completed(task_id)
+    await publish(channel, settings, task)
+    async with asyncio.timeout(10), events.changed:
+        await events.changed.wait_for(lambda: len(events.named("TaskCompleted", task_id)) == 2)
+    second = events.named("TaskCompleted", task_id)[1]
+    assert second == first
+    assert target.calls[task_id] == 1
+
+
+async def test_same_task_id_with_another_body_is_dead_lettered(
+    worker: Worker,
+    channel: AbstractChannel,
+    settings: Settings,
+    events: Events,
+    dead: Dead,
+    target: Target,
+) -> None:
+    task = task_message(target)
+    await publish(channel, settings, task)
+    await events.completed(str(task["taskId"]))
+    await publish(channel, settings, {**task, "name": "something else"})
+    reason, _ = await dead.next()
+    assert reason == f"taskId {task['taskId']!r} already belongs to a different task"
+
+
+async def test_task_of_a_dead_worker_is_run_again(
+    worker: Worker,
+    channel: AbstractChannel,
+    settings: Settings,
+    events: Events,
+    target: Target,
+    db: asyncpg.Connection,
+) -> None:
+    """A row left `running` by a worker that holds no lock (it died) is taken over at once."""
+    task = task_message(target)
+    task_id = str(task["taskId"])
+    body = orjson.dumps(task)
+    await db.execute(
+        """INSERT INTO tasks (task_id, plan_id, job_id, hub_name, mode, state, attempts, digest,
+                              message, worker_id, lease_until, queued_at, started_at)
+           VALUES ($1, 'plan-1', 'plan-1', 'build', 'apiResponse', 'running', 1, sha256($2),
+                   $3::jsonb, 999999, now() + interval '1 hour', now(), now())""",
+        task_id,
+        body,
+        body.decode(),
+    )
+    await publish(channel, settings, body)
+    completed = await events.completed(task_id)
+    assert (completed["result"], completed["attempts"]) == ("succeeded", 2)
+    assert target.calls[task_id] == 1

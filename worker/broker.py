@@ -1,0 +1,225 @@
+"""RabbitMQ: topology, one supervised connection, publishing with confirms.
+
+The connection is a plain one that this module watches and re-opens itself, rather than aio-pika's
+robust connection, whose consumers do not always come back after a broker restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from types import TracebackType
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    DeliveryMode,
+    HeadersType,
+)
+from pamqp.common import FieldTable
+
+from worker.errors import ConfigError
+from worker.models import REASON_HEADER, Names, TaskEvent
+from worker.settings import redact_url
+
+log = logging.getLogger(__name__)
+
+# A quorum queue's arguments are fixed when it is first declared; change them only with a new name.
+DELIVERY_LIMIT = 20
+
+# What a lost or refused connection, channel or publish looks like from aio-pika and aiormq.
+BROKER_ERRORS = (
+    aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+    RuntimeError,
+)
+
+
+def tasks_queue_arguments(names: Names) -> FieldTable:
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": names.dead,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+        "x-delivery-limit": DELIVERY_LIMIT,
+    }
+
+
+async def declare_topology(channel: AbstractChannel, names: Names) -> None:
+    """SPEC §3; idempotent, so every process declares it at start-up."""
+    await channel.declare_queue(names.dead, durable=True, arguments={"x-queue-type": "quorum"})
+    await channel.declare_queue(names.tasks, durable=True, arguments=tasks_queue_arguments(names))
+    await channel.declare_exchange(names.events, aio_pika.ExchangeType.TOPIC, durable=True)
+
+
+class Broker:
+    """One connection per process, re-opened whenever it is lost; publishes wait it out."""
+
+    def __init__(self, amqp_url: str, names: Names, *, connection_name: str) -> None:
+        self.names = names
+        self._url = amqp_url
+        self._connection_name = connection_name
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._events: AbstractExchange | None = None
+        self._ready = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def __aenter__(self) -> Broker:
+        try:
+            await self._open()
+        except BROKER_ERRORS as exc:
+            raise ConfigError(f"cannot reach RabbitMQ at {redact_url(self._url)}: {exc}") from exc
+        self._supervisor = asyncio.create_task(self._supervise(), name="broker-supervisor")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._closing = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+        if self._connection is not None and not self._connection.is_closed:
+            await asyncio.gather(self._connection.close(), return_exceptions=True)
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready.is_set()
+
+    async def connection(self) -> AbstractConnection:
+        """The current open connection, once there is one."""
+        while True:
+            await self._ready.wait()
+            if self._connection is not None and not self._connection.is_closed:
+                return self._connection
+            self.connection_lost()
+
+    def connection_lost(self) -> None:
+        """Say that the connection is unusable; the supervisor opens a new one."""
+        if self._ready.is_set():
+            self._ready.clear()
+            self._lost.set()
+
+    async def _open(self) -> None:
+        connection = await aio_pika.connect(
+            self._url,
+            client_properties={"connection_name": self._connection_name},
+            timeout=10,
+        )
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            await declare_topology(channel, self.names)
+            self._events = await channel.get_exchange(self.names.events, ensure=False)
+        except BaseException:
+            await connection.close()
+            raise
+        connection.close_callbacks.add(lambda *_: self.connection_lost())
+        channel.close_callbacks.add(lambda *_: self.connection_lost())
+        self._connection, self._channel = connection, channel
+        self._lost.clear()
+        self._ready.set()
+
+    async def _supervise(self) -> None:
+        delay = 0.5
+        while True:
+            await self._lost.wait()
+            if self._connection is not None:
+                await asyncio.gather(self._connection.close(), return_exceptions=True)
+            log.warning("broker connection lost; reconnecting")
+            while True:
+                try:
+                    await self._open()
+                except BROKER_ERRORS as exc:
+                    log.warning(
+                        "broker reconnect failed: %s; retrying in %.1f s",
+                        exc,
+                        delay,
+                        extra={"amqpUrl": redact_url(self._url)},
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10)
+                else:
+                    log.info("broker connection re-established")
+                    delay = 0.5
+                    break
+
+    async def publish(
+        self,
+        body: bytes,
+        routing_key: str,
+        *,
+        to_events: bool = False,
+        headers: HeadersType | None = None,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        reply_to: str | None = None,
+    ) -> None:
+        """Publish persistently and wait for the broker's confirm, across reconnects if need be."""
+        message = aio_pika.Message(
+            body,
+            content_type="application/json",
+            delivery_mode=DeliveryMode.PERSISTENT,
+            headers=headers,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+        )
+        while True:
+            await self.connection()
+            channel, events = self._channel, self._events
+            assert channel is not None
+            assert events is not None
+            exchange = events if to_events else channel.default_exchange
+            try:
+                await exchange.publish(message, routing_key, timeout=30)
+            except BROKER_ERRORS as exc:
+                if self._closing:
+                    raise
+                log.warning("publish to %r failed: %s; retrying", routing_key, exc)
+                if not isinstance(exc, aio_pika.exceptions.DeliveryError):
+                    self.connection_lost()
+                await asyncio.sleep(0.2)
+            else:
+                return
+
+    async def publish_event(
+        self, event: TaskEvent, *, reply_to: str | None = None, correlation_id: str | None = None
+    ) -> None:
+        body = event.model_dump_json(by_alias=True).encode()
+        await self.publish(body, event.routing_key, to_events=True, message_id=event.event_id)
+        if reply_to:
+            await self.publish(
+                body, reply_to, message_id=event.event_id, correlation_id=correlation_id
+            )
+
+    async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+        """A copy of `message` on the dead-letter queue with the reason, its properties kept."""
+        headers: dict[str, object] = dict(message.headers or {})
+        headers[REASON_HEADER] = reason
+        await self.publish(
+            message.body,
+            self.names.dead,
+            headers=_headers(headers),
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+        )
+
+
+def _headers(values: Mapping[str, object]) -> HeadersType:
+    return dict(values)  # type: ignore[arg-type]

@@ -1,0 +1,162 @@
+"""The consume loop: prefetch, a watch on the subscription itself, and a drain on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from worker.broker import BROKER_ERRORS, Broker, tasks_queue_arguments
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+# How often the consumer checks that the broker still delivers to it.
+WATCH_INTERVAL = 2.0
+# Checks in a row that find messages ready, room to take them, and none arriving, before the
+# subscription is taken for lost.
+STARVED_CHECKS = 2
+# An idle consumer renews its channel this often: a message the broker handed to a consumer that
+# it no longer serves (seen when a quorum queue is deleted and declared again at once) is held as
+# unacknowledged by the old channel until that channel closes.
+IDLE_RENEW_SECONDS = 60.0
+
+
+class _Renew(Exception):
+    """The subscription is to be renewed on a new channel."""
+
+
+class Consumer:
+    """Consumes the task queue for as long as it runs, and re-subscribes whenever the subscription
+    is lost: a new connection, a closed channel, a consumer the broker cancelled, or one the broker
+    silently stopped delivering to."""
+
+    def __init__(self, broker: Broker, handler: Handler, *, prefetch: int) -> None:
+        self._broker = broker
+        self._handler = handler
+        self._prefetch = prefetch
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._channel: AbstractChannel | None = None
+        self.consuming = asyncio.Event()
+        self.subscriptions = 0
+        self.deliveries = 0
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def run(self) -> None:
+        """Consume until `stop()` is called."""
+        try:
+            while not self._stop.is_set():
+                try:
+                    await self._subscribe_on_new_channel()
+                except _Renew:
+                    await self._close_channel()
+                except BROKER_ERRORS as exc:
+                    log.warning("consumer lost its channel: %s", exc)
+                    await self._close_channel()
+                    await asyncio.sleep(0.5)
+        finally:
+            self.consuming.clear()
+            self._finished.set()
+
+    async def _close_channel(self) -> None:
+        self.consuming.clear()
+        if self._channel is not None:
+            await asyncio.gather(self._channel.close(), return_exceptions=True)
+            self._channel = None
+
+    async def _subscribe_on_new_channel(self) -> None:
+        connection = await self._broker.connection()
+        names = self._broker.names
+        channel = self._channel = await connection.channel()
+        await channel.set_qos(prefetch_count=self._prefetch)
+        # Declared, not just looked up: an operator may have deleted the queue.
+        queue = await channel.declare_queue(
+            names.tasks, durable=True, arguments=tasks_queue_arguments(names)
+        )
+        while not self._stop.is_set():
+            tag = await queue.consume(self._deliver)
+            self.subscriptions += 1
+            self.consuming.set()
+            log.info("consuming", extra={"queue": queue.name, "prefetch": self._prefetch})
+            reason = await self._watch(channel, queue, tag)
+            self.consuming.clear()
+            # Messages in flight stay on this channel, so they can still be acknowledged.
+            with suppress(*BROKER_ERRORS):
+                await queue.cancel(tag)
+            if reason:
+                log.warning("consumer re-subscribing: %s", reason)
+
+    async def _watch(self, channel: AbstractChannel, queue: AbstractQueue, tag: str) -> str | None:
+        """Wait until the subscription needs renewing (the reason) or the consumer stops (None);
+        raise if the channel itself is gone."""
+        underlay = await channel.get_underlay_channel()
+        assert isinstance(underlay, aiormq.Channel)
+        starved = 0
+        loop = asyncio.get_running_loop()
+        idle_since, idle_deliveries = loop.time(), self.deliveries
+        while True:
+            seen = self.deliveries
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), WATCH_INTERVAL)
+            if self._stop.is_set():
+                return None
+            if channel.is_closed or underlay.is_closed:
+                raise ConnectionError("the consumer's channel closed")
+            if tag not in underlay.consumers:
+                return "the broker cancelled the consumer"
+            # The broker can also stop delivering without a word (seen when a quorum queue is
+            # deleted and declared again at once); only starvation shows it.
+            ready = await channel.declare_queue(queue.name, passive=True)
+            waiting = ready.declaration_result.message_count or 0
+            idle = self.deliveries == seen and len(self._in_flight) < self._prefetch
+            starved = starved + 1 if waiting and idle else 0
+            if starved >= STARVED_CHECKS:
+                waited = WATCH_INTERVAL * starved
+                return f"{waiting} messages ready but none delivered for {waited:g} s"
+            if self._in_flight or self.deliveries != idle_deliveries:
+                idle_since, idle_deliveries = loop.time(), self.deliveries
+            elif loop.time() - idle_since >= IDLE_RENEW_SECONDS:
+                raise _Renew
+
+    async def _deliver(self, message: AbstractIncomingMessage) -> None:
+        # aiormq already runs each delivery in a task of its own: track that one.
+        task = asyncio.current_task()
+        assert task is not None
+        self.deliveries += 1
+        self._in_flight.add(task)
+        try:
+            await self._handler(message)
+        finally:
+            self._in_flight.discard(task)
+
+    async def stop(self, grace: float) -> None:
+        """Stop taking messages; let in-flight tasks finish within `grace` seconds, then cancel the
+        rest (their messages go back to the queue when the channel closes)."""
+        self._stop.set()
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._finished.wait(), WATCH_INTERVAL * 2)
+        if self._in_flight:
+            log.info("draining in-flight tasks", extra={"inFlight": len(self._in_flight)})
+            _, pending = await asyncio.wait(set(self._in_flight), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("cancelled unfinished tasks", extra={"count": len(pending)})
+                await asyncio.gather(*pending, return_exceptions=True)
+        if self._channel is not None:
+            await asyncio.gather(self._channel.close(), return_exceptions=True)
+        log.info("stopped consuming", extra={"queue": self._broker.names.tasks})

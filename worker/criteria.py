@@ -1,0 +1,43 @@
+"""JMESPath success criteria: compiled once, evaluated per response (SPEC §4)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import jmespath
+from jmespath.exceptions import JMESPathError
+from jmespath.parser import ParsedResult
+from pydantic import JsonValue
+
+
+@lru_cache(maxsize=4096)
+def compile_expression(expression: str) -> ParsedResult:
+    """The parsed expression; raises ValueError with the parser's own words if it is invalid."""
+    try:
+        return jmespath.compile(expression)
+    except JMESPathError as exc:
+        # The parser's str() spans lines with a caret drawing; one line reads better in a header.
+        detail = getattr(exc, "message", None) or str(exc).splitlines()[0].rstrip(":")
+        where = getattr(exc, "lex_position", None)
+        token = getattr(exc, "token_value", None)
+        near = f" near {token!r}" if token else ""
+        at = f" at position {where}" if where is not None else ""
+        raise ValueError(f"not a valid JMESPath expression: {detail}{near}{at}") from exc
+
+
+def is_truthy(value: object) -> bool:
+    """JMESPath's truth: false, null and empty strings, arrays and objects are false; 0 is true."""
+    if value is None or value is False:
+        return False
+    if isinstance(value, str | list | dict):
+        return len(value) > 0
+    return True
+
+
+def holds(expression: str, document: dict[str, JsonValue]) -> bool:
+    """Whether `expression` is truthy over `{statusCode, headers, body}`."""
+    try:
+        return is_truthy(compile_expression(expression).search(document))
+    except (JMESPathError, TypeError, ValueError):
+        # A runtime type error (e.g. comparing a string with <) means the criterion does not hold.
+        return False

@@ -1,0 +1,416 @@
+"""A task's HTTP call: macros, egress policy, redirects, one deadline, a size cap (SPEC §4, §5).
+
+Whatever the endpoint or the task can cause ends in an `InvokeFailure` whose reason a person reads;
+`invoke` raises only for the worker's own faults and for cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import errno
+import os
+import re
+import ssl
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+import orjson
+from aiohttp import hdrs
+from multidict import CIMultiDict, CIMultiDictProxy
+from pydantic import JsonValue
+from yarl import URL
+
+from worker.egress import EgressPolicy, EgressResolver
+from worker.errors import EgressRefused
+from worker.models import SECRET_HEADERS, HttpResponse, Method, TaskMessage, TaskRequest
+from worker.settings import BasicAuth, BearerAuth, ServiceConnection, Settings
+
+MAX_REDIRECTS: Final = 10
+ACCEPT_ENCODING: Final = "gzip, deflate"
+TEXT_TYPE: Final = "text/plain; charset=utf-8"
+JSON_TYPE: Final = "application/json"
+
+_MACRO = re.compile(r"\$\(([^()\s]+)\)")
+_REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
+_BODY_HEADERS: Final = (hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH, hdrs.TRANSFER_ENCODING)
+# zlib window bits by Content-Encoding; 0 means "look at the first byte" (see _deflate_wbits).
+_WBITS: Final = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": 0}
+
+
+@dataclass(frozen=True, slots=True)
+class InvokeFailure:
+    """No usable response: the reason is a sentence a user reads."""
+
+    reason: str
+    elapsed_ms: int
+
+
+def build_macros(task: TaskMessage, public_url: str, access_token: str | None) -> dict[str, str]:
+    """Azure's macro values for `task`, keyed by lower-case name."""
+    macros = {
+        "system.planid": task.plan_id,
+        "system.jobid": task.job,
+        "system.taskinstanceid": task.task_id,
+        "system.timelineid": task.timeline,
+        "system.hosttype": task.hub_name,
+        "system.teamprojectid": task.project_id or "",
+        "system.collectionuri": public_url,
+    }
+    if access_token is not None:
+        macros["system.accesstoken"] = access_token
+    for name, value in task.variables.items():
+        text = value if isinstance(value, str) else orjson.dumps(value).decode()
+        macros[f"variables.{name.lower()}"] = text
+    return macros
+
+
+def expand(text: str, macros: Mapping[str, str]) -> str:
+    """`text` with each known `$(name)` replaced, any case; unknown ones stay, as in Azure."""
+    if "$(" not in text:
+        return text
+
+    def value(match: re.Match[str]) -> str:
+        return macros.get(match[1].lower(), match[0])
+
+    return _MACRO.sub(value, text)
+
+
+def _expand_json(value: JsonValue, macros: Mapping[str, str]) -> JsonValue:
+    if isinstance(value, str):
+        return expand(value, macros)
+    if isinstance(value, list):
+        return [_expand_json(item, macros) for item in value]
+    if isinstance(value, dict):
+        return {key: _expand_json(item, macros) for key, item in value.items()}
+    return value
+
+
+class _Failed(Exception):
+    """A failure the task or the endpoint caused; its message is the InvokeFailure reason."""
+
+
+@dataclass(slots=True)
+class _Call:
+    method: str
+    url: URL
+    headers: CIMultiDict[str]
+    body: bytes | None
+    # Stripped from the request when a redirect leads to another origin.
+    secret_headers: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Connection:
+    url: str
+    auth_header: tuple[str, str] | None = None
+    secret_headers: frozenset[str] = SECRET_HEADERS
+
+
+def _connection(connection: ServiceConnection) -> _Connection:
+    auth = connection.auth
+    if auth is None:
+        return _Connection(connection.url)
+    header: tuple[str, str]
+    if isinstance(auth, BasicAuth):
+        # RFC 7617's UTF-8, by hand: aiohttp.BasicAuth is deprecated and its successor is too new.
+        pair = f"{auth.username}:{auth.password.get_secret_value()}".encode()
+        header = (hdrs.AUTHORIZATION, "Basic " + base64.b64encode(pair).decode())
+    elif isinstance(auth, BearerAuth):
+        header = (hdrs.AUTHORIZATION, f"Bearer {auth.token.get_secret_value()}")
+    else:
+        header = (auth.name, auth.value.get_secret_value())
+    return _Connection(connection.url, header, SECRET_HEADERS | {header[0].lower()})
+
+
+_NO_CONNECTION: Final = _Connection("")
+
+
+def _join(base: str, suffix: str) -> str:
+    if not suffix or suffix[0] in "?#":
+        return base + suffix
+    if base.endswith("/"):
+        return base + suffix.removeprefix("/")
+    return base + suffix if suffix.startswith("/") else f"{base}/{suffix}"
+
+
+class Invoker:
+    """Makes tasks' HTTP calls over one aiohttp session shared by the whole process."""
+
+    def __init__(self, settings: Settings, connections: Mapping[str, ServiceConnection]) -> None:
+        self._timeout = settings.response_timeout
+        self._limit = settings.max_response_bytes
+        self._concurrency = settings.concurrency
+        self._policy = EgressPolicy(settings.deny_rule, settings.allow_rule)
+        self._connections = {name: _connection(c) for name, c in connections.items()}
+        self._timeout_reason = f"no complete response within {self._timeout:g} s"
+        self._too_large_reason = f"response body is larger than the {self._limit}-byte limit"
+        self._session: aiohttp.ClientSession | None = None
+        self._resolver: EgressResolver | None = None
+
+    async def __aenter__(self) -> Invoker:
+        self._resolver = EgressResolver(self._policy)
+        connector = aiohttp.TCPConnector(limit=self._concurrency, resolver=self._resolver)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            # The whole call runs under one asyncio.timeout; aiohttp's own would only race it.
+            timeout=aiohttp.ClientTimeout(),
+            # Decompressed here instead, so that the size cap applies to the decompressed body.
+            auto_decompress=False,
+            # Tasks of unrelated users share the session: no cookie may pass from one to another.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            # A task without a body sends none, not an empty application/octet-stream one.
+            skip_auto_headers=(hdrs.CONTENT_TYPE,),
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._resolver is not None:
+            await self._resolver.close()
+            self._resolver = None
+
+    async def invoke(
+        self,
+        request: TaskRequest,
+        macros: Mapping[str, str],
+        *,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> HttpResponse | InvokeFailure:
+        """Send `request` and read the whole response, following redirects, within the timeout."""
+        started = time.perf_counter()
+        try:
+            call = self._prepare(request, macros, extra_headers)
+            async with asyncio.timeout(self._timeout):
+                return await self._follow(call, started)
+        except TimeoutError:
+            return InvokeFailure(self._timeout_reason, _elapsed_ms(started))
+        except (_Failed, EgressRefused) as exc:
+            return InvokeFailure(str(exc), _elapsed_ms(started))
+
+    def _prepare(
+        self,
+        request: TaskRequest,
+        macros: Mapping[str, str],
+        extra_headers: Mapping[str, str] | None,
+    ) -> _Call:
+        if request.connection is not None:
+            connection = self._connections.get(request.connection)
+            if connection is None:
+                raise _Failed(f"unknown service connection '{request.connection}'")
+            text = _join(connection.url, expand(request.url_suffix, macros))
+        else:
+            assert request.url is not None  # TaskRequest requires url or connection
+            connection = _NO_CONNECTION
+            text = expand(request.url, macros)
+        try:
+            url = URL(text)
+        except ValueError as exc:
+            raise _Failed(f"request URL is not valid after macro expansion: {exc}") from None
+        if url.scheme not in ("http", "https") or not url.raw_host:
+            raise _Failed("request URL is not an absolute http(s) URL after macro expansion")
+
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, template in request.headers.items():
+            value = expand(template, macros)
+            if "\r" in value or "\n" in value:
+                raise _Failed(
+                    f"header {name!r} has a line break in its value after macro expansion"
+                )
+            headers[name] = value
+        if extra_headers:
+            for name, value in extra_headers.items():
+                headers.setdefault(name, value)
+        if connection.auth_header is not None:
+            # The connection's credentials win over a task header of the same name: a task may
+            # name a connection, but never decide what is sent as that connection's identity.
+            name, value = connection.auth_header
+            headers[name] = value
+        headers.setdefault(hdrs.ACCEPT_ENCODING, ACCEPT_ENCODING)
+
+        body = _encode_body(request.body, macros)
+        if body is not None:
+            headers.setdefault(
+                hdrs.CONTENT_TYPE, TEXT_TYPE if isinstance(request.body, str) else JSON_TYPE
+            )
+        return _Call(request.method.value, url, headers, body, connection.secret_headers)
+
+    async def _follow(self, call: _Call, started: float) -> HttpResponse:
+        assert self._session is not None, "use the Invoker as an async context manager"
+        for _ in range(MAX_REDIRECTS + 1):
+            url = call.url
+            self._policy.check_host(url.raw_host or "")
+            try:
+                async with self._session.request(
+                    call.method,
+                    url,
+                    headers=call.headers,
+                    data=call.body,
+                    allow_redirects=False,
+                ) as response:
+                    location = response.headers.get(hdrs.LOCATION)
+                    if response.status in _REDIRECTS and location is not None:
+                        _redirect(call, response.status, location)
+                        continue
+                    body = b"" if call.method == Method.HEAD else await self._read(response)
+                    return HttpResponse.model_construct(
+                        status_code=response.status,
+                        headers=_headers(response.headers),
+                        body=_parse(body),
+                        elapsed_ms=_elapsed_ms(started),
+                    )
+            except aiohttp.ClientError as exc:
+                raise _Failed(_describe(exc, url)) from exc
+        raise _Failed(f"too many redirects (more than {MAX_REDIRECTS})")
+
+    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
+        """The decoded body, never reading past the limit (+1 byte, to tell that it is over)."""
+        limit = self._limit
+        if response.content_length is not None and response.content_length > limit:
+            raise _Failed(self._too_large_reason)
+        encoding = response.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
+        wbits = _WBITS.get(encoding)
+        decoder: zlib._Decompress | None = None
+        chunks: list[bytes] = []
+        received = size = 0
+        try:
+            while chunk := await response.content.readany():
+                received += len(chunk)
+                if received > limit:
+                    raise _Failed(self._too_large_reason)
+                if wbits is not None:
+                    if decoder is None:
+                        decoder = zlib.decompressobj(wbits or _deflate_wbits(chunk))
+                    # Inflating at most the room left keeps a small bomb from filling memory.
+                    chunk = decoder.decompress(chunk, limit + 1 - size)
+                size += len(chunk)
+                if size > limit:
+                    raise _Failed(self._too_large_reason)
+                chunks.append(chunk)
+            # Everything was inflated above; bytes after the end of the stream are ignored.
+            if decoder is not None and not decoder.eof:
+                raise _Failed(f"response body is not valid {encoding} data: it ends early")
+        except zlib.error as exc:
+            raise _Failed(f"response body is not valid {encoding} data: {exc}") from None
+        return b"".join(chunks)
+
+
+def _encode_body(body: JsonValue, macros: Mapping[str, str]) -> bytes | None:
+    if body is None:
+        return None
+    if isinstance(body, str):
+        return expand(body, macros).encode()
+    try:
+        data = orjson.dumps(body)
+        # One serialisation tells whether any string holds a macro; most bodies hold none.
+        if b"$(" in data:
+            data = orjson.dumps(_expand_json(body, macros))
+    except orjson.JSONEncodeError as exc:
+        raise _Failed(f"request body cannot be sent as JSON: {exc}") from None
+    return data
+
+
+def _redirect(call: _Call, status: int, location: str) -> None:
+    """Point `call` at the next hop, as browsers and Azure's HTTP client do."""
+    try:
+        target = call.url.join(URL(location)).with_fragment(None)
+    except ValueError:
+        raise _Failed(f"redirect (HTTP {status}) to an invalid URL: {location!r}") from None
+    if target.scheme not in ("http", "https") or not target.raw_host:
+        raise _Failed(f"redirect (HTTP {status}) to a URL that is not http(s): {location!r}")
+    if status in (301, 302, 303) and call.method != Method.HEAD:
+        call.method = Method.GET.value
+        call.body = None
+        for body_header in _BODY_HEADERS:
+            call.headers.popall(body_header, None)
+    if target.origin() != call.url.origin():
+        for name in call.secret_headers:
+            call.headers.popall(name, None)
+    call.url = target
+
+
+def _deflate_wbits(first: bytes) -> int:
+    """zlib-wrapped deflate (what the RFC says) or raw deflate (what some servers send)."""
+    cmf = first[0]
+    return zlib.MAX_WBITS if cmf & 0x0F == 8 and cmf >> 4 <= 7 else -zlib.MAX_WBITS
+
+
+def _headers(raw: CIMultiDictProxy[str]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name, value in raw.items():
+        key = name.lower()
+        previous = headers.get(key)
+        headers[key] = value if previous is None else f"{previous}, {value}"
+    return headers
+
+
+def _parse(body: bytes) -> JsonValue:
+    if not body:
+        return ""
+    try:
+        value: JsonValue = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode(errors="replace")
+    return value
+
+
+def _elapsed_ms(started: float) -> int:
+    return int((time.perf_counter() - started) * 1000)
+
+
+def _describe(exc: aiohttp.ClientError, url: URL) -> str:
+    """A sentence for what went wrong talking to `url`."""
+    where = f"{url.raw_host}:{url.port}"
+    match exc:
+        case aiohttp.ClientConnectorDNSError():
+            reason = f"cannot resolve host '{exc.host}'"
+        case aiohttp.ClientConnectorCertificateError(
+            certificate_error=ssl.SSLCertVerificationError() as cause
+        ):
+            reason = f"TLS certificate of {where} is not valid: {cause.verify_message}"
+        case aiohttp.ClientConnectorCertificateError():
+            reason = f"TLS certificate of {where} is not valid: {exc.certificate_error}"
+        case aiohttp.ClientConnectorSSLError():
+            reason = f"TLS handshake with {where} failed: {_ssl_reason(exc.os_error)}"
+        case aiohttp.ClientConnectorError():
+            reason = f"cannot connect to {where}: {_os_reason(exc.os_error)}"
+        case aiohttp.ServerDisconnectedError() | aiohttp.ClientPayloadError():
+            reason = f"connection closed by {where} before the response was complete"
+        case aiohttp.ClientResponseError():
+            reason = f"invalid HTTP response from {where}: {_one_line(exc.message)}"
+        case aiohttp.InvalidURL(description=str() as description):
+            reason = f"invalid URL {exc.url}: {description}"
+        case aiohttp.ClientOSError():
+            reason = f"connection to {where} failed: {_os_reason(exc)}"
+        case _:
+            reason = f"request to {where} failed: {exc}"
+    return reason
+
+
+def _one_line(message: str) -> str:
+    """aiohttp's parser errors draw a caret under the bad byte; a stored reason is one line."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip(" ^"))
+
+
+def _os_reason(exc: OSError) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return _ssl_reason(exc)
+    # asyncio's strerror for a failed connect is "Connect call failed ('h', p)"; errno says why.
+    if exc.errno is not None and exc.errno in errno.errorcode:
+        return os.strerror(exc.errno).lower()
+    if exc.strerror:
+        return exc.strerror[0].lower() + exc.strerror[1:]
+    return str(exc) or type(exc).__name__
+
+
+def _ssl_reason(exc: OSError) -> str:
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str):
+        return reason.replace("_", " ").lower()
+    return str(exc)

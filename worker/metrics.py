@@ -1,0 +1,44 @@
+"""Prometheus metrics of one process; each process has its own registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Invocations run from milliseconds to the 20 s response timeout.
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.tasks_received = Counter(
+            "agentless_tasks_received",
+            "Task messages taken from the queue.",
+            registry=self.registry,
+        )
+        self.tasks_completed = Counter(
+            "agentless_tasks_completed",
+            "Tasks whose result this process recorded, by result and mode.",
+            ["result", "mode"],
+            registry=self.registry,
+        )
+        self.dead_letters = Counter(
+            "agentless_dead_letters",
+            "Messages this process dead-lettered, by kind of reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.invocation_duration = Histogram(
+            "agentless_invocation_duration_seconds",
+            "Time from sending a task's request to having its whole response.",
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.tasks_in_flight = Gauge(
+            "agentless_tasks_in_flight",
+            "Task messages this process holds and has not yet acknowledged.",
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,282 @@
+"""The wire contract (SPEC §3, §4, §7): names, states, results, task messages and events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Final
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+from yarl import URL
+
+from worker import criteria
+from worker.errors import InvalidTask
+from worker.settings import describe
+
+REASON_HEADER: Final = "x-agentless-reason"
+MAX_TASK_BYTES: Final = 1_048_576
+DEFAULT_HUB: Final = "build"
+
+# Header names (lower case) whose values never reach a log, a stored record or an event.
+SECRET_HEADERS: Final = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "authtoken",
+        "cookie",
+        "set-cookie",
+        "x-api-key",
+        "api-key",
+        "x-auth-token",
+    }
+)
+REDACTED: Final = "***"
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """Exchange and queue names under one prefix (SPEC §3)."""
+
+    prefix: str
+
+    @property
+    def tasks(self) -> str:
+        return f"{self.prefix}.tasks"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}.dead"
+
+
+class State(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    WAITING = "waiting"
+    COMPLETED = "completed"
+
+
+class Result(StrEnum):
+    SUCCEEDED = "succeeded"
+    SUCCEEDED_WITH_ISSUES = "succeededWithIssues"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    SKIPPED = "skipped"
+    ABANDONED = "abandoned"
+
+
+class Mode(StrEnum):
+    API_RESPONSE = "apiResponse"
+    CALLBACK = "callback"
+
+
+class Method(StrEnum):
+    OPTIONS = "OPTIONS"
+    GET = "GET"
+    HEAD = "HEAD"
+    POST = "POST"
+    PUT = "PUT"
+    DELETE = "DELETE"
+    TRACE = "TRACE"
+    PATCH = "PATCH"
+
+
+class EventName(StrEnum):
+    STARTED = "TaskStarted"
+    WAITING = "TaskWaiting"
+    COMPLETED = "TaskCompleted"
+
+    @property
+    def routing_word(self) -> str:
+        return self.value.removeprefix("Task").lower()
+
+
+def _mode(value: object) -> object:
+    """Azure's `true`/`false` spellings, and any case of the two mode names."""
+    if isinstance(value, bool):
+        return Mode.CALLBACK if value else Mode.API_RESPONSE
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("true", "callback"):
+            return Mode.CALLBACK
+        if lowered in ("false", "apiresponse"):
+            return Mode.API_RESPONSE
+    return value
+
+
+def _method(value: object) -> object:
+    return value.upper() if isinstance(value, str) else value
+
+
+Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+HeaderName = Annotated[str, StringConstraints(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")]
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class TaskRequest(WireModel):
+    """The HTTP call a task makes (also the shape of `cancelRequest`)."""
+
+    method: Annotated[Method, BeforeValidator(_method)] = Method.POST
+    url: str | None = None
+    connection: Id | None = None
+    url_suffix: str = ""
+    headers: dict[HeaderName, str] = Field(default_factory=dict)
+    body: JsonValue = None
+
+    @field_validator("url")
+    @classmethod
+    def _absolute_http(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            url = URL(value)
+        except ValueError as exc:
+            raise ValueError(f"not a URL: {exc}") from exc
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("must be an absolute http:// or https:// URL")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _header_values(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name, value in headers.items():
+            if "\r" in value or "\n" in value:
+                raise ValueError(f"header {name!r} has a line break in its value")
+        return headers
+
+    @model_validator(mode="after")
+    def _one_target(self) -> TaskRequest:
+        if (self.url is None) == (self.connection is None):
+            raise ValueError("give exactly one of request.url or request.connection")
+        if self.url is not None and self.url_suffix:
+            raise ValueError("request.urlSuffix goes with request.connection, not request.url")
+        return self
+
+    def redacted(self) -> dict[str, JsonValue]:
+        """This request as stored and shown: secret header values replaced."""
+        data: dict[str, JsonValue] = self.model_dump(mode="json", by_alias=True)
+        data["headers"] = {
+            name: REDACTED if name.lower() in SECRET_HEADERS else value
+            for name, value in self.headers.items()
+        }
+        return data
+
+
+class TaskMessage(WireModel):
+    """A task as queued (SPEC §4)."""
+
+    task_id: Id
+    plan_id: Id
+    job_id: Id | None = None
+    hub_name: Id = DEFAULT_HUB
+    project_id: Id | None = None
+    timeline_id: Id | None = None
+    name: str | None = Field(default=None, max_length=1024)
+    request: TaskRequest
+    wait_for_completion: Annotated[Mode, BeforeValidator(_mode)] = Mode.API_RESPONSE
+    success_criteria: str | None = Field(default=None, max_length=10_000)
+    timeout_seconds: int | None = Field(default=None, gt=0, le=366 * 86_400)
+    started_timeout_seconds: int | None = Field(default=None, gt=0, le=366 * 86_400)
+    cancel_request: TaskRequest | None = None
+    variables: dict[str, JsonValue] = Field(default_factory=dict)
+
+    @field_validator("success_criteria")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            criteria.compile_expression(value)
+            return value
+        return None
+
+    @property
+    def job(self) -> str:
+        return self.job_id or self.plan_id
+
+    @property
+    def timeline(self) -> str:
+        return self.timeline_id or self.job
+
+
+class HttpResponse(WireModel):
+    """What the endpoint answered, as recorded and as judged."""
+
+    status_code: int
+    headers: dict[str, str]
+    body: JsonValue
+    elapsed_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one invocation ended: the result to record and why."""
+
+    result: Result
+    reason: str
+    response: HttpResponse | None = None
+
+
+class TaskEvent(WireModel):
+    """What is published to `{prefix}.events` (SPEC §7)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: EventName
+    event_id: str
+    task_id: str
+    plan_id: str
+    job_id: str
+    hub_name: str
+    result: Result | None = None
+    reason: str | None = None
+    response: HttpResponse | None = None
+    attempts: int
+    queued_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    variables: dict[str, JsonValue] = Field(default_factory=dict)
+    outputs: dict[str, JsonValue] = Field(default_factory=dict)
+
+    @property
+    def routing_key(self) -> str:
+        return f"task.{self.name.routing_word}.{self.hub_name}"
+
+
+def event_id(task_id: str, name: EventName) -> str:
+    return f"{task_id}:{name.routing_word}"
+
+
+def parse_task(body: bytes) -> TaskMessage:
+    """The task in `body`, or InvalidTask with the reason that the dead-letter queue shows."""
+    if len(body) > MAX_TASK_BYTES:
+        raise InvalidTask(f"message is {len(body)} bytes, over the {MAX_TASK_BYTES}-byte limit")
+    if b"\\u0000" in body:
+        raise InvalidTask("message contains a NUL character (\\u0000), which cannot be stored")
+    try:
+        return TaskMessage.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        if errors and errors[0]["type"] == "json_invalid":
+            raise InvalidTask(f"message is not JSON: {errors[0]['ctx']['error']}") from exc
+        if errors and errors[0]["type"] == "model_type":
+            raise InvalidTask("message is not a JSON object") from exc
+        raise InvalidTask(f"message does not fit the task schema: {describe(exc)}") from exc

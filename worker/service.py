@@ -1,0 +1,110 @@
+"""A worker process's resources, started and stopped in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from worker.broker import Broker
+from worker.consumer import Consumer
+from worker.invoke import Invoker
+from worker.metrics import Metrics
+from worker.models import Names
+from worker.runner import Runner
+from worker.settings import Settings
+from worker.store import Store
+
+log = logging.getLogger(__name__)
+
+# Beyond the response timeout, how long a stopping worker gives its in-flight tasks to record
+# their results and publish their events.
+DRAIN_GRACE_SECONDS = 5
+
+
+@dataclass
+class Worker:
+    settings: Settings
+    store: Store
+    broker: Broker
+    consumer: Consumer
+    metrics: Metrics
+    worker_id: int
+    # Done when the consume loop ends; if it ends before the worker is stopped, it has failed.
+    consuming: asyncio.Task[None]
+
+    async def ready(self) -> bool:
+        return self.broker.is_ready and self.consumer.consuming.is_set() and await self.store.ping()
+
+
+@asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
+    """Open the store and broker, consume until the block ends, then drain in-flight tasks."""
+    connections = settings.load_connections()
+    metrics = Metrics()
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(Store.open(settings.database_url))
+        broker = await stack.enter_async_context(
+            Broker(
+                settings.amqp_url,
+                Names(settings.prefix),
+                connection_name=(
+                    f"agentless worker {settings.prefix} {socket.gethostname()}:{os.getpid()}"
+                ),
+            )
+        )
+        invoker = await stack.enter_async_context(Invoker(settings, connections))
+        runner = Runner(settings, store, broker, invoker, metrics)
+        consumer = Consumer(broker, runner.handle, prefetch=settings.concurrency)
+        worker_id = await stack.enter_async_context(
+            store.registered_worker(settings.database_url, lambda: consumer.in_flight)
+        )
+        consuming = asyncio.create_task(consumer.run(), name="consumer")
+        worker = Worker(settings, store, broker, consumer, metrics, worker_id, consuming)
+        if settings.worker_port:
+            await stack.enter_async_context(probe_server(worker))
+        log.info("worker started", extra={"workerId": worker_id, "prefix": settings.prefix})
+        try:
+            yield worker
+        finally:
+            runner.stopping.set()
+            await consumer.stop(settings.response_timeout + DRAIN_GRACE_SECONDS)
+            consuming.cancel()
+            await asyncio.gather(consuming, return_exceptions=True)
+            log.info("worker stopped", extra={"workerId": worker_id})
+
+
+@asynccontextmanager
+async def probe_server(worker: Worker) -> AsyncIterator[None]:
+    """The worker's own /metrics, /healthz and /readyz on AGENTLESS_WORKER_PORT."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        ready = await worker.ready()
+        return web.json_response(
+            {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
+        )
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=worker.metrics.render(), content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, worker.settings.api_host, worker.settings.worker_port)
+    await site.start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()

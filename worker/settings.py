@@ -1,0 +1,230 @@
+"""Every AGENTLESS_* variable, validated once at start-up (SPEC §2)."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import orjson
+from pydantic import (
+    AnyUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from yarl import URL
+
+from worker.errors import ConfigError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Link-local ranges hold every major cloud's instance metadata service (169.254.169.254,
+# fd00:ec2::254 is AWS's IPv6 one); the rest are metadata endpoints outside those ranges.
+BUILTIN_EGRESS_DENY: tuple[str, ...] = (
+    "169.254.0.0/16",
+    "fe80::/10",
+    "fd00:ec2::254/128",
+    "100.100.100.200/32",
+    "168.63.129.16/32",
+    "metadata.google.internal",
+    "metadata.goog",
+)
+
+
+class BasicAuth(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["basic"]
+    username: str
+    password: SecretStr
+
+
+class BearerAuth(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["bearer"]
+    token: SecretStr
+
+
+class HeaderAuth(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["header"]
+    name: str = Field(min_length=1)
+    value: SecretStr
+
+
+class ServiceConnection(BaseModel):
+    """A base URL plus credentials that stay on the worker's side, never in messages."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    url: str
+    auth: Annotated[BasicAuth | BearerAuth | HeaderAuth, Field(discriminator="type")] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _absolute_http(cls, value: str) -> str:
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("must be an absolute http(s) URL")
+        return value
+
+
+_connections_adapter = TypeAdapter(dict[str, ServiceConnection])
+
+
+def load_connections(path: Path) -> dict[str, ServiceConnection]:
+    """Read a JSON or TOML file mapping connection names to ServiceConnection."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"AGENTLESS_CONNECTIONS: cannot read {path}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(raw.decode()) if path.suffix == ".toml" else orjson.loads(raw)
+    except (tomllib.TOMLDecodeError, orjson.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"AGENTLESS_CONNECTIONS: {path} is not valid: {exc}") from exc
+    try:
+        return _connections_adapter.validate_python(data)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"AGENTLESS_CONNECTIONS: {path} does not describe connections: {describe(exc)}"
+        ) from exc
+
+
+def describe(exc: ValidationError) -> str:
+    """One line per invalid field, as a person would read it."""
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(p) for p in error["loc"]) or "message"
+        parts.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+class EgressRule(BaseModel):
+    """Networks and host names, from a comma-separated setting."""
+
+    model_config = ConfigDict(frozen=True)
+    networks: tuple[Network, ...] = ()
+    hosts: frozenset[str] = frozenset()
+
+    @classmethod
+    def parse(cls, items: list[str]) -> EgressRule:
+        networks: list[Network] = []
+        hosts: set[str] = set()
+        for item in items:
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                hosts.add(item.lower().rstrip("."))
+        return cls(networks=tuple(networks), hosts=frozenset(hosts))
+
+
+def _split(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="AGENTLESS_", extra="ignore", frozen=True, validate_default=True
+    )
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    prefix: str = Field(default="agentless", pattern=r"^[A-Za-z0-9._-]{1,100}$")
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=0, le=65535)
+    public_url: AnyUrl = AnyUrl("http://127.0.0.1:8080")
+    signing_key: SecretStr | None = None
+    api_tokens: Annotated[list[SecretStr], NoDecode] = []
+    concurrency: int = Field(default=256, ge=1, le=65535)
+    response_timeout: float = Field(default=20, gt=0)
+    callback_timeout: float = Field(default=3600, gt=0)
+    max_response_bytes: int = Field(default=5_242_880, ge=0)
+    connections: Path | None = None
+    egress_deny: CommaList = []
+    egress_allow: CommaList = []
+    log_format: Literal["console", "json"] | None = None
+    worker_port: int = Field(default=9464, ge=0, le=65535)
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp(cls, value: str) -> str:
+        if URL(value).scheme not in ("amqp", "amqps"):
+            raise ValueError("must be an amqp:// or amqps:// URL")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres(cls, value: str) -> str:
+        if URL(value).scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _tokens(cls, value: object) -> object:
+        return _split(value)
+
+    @field_validator("egress_deny", "egress_allow", mode="before")
+    @classmethod
+    def _egress(cls, value: object) -> object:
+        return _split(value)
+
+    @field_validator("egress_deny", "egress_allow")
+    @classmethod
+    def _egress_items(cls, items: list[str]) -> list[str]:
+        for item in items:
+            if "/" in item:
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError as exc:
+                    raise ValueError(f"{item!r} is not a valid CIDR") from exc
+        return items
+
+    @property
+    def deny_rule(self) -> EgressRule:
+        """The built-in metadata ranges plus AGENTLESS_EGRESS_DENY."""
+        return EgressRule.parse([*BUILTIN_EGRESS_DENY, *self.egress_deny])
+
+    @property
+    def allow_rule(self) -> EgressRule:
+        return EgressRule.parse(self.egress_allow)
+
+    @property
+    def effective_log_format(self) -> Literal["console", "json"]:
+        if self.log_format is not None:
+            return self.log_format
+        return "console" if sys.stderr.isatty() else "json"
+
+    def load_connections(self) -> dict[str, ServiceConnection]:
+        return {} if self.connections is None else load_connections(self.connections)
+
+
+def load_settings(config_file: Path | None = None) -> Settings:
+    """Settings from the environment, then from `config_file` for what the environment lacks."""
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"--config: {config_file} is not a readable file")
+    try:
+        return Settings(_env_file=config_file)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors(include_url=False, include_input=False):
+            name = "AGENTLESS_" + "_".join(str(p) for p in error["loc"][:1]).upper()
+            lines.append(f"{name}: {error['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(lines)) from exc
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages a person reads."""
+    parsed = URL(url)
+    return str(parsed.with_password("***")) if parsed.password else url
