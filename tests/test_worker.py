@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -11,9 +12,10 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 from tests.conftest import Dead, Events, Target, publish, task_message
+from worker.errors import ConfigError
 from worker.models import MAX_TASK_BYTES
-from worker.service import Worker
-from worker.settings import Settings
+from worker.service import Worker, running_worker
+from worker.settings import Settings, load_connections
 
 
 async def row(db: asyncpg.Connection, task_id: str) -> dict[str, Any]:
@@ -237,3 +239,52 @@ async def test_task_of_a_dead_worker_is_run_again(
     completed = await events.completed(task_id)
     assert (completed["result"], completed["attempts"]) == ("succeeded", 2)
     assert target.calls[task_id] == 1
+
+
+async def test_service_connection_from_a_toml_file(
+    channel: AbstractChannel,
+    settings: Settings,
+    events: Events,
+    target: Target,
+    db: asyncpg.Connection,
+    tmp_path: Path,
+) -> None:
+    connections = tmp_path / "connections.toml"
+    connections.write_text(
+        f'[ci]\nurl = "{target.url}/api"\n[ci.auth]\ntype = "bearer"\ntoken = "tok-123"\n'
+    )
+    configured = settings.model_copy(update={"connections": connections})
+    async with running_worker(configured) as running:
+        await asyncio.wait_for(running.consumer.consuming.wait(), 10)
+        task = task_message(target, request={"connection": "ci", "urlSuffix": "tags?key=c1"})
+        await publish(channel, settings, task)
+        completed = await events.completed(str(task["taskId"]))
+    response = completed["response"]
+    assert isinstance(response, dict)
+    assert response["body"]["path"] == "/api/tags"
+    assert response["body"]["headers"]["Authorization"] == "Bearer tok-123"
+    assert "tok-123" not in (await row(db, str(task["taskId"])))["message"]
+
+
+@pytest.mark.parametrize(
+    ("content", "suffix", "error"),
+    [
+        ("{", ".json", "is not valid"),
+        ('{"ci": {"url": "ftp://x"}}', ".json", "ci.url: must be an absolute http(s) URL"),
+        ('{"ci": {"url": "http://x", "auth": {"type": "magic"}}}', ".json", "ci.auth"),
+        ("[ci]\nurl = 3\n", ".toml", "ci.url"),
+    ],
+)
+def test_connections_file_errors_say_what_to_fix(
+    tmp_path: Path, content: str, suffix: str, error: str
+) -> None:
+    path = tmp_path / f"connections{suffix}"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as caught:
+        load_connections(path)
+    assert error in str(caught.value)
+
+
+def test_the_example_connections_file_is_valid() -> None:
+    example = Path(__file__).parent.parent / "deploy" / "connections.toml.example"
+    assert set(load_connections(example)) == {"ci", "tickets"}

@@ -151,7 +151,7 @@ def cmd_run(settings: Settings, _: argparse.Namespace) -> int:
         host=settings.api_host,
         port=settings.api_port,
         access_log=None,
-        print=lambda text: log.info(text.strip()),
+        print=lambda text: log.info(text.strip().splitlines()[0]),
     )
     return 1 if app[failed_key] else 0
 

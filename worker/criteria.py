@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 
 import jmespath
 from jmespath.exceptions import JMESPathError
 from jmespath.parser import ParsedResult
-from pydantic import JsonValue
 
 
 @lru_cache(maxsize=4096)
@@ -34,7 +34,7 @@ def is_truthy(value: object) -> bool:
     return True
 
 
-def holds(expression: str, document: dict[str, JsonValue]) -> bool:
+def holds(expression: str, document: Mapping[str, object]) -> bool:
     """Whether `expression` is truthy over `{statusCode, headers, body}`."""
     try:
         return is_truthy(compile_expression(expression).search(document))

@@ -85,7 +85,7 @@ def load_connections(path: Path) -> dict[str, ServiceConnection]:
     except OSError as exc:
         raise ConfigError(f"AGENTLESS_CONNECTIONS: cannot read {path}: {exc.strerror}") from exc
     try:
-        data = tomllib.loads(raw.decode()) if path.suffix == ".toml" else orjson.loads(raw)
+        data = tomllib.loads(raw.decode()) if ".toml" in path.suffixes else orjson.loads(raw)
     except (tomllib.TOMLDecodeError, orjson.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"AGENTLESS_CONNECTIONS: {path} is not valid: {exc}") from exc
     try:

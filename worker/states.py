@@ -26,9 +26,9 @@ def judge(response: HttpResponse, expression: str | None) -> Outcome:
         return Outcome(Result.FAILED, f"HTTP {status}", response)
     if expression is None:
         return Outcome(Result.SUCCEEDED, f"HTTP {status}", response)
-    document: dict[str, JsonValue] = {
+    document = {
         "statusCode": status,
-        "headers": dict(response.headers),
+        "headers": response.headers,
         "body": response.body,
     }
     if criteria.holds(expression, document):

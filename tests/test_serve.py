@@ -1,0 +1,91 @@
+"""`agentless run` and the worker's own port, as an operator probes them."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+
+import aiohttp
+import asyncpg
+from aio_pika.abc import AbstractChannel
+
+from tests import processes
+from tests.conftest import Events, Target, publish, task_message
+from worker.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def wait_ready(session: aiohttp.ClientSession, url: str, child: processes.Child) -> None:
+    async with asyncio.timeout(20):
+        while True:
+            assert child.process.returncode is None, child.logs()
+            try:
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+
+
+async def test_run_serves_health_and_runs_tasks_until_sigterm(
+    settings: Settings,
+    channel: AbstractChannel,
+    db: asyncpg.Connection,
+    events: Events,
+    target: Target,
+) -> None:
+    port = free_port()
+    child = await processes.start(settings, "run", AGENTLESS_API_PORT=str(port))
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        await wait_ready(session, f"{base}/readyz", child)
+        async with session.get(f"{base}/healthz") as response:
+            assert (response.status, await response.json()) == (200, {"status": "ok"})
+        async with session.get(f"{base}/readyz") as response:
+            assert (response.status, await response.json()) == (200, {"status": "ready"})
+    task = task_message(target)
+    await publish(channel, settings, task)
+    assert (await events.completed(str(task["taskId"])))["result"] == "succeeded"
+    child.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(child.process.wait(), 30) == 0, child.logs()
+
+
+async def test_worker_port_serves_metrics_health_and_readiness(
+    settings: Settings,
+    channel: AbstractChannel,
+    db: asyncpg.Connection,
+    events: Events,
+    target: Target,
+) -> None:
+    port = free_port()
+    child = await processes.start(settings, "worker", AGENTLESS_WORKER_PORT=str(port))
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        await wait_ready(session, f"{base}/readyz", child)
+        task = task_message(target, query="&status=500")
+        await publish(channel, settings, task)
+        await events.completed(str(task["taskId"]))
+        await publish(channel, settings, b"not json")
+        async with asyncio.timeout(10):
+            while True:
+                async with session.get(f"{base}/metrics") as response:
+                    assert response.status == 200
+                    text = await response.text()
+                if 'agentless_dead_letters_total{reason="invalid"} 1.0' in text:
+                    break
+                await asyncio.sleep(0.1)
+        assert 'agentless_tasks_completed_total{mode="apiResponse",result="failed"} 1.0' in text
+        assert "agentless_tasks_received_total 2.0" in text
+        assert "agentless_invocation_duration_seconds_count 1.0" in text
+        async with session.get(f"{base}/healthz") as response:
+            assert response.status == 200
+    child.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(child.process.wait(), 30) == 0, child.logs()
