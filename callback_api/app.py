@@ -1,16 +1,28 @@
-"""create_app(settings) → the callback API's web.Application; every route is listed here."""
+"""create_app(settings) → the API's web.Application; every route is added from here."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from worker.service import Worker, running_worker
+from callback_api import events, tasks
+from callback_api.guard import Guard, check_exposure, guard_key
+from callback_api.problems import problem_middleware
+from callback_api.services import Services, services, services_key
+from worker.broker import Broker
+from worker.models import Names
+from worker.service import Worker, open_signer, running_worker
 from worker.settings import Settings
+from worker.store import Store
+from worker.sweeper import Sweeper
+
+log = logging.getLogger(__name__)
 
 worker_key = web.AppKey("worker", Worker)
 failed_key = web.AppKey("failed", list[str])
@@ -21,20 +33,23 @@ async def healthz(_: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ready = await request.app[worker_key].ready()
+    svc = services(request)
+    worker = request.app.get(worker_key)
+    ready = svc.broker.is_ready and await svc.store.ping()
+    if worker is not None:
+        ready = ready and await worker.ready()
     return web.json_response(
         {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
     )
 
 
-def with_worker(
-    settings: Settings,
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A cleanup context that runs a worker for as long as the app runs (`agentless run`)."""
+def with_worker(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Run a worker for as long as the app runs (`agentless run`), sharing its resources."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         async with running_worker(settings) as worker:
             app[worker_key] = worker
+            app[services_key] = Services(settings, worker.store, worker.broker, worker.signer)
             worker.consuming.add_done_callback(lambda _: _consume_loop_ended(app))
             yield
 
@@ -49,11 +64,40 @@ def _consume_loop_ended(app: web.Application) -> None:
         asyncio.get_running_loop().call_soon(os.kill, os.getpid(), signal.SIGTERM)
 
 
-def create_app(settings: Settings) -> web.Application:
-    """The API with a worker in the same process."""
-    app = web.Application(client_max_size=64 * 1024)
+def standalone(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The API's own store and broker connections (`agentless api`), and the event relay."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        async with (
+            Store.open(settings.database_url) as store,
+            Broker(
+                settings.amqp_url,
+                Names(settings.prefix),
+                connection_name=f"agentless api {settings.prefix} "
+                f"{socket.gethostname()}:{os.getpid()}",
+            ) as broker,
+        ):
+            signer = await open_signer(settings, store)
+            app[services_key] = Services(settings, store, broker, signer)
+            relay = asyncio.create_task(Sweeper(store, broker).run(), name="relay")
+            try:
+                yield
+            finally:
+                relay.cancel()
+                await asyncio.gather(relay, return_exceptions=True)
+
+    return context
+
+
+def create_app(settings: Settings, *, worker: bool) -> web.Application:
+    """The API; with `worker`, a worker runs in the same process."""
+    check_exposure(settings)
+    app = web.Application(middlewares=[problem_middleware])
     app[failed_key] = []
-    app.cleanup_ctx.append(with_worker(settings))
+    app[guard_key] = Guard(settings)
+    app.cleanup_ctx.append(with_worker(settings) if worker else standalone(settings))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    events.add_routes(app)
+    tasks.add_routes(app)
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -15,9 +16,11 @@ import orjson
 import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
-from aiohttp import web
+from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
+from pydantic import AnyUrl
 
+from callback_api.app import create_app, worker_key
 from worker.broker import declare_topology
 from worker.models import REASON_HEADER, Names
 from worker.service import Worker, running_worker
@@ -175,16 +178,34 @@ async def publish(
 
 @dataclass
 class Target:
-    """A local HTTP endpoint for tasks to call; counts the calls it gets per `key`."""
+    """A local HTTP endpoint for tasks to call; counts the calls it gets per `key` and keeps
+    their headers."""
 
     url: str
     calls: Counter[str]
+    headers: dict[str, list[dict[str, str]]]
 
 
 async def _target_handler(request: web.Request) -> web.StreamResponse:
     calls: Counter[str] = request.app[CALLS]
     key = request.query.get("key", "")
     calls[key] += 1
+    request.app[HEADERS].setdefault(key, []).append(dict(request.headers))
+    if "early" in request.query:
+        # A service that reports completion before it answers the invocation itself.
+        async with (
+            ClientSession() as session,
+            session.post(
+                f"{request.headers['PlanUrl']}/plans/{request.headers['PlanId']}/events",
+                json={
+                    "name": "TaskCompleted",
+                    "taskId": request.headers["TaskInstanceId"],
+                    "result": request.query["early"],
+                },
+                headers={"Authorization": f"Bearer {request.headers['AuthToken']}"},
+            ) as answer,
+        ):
+            assert answer.status == 200, await answer.text()
     delay = float(request.query.get("delay", "0"))
     if delay:
         await asyncio.sleep(delay)
@@ -203,16 +224,18 @@ async def _target_handler(request: web.Request) -> web.StreamResponse:
 
 
 CALLS = web.AppKey("calls", Counter[str])
+HEADERS = web.AppKey("headers", dict[str, list[dict[str, str]]])
 
 
 @pytest_asyncio.fixture(scope="session")
 async def target() -> AsyncIterator[Target]:
     app = web.Application()
     app[CALLS] = Counter()
+    app[HEADERS] = {}
     app.router.add_route("*", "/{tail:.*}", _target_handler)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
-    yield Target(str(server.make_url("/")).rstrip("/"), app[CALLS])
+    yield Target(str(server.make_url("/")).rstrip("/"), app[CALLS], app[HEADERS])
     await server.close()
 
 
@@ -235,6 +258,41 @@ def _no_proxy_env() -> Iterator[None]:
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.lower().endswith("_proxy")}
     yield
     os.environ.update(saved)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Api:
+    """`agentless run` in this process: the API at `url`, with its worker."""
+
+    url: str
+    settings: Settings
+    worker: Worker
+
+
+@pytest_asyncio.fixture
+async def api(
+    settings: Settings, channel: AbstractChannel, db: asyncpg.Connection
+) -> AsyncIterator[Api]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    served = settings.model_copy(update={"api_port": port, "public_url": AnyUrl(url)})
+    app = create_app(served, worker=True)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        worker = app[worker_key]
+        await asyncio.wait_for(worker.consumer.consuming.wait(), 10)
+        yield Api(url, served, worker)
+    finally:
+        await runner.cleanup()
 
 
 @pytest_asyncio.fixture

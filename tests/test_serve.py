@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 
 import aiohttp
 import asyncpg
 from aio_pika.abc import AbstractChannel
 
 from tests import processes
-from tests.conftest import Events, Target, publish, task_message
+from tests.conftest import Events, Target, free_port, publish, task_message
 from worker.settings import Settings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def wait_ready(session: aiohttp.ClientSession, url: str, child: processes.Child) -> None:

@@ -40,6 +40,8 @@ def claim_request(task_id: str, body: bytes = b"{}") -> ClaimRequest:
         message=body.decode(),
         queued_at=None,
         lease_seconds=60,
+        reply_to=None,
+        correlation_id=None,
     )
 
 

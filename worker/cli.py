@@ -80,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(command=cmd_run)
 
+    api = commands.add_parser(
+        "api",
+        help="the HTTP API alone",
+        description="Serve the callback API and the task API on "
+        "AGENTLESS_API_HOST:AGENTLESS_API_PORT; any number may run against one broker and "
+        "database.",
+    )
+    api.set_defaults(command=cmd_api)
+
     submit = commands.add_parser(
         "submit",
         help="queue a task; with --wait, print its result",
@@ -140,12 +149,20 @@ async def _worker(settings: Settings) -> int:
 
 
 def cmd_run(settings: Settings, _: argparse.Namespace) -> int:
+    return _serve(settings, worker=True)
+
+
+def cmd_api(settings: Settings, _: argparse.Namespace) -> int:
+    return _serve(settings, worker=False)
+
+
+def _serve(settings: Settings, *, worker: bool) -> int:
     # Only `run` serves HTTP: the other commands need not load the API at all.
     from aiohttp import web  # noqa: PLC0415
 
     from callback_api.app import create_app, failed_key  # noqa: PLC0415
 
-    app = create_app(settings)
+    app = create_app(settings, worker=worker)
     web.run_app(
         app,
         host=settings.api_host,

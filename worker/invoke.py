@@ -58,7 +58,7 @@ def build_macros(task: TaskMessage, public_url: str, access_token: str | None) -
         "system.taskinstanceid": task.task_id,
         "system.timelineid": task.timeline,
         "system.hosttype": task.hub_name,
-        "system.teamprojectid": task.project_id or "",
+        "system.teamprojectid": task.project,
         "system.collectionuri": public_url,
     }
     if access_token is not None:

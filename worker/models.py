@@ -28,6 +28,7 @@ from worker.settings import describe
 REASON_HEADER: Final = "x-agentless-reason"
 MAX_TASK_BYTES: Final = 1_048_576
 DEFAULT_HUB: Final = "build"
+DEFAULT_PROJECT: Final = "default"
 
 # Header names (lower case) whose values never reach a log, a stored record or an event.
 SECRET_HEADERS: Final = frozenset(
@@ -211,6 +212,11 @@ class TaskMessage(WireModel):
     @property
     def job(self) -> str:
         return self.job_id or self.plan_id
+
+    @property
+    def project(self) -> str:
+        # Azure always has a project; services build URLs with it, so it is never empty.
+        return self.project_id or DEFAULT_PROJECT
 
     @property
     def timeline(self) -> str:

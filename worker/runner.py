@@ -11,8 +11,8 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import orjson
@@ -34,8 +34,9 @@ from worker.models import (
     parse_task,
 )
 from worker.settings import Settings
-from worker.states import judge, parse_outputs, recorded_outcome, task_event
+from worker.states import callback_headers, completed_event, judge, task_event
 from worker.store import DB_UNAVAILABLE, Claimed, ClaimRequest, Store, TaskRecord
+from worker.tokens import GRACE_SECONDS, Signer
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +55,22 @@ class Runner:
     def __init__(
         self,
         settings: Settings,
+        *,
         store: Store,
         broker: Broker,
         invoker: Invoker,
+        signer: Signer,
         metrics: Metrics,
     ) -> None:
         self._settings = settings
         self._store = store
         self._broker = broker
         self._invoker = invoker
+        self._signer = signer
+        self._callback_timeout = settings.callback_timeout
         self._metrics = metrics
-        self._public_url = str(settings.public_url)
+        # PlanUrl and $(system.CollectionUri): services append "/{projectId}/_apis/…" to it.
+        self._public_url = str(settings.public_url).rstrip("/")
         self._lease = settings.response_timeout + LEASE_GRACE_SECONDS
         self.stopping = asyncio.Event()
 
@@ -91,12 +97,6 @@ class Runner:
             await self._dead_letter(message, str(exc), kind="invalid")
             return
         bind_task(task.task_id, task.plan_id)
-        if task.wait_for_completion is Mode.CALLBACK:
-            # Dead-lettered, not failed: it can be requeued once a worker that waits is deployed.
-            await self._dead_letter(
-                message, "waitForCompletion callback is not supported by this worker yet", "mode"
-            )
-            return
         claimed = await self._claim(message, task)
         if claimed is None:
             return
@@ -109,7 +109,21 @@ class Runner:
                 started_at=claimed.started_at,
             )
         )
-        outcome = await self._invoke(task)
+        if task.wait_for_completion is Mode.CALLBACK:
+            outcome = await self._invoke_callback_task(message, task, claimed)
+            if outcome is None:
+                return
+        else:
+            outcome = await self._invoke(task, build_macros(task, self._public_url, None))
+        await self._complete(message, task, claimed, outcome)
+
+    async def _complete(
+        self,
+        message: AbstractIncomingMessage,
+        task: TaskMessage,
+        claimed: Claimed,
+        outcome: Outcome,
+    ) -> None:
         recorded = await self._db(
             lambda: self._store.complete(task.task_id, claimed.attempts, outcome)
         )
@@ -119,7 +133,7 @@ class Runner:
                 await _settle(message.ack())
                 return
             log.info("attempt superseded; re-publishing the recorded result")
-            await self._publish_completion(message, task, recorded)
+            await self._publish_completion(message, recorded)
             return
         self._metrics.tasks_completed.labels(outcome.result.value, task.wait_for_completion).inc()
         log.info(
@@ -140,6 +154,49 @@ class Runner:
         )
         await _settle(message.ack())
 
+    async def _invoke_callback_task(
+        self, message: AbstractIncomingMessage, task: TaskMessage, claimed: Claimed
+    ) -> Outcome | None:
+        """Hand the external service its token; then the task waits, and the message is settled
+        (never held while waiting). The invocation's failure is returned, to be recorded."""
+        now = datetime.now(UTC)
+        deadline = now + timedelta(seconds=task.timeout_seconds or self._callback_timeout)
+        started_deadline = None
+        if task.started_timeout_seconds is not None:
+            started_deadline = now + timedelta(seconds=task.started_timeout_seconds)
+        token = self._signer.issue(task.task_id, task.plan_id, deadline.timestamp() + GRACE_SECONDS)
+        outcome = await self._invoke(
+            task,
+            build_macros(task, self._public_url, token),
+            callback_headers(task, self._public_url, token),
+        )
+        if outcome.result is not Result.SUCCEEDED:
+            return outcome
+        first = await self._db(
+            lambda: self._store.wait(
+                task.task_id, claimed.attempts, outcome.response, deadline, started_deadline
+            )
+        )
+        if first is not None:
+            # The callback came before the invocation's response and completed the task (its
+            # event is the API's to publish), or a newer attempt holds the task.
+            log.info("task already settled by its callback", extra={"state": first.state.value})
+            await _settle(message.ack())
+            return None
+        log.info("task waiting for its callback", extra={"deadline": deadline.isoformat()})
+        await self._broker.publish_event(
+            task_event(
+                EventName.WAITING,
+                task,
+                attempts=claimed.attempts,
+                queued_at=claimed.queued_at,
+                started_at=claimed.started_at,
+                response=outcome.response,
+            )
+        )
+        await _settle(message.ack())
+        return None
+
     async def _claim(self, message: AbstractIncomingMessage, task: TaskMessage) -> Claimed | None:
         """Start an attempt; None when the message needed no run (and has been settled)."""
         request = ClaimRequest(
@@ -154,6 +211,8 @@ class Runner:
             message=_stored_message(task, message.body),
             queued_at=message.timestamp,
             lease_seconds=self._lease,
+            reply_to=message.reply_to,
+            correlation_id=message.correlation_id,
         )
         while True:
             got = await self._db(lambda: self._store.claim(request))
@@ -168,36 +227,30 @@ class Runner:
                 return None
             if got.state is State.COMPLETED:
                 log.info("task already completed; re-publishing its result")
-                await self._publish_completion(message, task, got)
+                await self._publish_completion(message, got)
                 return None
             # Another live worker runs this task now: wait until it finishes or its lease lapses.
             lease_until = got.lease_until or datetime.now(UTC)
             wait = min(max((lease_until - datetime.now(UTC)).total_seconds(), 0.5), 5.0)
             await self._pause(wait)
 
-    async def _invoke(self, task: TaskMessage) -> Outcome:
-        macros = build_macros(task, self._public_url, None)
+    async def _invoke(
+        self,
+        task: TaskMessage,
+        macros: Mapping[str, str],
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Outcome:
         started = time.perf_counter()
-        answer = await self._invoker.invoke(task.request, macros)
+        answer = await self._invoker.invoke(task.request, macros, extra_headers=extra_headers)
         self._metrics.invocation_duration.observe(time.perf_counter() - started)
         if isinstance(answer, InvokeFailure):
             return Outcome(Result.FAILED, answer.reason)
         return judge(answer, task.success_criteria)
 
     async def _publish_completion(
-        self, message: AbstractIncomingMessage, task: TaskMessage, record: TaskRecord
+        self, message: AbstractIncomingMessage, record: TaskRecord
     ) -> None:
-        assert record.result is not None
-        event = task_event(
-            EventName.COMPLETED,
-            task,
-            attempts=record.attempts,
-            queued_at=record.queued_at,
-            started_at=record.started_at,
-            completed_at=record.completed_at,
-            outcome=recorded_outcome(record.result, record.reason, record.response),
-            outputs=parse_outputs(record.outputs),
-        )
+        event = completed_event(record)
         await self._broker.publish_event(
             event, reply_to=message.reply_to, correlation_id=message.correlation_id
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import socket
@@ -20,6 +21,8 @@ from worker.models import Names
 from worker.runner import Runner
 from worker.settings import Settings
 from worker.store import Store
+from worker.sweeper import Sweeper
+from worker.tokens import Signer, new_key
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,7 @@ class Worker:
     settings: Settings
     store: Store
     broker: Broker
+    signer: Signer
     consumer: Consumer
     metrics: Metrics
     worker_id: int
@@ -60,13 +64,24 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
             )
         )
         invoker = await stack.enter_async_context(Invoker(settings, connections))
-        runner = Runner(settings, store, broker, invoker, metrics)
+        signer = await open_signer(settings, store)
+        runner = Runner(
+            settings, store=store, broker=broker, invoker=invoker, signer=signer, metrics=metrics
+        )
         consumer = Consumer(broker, runner.handle, prefetch=settings.concurrency)
         worker_id = await stack.enter_async_context(
             store.registered_worker(settings.database_url, lambda: consumer.in_flight)
         )
         consuming = asyncio.create_task(consumer.run(), name="consumer")
-        worker = Worker(settings, store, broker, consumer, metrics, worker_id, consuming)
+        sweeper = Sweeper(
+            store,
+            broker,
+            invoker=invoker,
+            signer=signer,
+            public_url=str(settings.public_url).rstrip("/"),
+        )
+        sweeping = asyncio.create_task(sweeper.run(), name="sweeper")
+        worker = Worker(settings, store, broker, signer, consumer, metrics, worker_id, consuming)
         if settings.worker_port:
             await stack.enter_async_context(probe_server(worker))
         log.info("worker started", extra={"workerId": worker_id, "prefix": settings.prefix})
@@ -75,9 +90,17 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
         finally:
             runner.stopping.set()
             await consumer.stop(settings.response_timeout + DRAIN_GRACE_SECONDS)
-            consuming.cancel()
-            await asyncio.gather(consuming, return_exceptions=True)
+            for task in (consuming, sweeping):
+                task.cancel()
+            await asyncio.gather(consuming, sweeping, return_exceptions=True)
             log.info("worker stopped", extra={"workerId": worker_id})
+
+
+async def open_signer(settings: Settings, store: Store) -> Signer:
+    """The signer of callback tokens: AGENTLESS_SIGNING_KEY, or the key kept in the database."""
+    if settings.signing_key is not None:
+        return Signer(hashlib.sha256(settings.signing_key.get_secret_value().encode()).digest())
+    return Signer(await store.signing_key(new_key()))
 
 
 @asynccontextmanager

@@ -17,6 +17,7 @@ from worker.models import (
     TaskMessage,
     event_id,
 )
+from worker.store import TaskRecord
 
 
 def judge(response: HttpResponse, expression: str | None) -> Outcome:
@@ -45,7 +46,7 @@ def task_event(
     started_at: datetime | None = None,
     completed_at: datetime | None = None,
     outcome: Outcome | None = None,
-    outputs: dict[str, JsonValue] | None = None,
+    response: HttpResponse | None = None,
 ) -> TaskEvent:
     return TaskEvent(
         name=name,
@@ -56,22 +57,53 @@ def task_event(
         hub_name=task.hub_name,
         result=None if outcome is None else outcome.result,
         reason=None if outcome is None else outcome.reason,
-        response=None if outcome is None else outcome.response,
+        response=response if outcome is None else outcome.response,
         attempts=attempts,
         queued_at=queued_at,
         started_at=started_at,
         completed_at=completed_at,
         variables=task.variables,
-        outputs=outputs or {},
     )
 
 
-def recorded_outcome(result: Result, reason: str | None, response_json: str | None) -> Outcome:
-    """The outcome as the store holds it, to re-publish a completion."""
-    response = None if response_json is None else HttpResponse.model_validate_json(response_json)
-    return Outcome(result, reason or "", response)
+def callback_headers(task: TaskMessage, plan_url: str, token: str) -> dict[str, str]:
+    """What Azure's server tasks send, so that services written for them find their way back."""
+    return {
+        "PlanUrl": plan_url,
+        "ProjectId": task.project,
+        "HubName": task.hub_name,
+        "PlanId": task.plan_id,
+        "JobId": task.job,
+        "TimelineId": task.timeline,
+        "TaskInstanceId": task.task_id,
+        "AuthToken": token,
+    }
 
 
-def parse_outputs(outputs_json: str) -> dict[str, JsonValue]:
-    value = orjson.loads(outputs_json)
+def completed_event(record: TaskRecord) -> TaskEvent:
+    """The TaskCompleted event of a completed task, from its record alone."""
+    assert record.result is not None, "only a completed task has a TaskCompleted event"
+    response = None
+    if record.response is not None:
+        response = HttpResponse.model_validate_json(record.response)
+    return TaskEvent(
+        name=EventName.COMPLETED,
+        event_id=event_id(record.task_id, EventName.COMPLETED),
+        task_id=record.task_id,
+        plan_id=record.plan_id,
+        job_id=record.job_id,
+        hub_name=record.hub_name,
+        result=record.result,
+        reason=record.reason,
+        response=response,
+        attempts=record.attempts,
+        queued_at=record.queued_at,
+        started_at=record.started_at,
+        completed_at=record.completed_at,
+        variables=_object(orjson.loads(record.message).get("variables")),
+        outputs=_object(orjson.loads(record.outputs)),
+    )
+
+
+def _object(value: object) -> dict[str, JsonValue]:
     return value if isinstance(value, dict) else {}

@@ -1,4 +1,4 @@
-"""PostgreSQL: the only module with SQL. Migrations live beside it as numbered .sql files."""
+"""PostgreSQL: runs the statements of queries.py; migrations/ beside it, as numbered .sql files."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from datetime import datetime
 from importlib import resources
 
 import asyncpg
+import orjson
 from asyncpg.pool import PoolConnectionProxy
+from pydantic import JsonValue
 
-from worker import __version__
+from worker import __version__, queries
 from worker.batch import Batcher
 from worker.errors import ConfigError
-from worker.models import Outcome, Result, State
+from worker.models import HttpResponse, Mode, Outcome, Result, State
 from worker.settings import redact_url
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ class ClaimRequest:
     message: str
     queued_at: datetime | None
     lease_seconds: float
+    reply_to: str | None
+    correlation_id: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +104,14 @@ class TaskRecord:
     queued_at: datetime
     started_at: datetime | None
     completed_at: datetime | None
-    worker_alive: bool
+    mode: Mode
+    completed_by: str | None
+    deadline: datetime | None
+    reply_to: str | None
+    correlation_id: str | None
+    event_pending: bool
+    # Only where the record was read with the liveness check (queries.SELECT_TASKS).
+    worker_alive: bool = False
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> TaskRecord:
@@ -122,7 +133,13 @@ class TaskRecord:
             queued_at=row["queued_at"],
             started_at=row["started_at"],
             completed_at=row["completed_at"],
-            worker_alive=row["worker_alive"],
+            mode=Mode(row["mode"]),
+            completed_by=row["completed_by"],
+            deadline=row["deadline"],
+            reply_to=row["reply_to"],
+            correlation_id=row["correlation_id"],
+            event_pending=row["event_pending"],
+            worker_alive=row.get("worker_alive", False),
         )
 
 
@@ -132,55 +149,6 @@ class Completion:
     attempts: int
     outcome: Outcome
     response_json: str | None
-
-
-def _worker_alive(namespace_param: str) -> str:
-    """Whether the worker running `t`'s attempt still holds its session lock, i.e. is alive."""
-    return f"""EXISTS (SELECT 1 FROM pg_locks l
-        WHERE l.locktype = 'advisory' AND l.classid::bigint = {namespace_param}
-          AND l.objid::bigint = t.worker_id AND l.objsubid = 2 AND l.granted)"""
-
-
-_SELECT_TASKS = f"""
-SELECT t.task_id, t.plan_id, t.job_id, t.hub_name, t.state, t.result, t.reason, t.attempts,
-       t.digest, t.message::text AS message, t.response::text AS response,
-       t.outputs::text AS outputs, t.worker_id, t.lease_until, t.queued_at, t.started_at,
-       t.completed_at, {_worker_alive("$2")} AS worker_alive
-FROM tasks t WHERE t.task_id = ANY($1::text[])
-"""
-
-# A task is claimed when it is new or queued, or when its running attempt's worker is gone or
-# overran its lease; a completed task, or a different task under the same id, is never claimed.
-_CLAIM = f"""
-INSERT INTO tasks AS t (task_id, plan_id, job_id, hub_name, project_id, name, mode, state,
-                        attempts, digest, message, worker_id, lease_until, queued_at, started_at)
-SELECT i.task_id, i.plan_id, i.job_id, i.hub_name, i.project_id, i.name, i.mode, 'running', 1,
-       i.digest, i.message::jsonb, $12, now() + make_interval(secs => i.lease),
-       coalesce(i.queued_at, now()), now()
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-            $8::bytea[], $9::text[], $10::timestamptz[], $11::float8[])
-     AS i(task_id, plan_id, job_id, hub_name, project_id, name, mode, digest, message, queued_at,
-          lease)
-ON CONFLICT (task_id) DO UPDATE
-SET state = 'running', attempts = t.attempts + 1, worker_id = EXCLUDED.worker_id,
-    lease_until = EXCLUDED.lease_until, started_at = now(), updated_at = now()
-WHERE t.digest = EXCLUDED.digest
-  AND (t.state = 'queued'
-       OR (t.state = 'running'
-           AND (t.lease_until < now() OR NOT {_worker_alive("$13")})))
-RETURNING t.task_id, t.attempts, t.queued_at, t.started_at
-"""
-
-# Only the attempt that holds the task records its result: a late, superseded attempt is fenced.
-_COMPLETE = """
-UPDATE tasks AS t
-SET state = 'completed', result = i.result, reason = i.reason, response = i.response::jsonb,
-    completed_at = now(), lease_until = NULL, updated_at = now()
-FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[])
-     AS i(task_id, attempts, result, reason, response)
-WHERE t.task_id = i.task_id AND t.state = 'running' AND t.attempts = i.attempts
-RETURNING t.task_id, t.completed_at
-"""
 
 
 class Store:
@@ -231,24 +199,138 @@ class Store:
         self, task_id: str, attempts: int, outcome: Outcome
     ) -> datetime | TaskRecord:
         """Record the attempt's result; its completion time, or the record that supersedes it."""
-        response = None
-        if outcome.response is not None:
-            # jsonb cannot hold U+0000, which an endpoint's JSON may well contain.
-            response = outcome.response.model_dump_json(by_alias=True).replace("\\u0000", "\\ufffd")
+        response = _response_json(outcome.response)
         return await self._completions.submit(Completion(task_id, attempts, outcome, response))
 
+    async def wait(
+        self,
+        task_id: str,
+        attempts: int,
+        response: HttpResponse | None,
+        deadline: datetime,
+        started_deadline: datetime | None,
+    ) -> TaskRecord | None:
+        """Mark the attempt's task waiting for its callback; None, or the record that got there
+        first (a callback that completed it, a newer attempt)."""
+        async with self._pool.acquire() as conn:
+            waited = await conn.fetchval(
+                queries.WAIT,
+                task_id,
+                attempts,
+                _response_json(response),
+                deadline,
+                started_deadline,
+            )
+            if waited is not None:
+                return None
+            return (await self._records(conn, [task_id]))[task_id]
+
+    async def complete_by_callback(
+        self, task_id: str, plan_id: str, result: Result, reason: str
+    ) -> tuple[bool, TaskRecord | None]:
+        """(True, record) when this call completed the task; else (False, its record or None)."""
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(
+                queries.COMPLETE_BY_CALLBACK, task_id, plan_id, result, reason
+            )
+            if row is not None:
+                return True, TaskRecord.from_row(row)
+            row = await conn.fetchrow(queries.SELECT_IN_PLAN, task_id, plan_id)
+        return False, None if row is None else TaskRecord.from_row(row)
+
+    async def external_started(self, task_id: str, plan_id: str) -> tuple[bool, TaskRecord | None]:
+        """Note that the external service said it started; like complete_by_callback."""
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(queries.EXTERNAL_STARTED, task_id, plan_id)
+            if row is not None:
+                return True, TaskRecord.from_row(row)
+            row = await conn.fetchrow(queries.SELECT_IN_PLAN, task_id, plan_id)
+        return False, None if row is None else TaskRecord.from_row(row)
+
+    async def in_plan(self, task_id: str, plan_id: str) -> TaskRecord | None:
+        row = await self._pool.fetchrow(queries.SELECT_IN_PLAN, task_id, plan_id)
+        return None if row is None else TaskRecord.from_row(row)
+
+    async def cancel(self, task_id: str, reason: str) -> TaskRecord | None:
+        """Complete the task `canceled`: its record, or None if it was already completed."""
+        row = await self._pool.fetchrow(queries.CANCEL, task_id, reason)
+        return None if row is None else TaskRecord.from_row(row)
+
+    async def sweep(self, limit: int = 100) -> list[TaskRecord]:
+        """Fail the waiting tasks whose deadline (or started deadline) has passed."""
+        rows = await self._pool.fetch(queries.SWEEP, limit)
+        return [TaskRecord.from_row(row) for row in rows]
+
+    async def take_cancel_requests(self, limit: int = 20) -> list[TaskRecord]:
+        rows = await self._pool.fetch(queries.TAKE_CANCEL_REQUESTS, limit)
+        return [TaskRecord.from_row(row) for row in rows]
+
+    @asynccontextmanager
+    async def pending_events(
+        self, older_than: float, limit: int = 100
+    ) -> AsyncIterator[list[TaskRecord]]:
+        """Completions whose events no one has confirmed yet, locked until the block ends, and
+        then marked published (the block publishes them, or raises)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(queries.PENDING_EVENTS, older_than, limit)
+            records = [TaskRecord.from_row(row) for row in rows]
+            yield records
+            if records:
+                await conn.execute(queries.EVENTS_PUBLISHED, [r.task_id for r in records])
+
+    async def events_published(self, task_ids: list[str]) -> None:
+        await self._pool.execute(queries.EVENTS_PUBLISHED, task_ids)
+
+    async def append_log_lines(
+        self, task_id: str, plan_id: str, lines: list[str], cap: int
+    ) -> bool:
+        """Store the lines in order, dropping the oldest past `cap`; False if no such task."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            if await conn.fetchval(queries.LOCK_TASK_IN_PLAN, task_id, plan_id) is None:
+                return False
+            await conn.execute(queries.APPEND_LOG_LINES, task_id, lines)
+            await conn.execute(queries.TRIM_LOG_LINES, task_id, cap)
+        return True
+
+    async def log_lines(self, task_id: str) -> tuple[list[tuple[datetime, str]], int]:
+        """The task's stored log lines, oldest first, and how many were dropped before them."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(queries.READ_LOG_LINES, task_id)
+            dropped = await conn.fetchval(queries.LOG_LINES_DROPPED, task_id)
+        return [(row["at"], row["line"]) for row in rows], dropped or 0
+
+    async def create_log(self, task_id: str, plan_id: str) -> int | None:
+        number: int | None = await self._pool.fetchval(queries.CREATE_LOG, task_id, plan_id)
+        return number
+
+    async def merge_outputs(
+        self, task_id: str, plan_id: str, outputs: dict[str, JsonValue]
+    ) -> TaskRecord | None:
+        row = await self._pool.fetchrow(
+            queries.MERGE_OUTPUTS, task_id, plan_id, orjson.dumps(outputs).decode()
+        )
+        return None if row is None else TaskRecord.from_row(row)
+
+    async def signing_key(self, candidate: bytes) -> bytes:
+        """The key every process of this database shares: `candidate`, if none was kept yet."""
+        while True:
+            # A statement racing another's insert may see neither row: ask again.
+            key: bytes | None = await self._pool.fetchval(queries.SIGNING_KEY, candidate)
+            if key is not None:
+                return key
+
     async def get(self, task_id: str) -> TaskRecord | None:
-        rows = await self._pool.fetch(_SELECT_TASKS, [task_id], self.lock_namespace)
+        rows = await self._pool.fetch(queries.SELECT_TASKS, [task_id], self.lock_namespace)
         return TaskRecord.from_row(rows[0]) if rows else None
 
     async def _records(self, conn: Executor, task_ids: list[str]) -> dict[str, TaskRecord]:
-        rows = await conn.fetch(_SELECT_TASKS, task_ids, self.lock_namespace)
+        rows = await conn.fetch(queries.SELECT_TASKS, task_ids, self.lock_namespace)
         return {row["task_id"]: TaskRecord.from_row(row) for row in rows}
 
     async def _flush_claims(self, batch: list[ClaimRequest]) -> list[Claimed | TaskRecord]:
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
-                _CLAIM,
+                queries.CLAIM,
                 [c.task_id for c in batch],
                 [c.plan_id for c in batch],
                 [c.job_id for c in batch],
@@ -260,6 +342,8 @@ class Store:
                 [c.message for c in batch],
                 [c.queued_at for c in batch],
                 [c.lease_seconds for c in batch],
+                [c.reply_to for c in batch],
+                [c.correlation_id for c in batch],
                 self.worker_id,
                 self.lock_namespace,
             )
@@ -274,7 +358,7 @@ class Store:
     async def _flush_completions(self, batch: list[Completion]) -> list[datetime | TaskRecord]:
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
-                _COMPLETE,
+                queries.COMPLETE,
                 [c.task_id for c in batch],
                 [c.attempts for c in batch],
                 [c.outcome.result.value for c in batch],
@@ -339,6 +423,13 @@ class Store:
         finally:
             with suppress(Exception):
                 await conn.close(timeout=2)
+
+
+def _response_json(response: HttpResponse | None) -> str | None:
+    if response is None:
+        return None
+    # jsonb cannot hold U+0000, which an endpoint's JSON may well contain.
+    return response.model_dump_json(by_alias=True).replace("\\u0000", "\\ufffd")
 
 
 def _refused(exc: BaseException) -> bool:

@@ -1,0 +1,356 @@
+"""Plan events and logs from external services, on agentless's paths and on Azure's (SPEC §6).
+
+Every route here takes the task's callback token (Bearer, or Basic with the token as password,
+as Azure's server-task helper library sends it); a forged or expired token is refused before any
+database read.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Final
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, ValidationError
+from pydantic.alias_generators import to_camel
+
+from callback_api.problems import Problem
+from callback_api.services import services
+from worker.logs import bind_task
+from worker.models import EventName, Mode, Result, State, TaskEvent, event_id
+from worker.settings import describe
+from worker.store import TaskRecord
+from worker.sweeper import publish_completions
+from worker.tokens import Grant, TokenError
+
+log = logging.getLogger(__name__)
+
+MAX_EVENT_BYTES: Final = 64 * 1024
+MAX_LOG_BYTES: Final = 1024 * 1024
+# Per task, the newest lines are kept; older ones are dropped and counted.
+LOG_LINES_CAP: Final = 10_000
+MAX_LINE_CHARS: Final = 4096
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="agentless", Basic realm="agentless"'}
+
+
+class PlanEventName(StrEnum):
+    ASSIGNED = "TaskAssigned"
+    STARTED = "TaskStarted"
+    COMPLETED = "TaskCompleted"
+
+
+_NAMES = {name.value.lower(): name for name in PlanEventName}
+_RESULTS = {result.value.lower(): result for result in Result}
+
+
+def _one_of(table: dict[str, StrEnum], what: str) -> object:
+    def parse(value: object) -> object:
+        if isinstance(value, str) and value.lower() in table:
+            return table[value.lower()]
+        choices = ", ".join(v.value for v in table.values())
+        raise ValueError(f"{value!r} is not a known {what} ({choices})")
+
+    return parse
+
+
+class PlanEvent(BaseModel):
+    """What a service posts to the events endpoint; names and results in any case."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    name: Annotated[PlanEventName, BeforeValidator(_one_of(_NAMES, "event name"))]
+    task_id: str = Field(min_length=1, max_length=128)
+    job_id: str | None = None
+    result: Annotated[Result, BeforeValidator(_one_of(_RESULTS, "result"))] | None = None
+
+
+def grant_of(request: web.Request) -> Grant:
+    """The callback token's grant; 401 without a genuine, unexpired token."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, credentials = header.partition(" ")
+    token = ""
+    if scheme.lower() == "bearer":
+        token = credentials.strip()
+    elif scheme.lower() == "basic":
+        try:
+            # Azure's helper library sends an empty user name and the token as password.
+            token = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            token = ""
+    if not token:
+        raise Problem(
+            401,
+            "send the task's AuthToken as 'Authorization: Bearer <token>' or as Basic auth "
+            "with an empty user name and the token as password",
+            headers=_CHALLENGE,
+        )
+    try:
+        return services(request).signer.verify(token)
+    except TokenError as exc:
+        raise Problem(
+            401, f"{exc}; use the AuthToken sent with this task", headers=_CHALLENGE
+        ) from exc
+
+
+def _check_plan(grant: Grant, request: web.Request) -> None:
+    plan_id = request.match_info["planId"]
+    if plan_id != grant.plan_id:
+        raise Problem(403, f"this token is for plan {grant.plan_id!r}, not plan {plan_id!r}")
+
+
+async def _read(request: web.Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it passes `limit`, whatever Content-Length claims."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise Problem(413, f"the request body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json(body: bytes) -> JsonValue:
+    try:
+        value: JsonValue = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise Problem(400, f"the body is not JSON: {exc}") from exc
+    return value
+
+
+async def post_event(request: web.Request) -> web.Response:
+    grant = grant_of(request)
+    body = await _read(request, MAX_EVENT_BYTES)
+    try:
+        event = PlanEvent.model_validate(_json(body))
+    except ValidationError as exc:
+        raise Problem(400, f"the event is not valid: {describe(exc)}") from exc
+    _check_plan(grant, request)
+    if event.task_id != grant.task_id:
+        raise Problem(403, f"this token is for task {grant.task_id!r}, not {event.task_id!r}")
+    bind_task(event.task_id, grant.plan_id)
+    if event.name is PlanEventName.COMPLETED:
+        return await _completed(request, event)
+    return await _started(request, event)
+
+
+async def _completed(request: web.Request, event: PlanEvent) -> web.Response:
+    if event.result is None:
+        raise Problem(400, 'a TaskCompleted event needs a result (e.g. "succeeded")')
+    svc = services(request)
+    plan_id = request.match_info["planId"]
+    reason = f"TaskCompleted from the external service: {event.result.value}"
+    completed, record = await svc.store.complete_by_callback(
+        event.task_id, plan_id, event.result, reason
+    )
+    record = _exists(record, event.task_id, plan_id)
+    if completed:
+        log.info("task completed", extra={"result": event.result.value, "reason": reason})
+        await publish_completions(svc.broker, svc.store, [record])
+        return _accepted(record)
+    if record.completed_by == "callback" and record.result is event.result:
+        return _accepted(record)  # an exact repeat: nothing changes
+    raise Problem(409, _conflict(record, event.result), state=record.state, result=record.result)
+
+
+async def _started(request: web.Request, event: PlanEvent) -> web.Response:
+    svc = services(request)
+    plan_id = request.match_info["planId"]
+    started, record = await svc.store.external_started(event.task_id, plan_id)
+    record = _exists(record, event.task_id, plan_id)
+    if not started:
+        raise Problem(409, _conflict(record, None), state=record.state, result=record.result)
+    await svc.broker.publish_event(
+        TaskEvent(
+            name=EventName.STARTED,
+            # Not the worker's TaskStarted: the service's own word that it started.
+            event_id=f"{event_id(record.task_id, EventName.STARTED)}:external",
+            task_id=record.task_id,
+            plan_id=record.plan_id,
+            job_id=record.job_id,
+            hub_name=record.hub_name,
+            attempts=record.attempts,
+            queued_at=record.queued_at,
+            started_at=record.started_at,
+        )
+    )
+    return _accepted(record)
+
+
+def _exists(record: TaskRecord | None, task_id: str, plan_id: str) -> TaskRecord:
+    if record is None:
+        raise Problem(404, f"plan {plan_id!r} has no task {task_id!r}")
+    return record
+
+
+def _conflict(record: TaskRecord, result: Result | None) -> str:
+    """Why the task takes no more events, in words."""
+    if record.mode is not Mode.CALLBACK:
+        return f"task {record.task_id!r} is not a callback task: it completes on its response"
+    if record.state is State.QUEUED:
+        return f"task {record.task_id!r} has not been started yet"
+    when = record.completed_at.isoformat() if record.completed_at else "earlier"
+    match record.completed_by:
+        case "timeout":
+            return f"task {record.task_id!r} {record.reason} at {when}"
+        case "cancel":
+            return f"task {record.task_id!r} was canceled at {when}"
+        case "callback" if result is not None:
+            return (
+                f"task {record.task_id!r} already completed with result "
+                f"{record.result}, not {result.value}"
+            )
+        case _:
+            return f"task {record.task_id!r} already completed at {when}: {record.reason}"
+
+
+def _accepted(record: TaskRecord) -> web.Response:
+    return web.json_response(
+        {
+            "taskId": record.task_id,
+            "state": record.state,
+            "result": record.result,
+        }
+    )
+
+
+def _lines(body: bytes, content_type: str) -> list[str]:
+    """Log lines from text (one per line) or JSON ({"value": [lines]}, as Azure's feed sends)."""
+    lines: list[str] = []
+    if "json" in content_type or body.lstrip()[:1] == b"{":
+        data = _json(body)
+        values = data.get("value") if isinstance(data, dict) else data
+        if not isinstance(values, list):
+            raise Problem(400, 'a JSON log body is {"value": ["line", …]}: a list of strings')
+        for value in values:
+            if not isinstance(value, str):
+                raise Problem(400, 'a JSON log body is {"value": ["line", …]}: a list of strings')
+            lines.append(value)
+    else:
+        try:
+            lines = body.decode().splitlines()
+        except UnicodeDecodeError as exc:
+            raise Problem(400, f"log text must be UTF-8: {exc}") from exc
+    return [
+        line if len(line) <= MAX_LINE_CHARS else line[:MAX_LINE_CHARS] + "…"
+        for line in (line.replace("\x00", "\ufffd") for line in lines)
+    ]
+
+
+async def _append(request: web.Request, grant: Grant) -> web.Response:
+    _check_plan(grant, request)
+    bind_task(grant.task_id, grant.plan_id)
+    lines = _lines(await _read(request, MAX_LOG_BYTES), request.content_type)
+    svc = services(request)
+    if lines and not await svc.store.append_log_lines(
+        grant.task_id, grant.plan_id, lines, LOG_LINES_CAP
+    ):
+        raise Problem(404, f"plan {grant.plan_id!r} has no task {grant.task_id!r}")
+    return web.json_response({"count": len(lines)})
+
+
+async def post_task_logs(request: web.Request) -> web.Response:
+    grant = grant_of(request)
+    task_id = request.match_info["taskId"]
+    if task_id != grant.task_id:
+        raise Problem(403, f"this token is for task {grant.task_id!r}, not {task_id!r}")
+    return await _append(request, grant)
+
+
+async def post_feed(request: web.Request) -> web.Response:
+    # Azure's helper sends the job id as the record id: the token tells which task it is.
+    return await _append(request, grant_of(request))
+
+
+async def post_append_log(request: web.Request) -> web.Response:
+    return await _append(request, grant_of(request))
+
+
+async def post_create_log(request: web.Request) -> web.Response:
+    grant = grant_of(request)
+    _check_plan(grant, request)
+    body = await _read(request, MAX_EVENT_BYTES)
+    data = _json(body) if body.strip() else {}
+    path = data.get("path") if isinstance(data, dict) else None
+    number = await services(request).store.create_log(grant.task_id, grant.plan_id)
+    if number is None:
+        raise Problem(404, f"plan {grant.plan_id!r} has no task {grant.task_id!r}")
+    now = datetime.now(UTC).isoformat()
+    return web.json_response(
+        {"id": number, "path": path, "lineCount": 0, "createdOn": now, "lastChangedOn": now}
+    )
+
+
+def _timeline_record(record: TaskRecord) -> dict[str, JsonValue]:
+    state = {
+        State.QUEUED: "pending",
+        State.RUNNING: "inProgress",
+        State.WAITING: "inProgress",
+        State.COMPLETED: "completed",
+    }[record.state]
+    return {
+        "id": record.task_id,
+        "type": "Task",
+        "state": state,
+        "result": record.result,
+        "startTime": record.started_at.isoformat() if record.started_at else None,
+        "finishTime": record.completed_at.isoformat() if record.completed_at else None,
+        "variables": {
+            name: {"value": value, "isSecret": False}
+            for name, value in orjson.loads(record.outputs).items()
+        },
+    }
+
+
+async def get_timeline_records(request: web.Request) -> web.Response:
+    grant = grant_of(request)
+    _check_plan(grant, request)
+    record = _exists(
+        await services(request).store.in_plan(grant.task_id, grant.plan_id),
+        grant.task_id,
+        grant.plan_id,
+    )
+    return web.json_response({"count": 1, "value": [_timeline_record(record)]})
+
+
+async def patch_timeline_records(request: web.Request) -> web.Response:
+    """Progress and output variables; the variables come back as `outputs` in TaskCompleted.
+    Secret variables are not kept."""
+    grant = grant_of(request)
+    _check_plan(grant, request)
+    data = _json(await _read(request, MAX_EVENT_BYTES))
+    records = data.get("value") if isinstance(data, dict) else data
+    if not isinstance(records, list):
+        raise Problem(400, 'the body is {"value": [timeline records]} or a list of records')
+    outputs: dict[str, JsonValue] = {}
+    for item in records:
+        variables = item.get("variables") if isinstance(item, dict) else None
+        if not isinstance(variables, dict):
+            continue
+        for name, variable in variables.items():
+            if isinstance(variable, dict):
+                if not variable.get("isSecret"):
+                    outputs[name] = variable.get("value")
+            else:
+                outputs[name] = variable
+    svc = services(request)
+    record = await svc.store.merge_outputs(grant.task_id, grant.plan_id, outputs)
+    record = _exists(record, grant.task_id, grant.plan_id)
+    return web.json_response({"count": 1, "value": [_timeline_record(record)]})
+
+
+def add_routes(app: web.Application) -> None:
+    azure = "/{projectId}/_apis/distributedtask/hubs/{hubName}/plans/{planId}"
+    app.router.add_post("/plans/{planId}/events", post_event)
+    app.router.add_post(f"{azure}/events", post_event)
+    app.router.add_post("/plans/{planId}/tasks/{taskId}/logs", post_task_logs)
+    app.router.add_post(f"{azure}/timelines/{{timelineId}}/records/{{recordId}}/feed", post_feed)
+    app.router.add_post(f"{azure}/logs", post_create_log)
+    app.router.add_post(f"{azure}/logs/{{logId}}", post_append_log)
+    app.router.add_get(f"{azure}/timelines/{{timelineId}}/records", get_timeline_records)
+    app.router.add_patch(f"{azure}/timelines/{{timelineId}}/records", patch_timeline_records)

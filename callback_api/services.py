@@ -1,0 +1,27 @@
+"""What the API's handlers use, held in the app under one typed key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from worker.broker import Broker
+from worker.settings import Settings
+from worker.store import Store
+from worker.tokens import Signer
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    store: Store
+    broker: Broker
+    signer: Signer
+
+
+services_key = web.AppKey("services", Services)
+
+
+def services(request: web.Request) -> Services:
+    return request.app[services_key]

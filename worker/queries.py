@@ -1,0 +1,193 @@
+"""The SQL statements of the store, each with the rule it enforces. Only store.py runs them."""
+
+from __future__ import annotations
+
+
+def _worker_alive(namespace_param: str) -> str:
+    """Whether the worker running `t`'s attempt still holds its session lock, i.e. is alive."""
+    return f"""EXISTS (SELECT 1 FROM pg_locks l
+        WHERE l.locktype = 'advisory' AND l.classid::bigint = {namespace_param}
+          AND l.objid::bigint = t.worker_id AND l.objsubid = 2 AND l.granted)"""
+
+
+# Every column a TaskRecord holds, of the row `t`.
+RECORD = """t.task_id, t.plan_id, t.job_id, t.hub_name, t.state, t.result, t.reason, t.attempts,
+    t.digest, t.message::text AS message, t.response::text AS response, t.outputs::text AS outputs,
+    t.worker_id, t.lease_until, t.queued_at, t.started_at, t.completed_at, t.mode, t.completed_by,
+    t.deadline, t.reply_to, t.correlation_id, t.event_pending"""
+
+SELECT_TASKS = f"""
+SELECT {RECORD}, {_worker_alive("$2")} AS worker_alive
+FROM tasks t WHERE t.task_id = ANY($1::text[])
+"""
+
+# A task is claimed when it is new or queued, or when its running attempt's worker is gone or
+# overran its lease; a completed task, or a different task under the same id, is never claimed.
+CLAIM = f"""
+INSERT INTO tasks AS t (task_id, plan_id, job_id, hub_name, project_id, name, mode, state,
+                        attempts, digest, message, reply_to, correlation_id, worker_id,
+                        lease_until, queued_at, started_at)
+SELECT i.task_id, i.plan_id, i.job_id, i.hub_name, i.project_id, i.name, i.mode, 'running', 1,
+       i.digest, i.message::jsonb, i.reply_to, i.correlation_id, $14,
+       now() + make_interval(secs => i.lease), coalesce(i.queued_at, now()), now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+            $8::bytea[], $9::text[], $10::timestamptz[], $11::float8[], $12::text[], $13::text[])
+     AS i(task_id, plan_id, job_id, hub_name, project_id, name, mode, digest, message, queued_at,
+          lease, reply_to, correlation_id)
+ON CONFLICT (task_id) DO UPDATE
+SET state = 'running', attempts = t.attempts + 1, worker_id = EXCLUDED.worker_id,
+    lease_until = EXCLUDED.lease_until, started_at = now(), updated_at = now(),
+    reply_to = coalesce(EXCLUDED.reply_to, t.reply_to),
+    correlation_id = coalesce(EXCLUDED.correlation_id, t.correlation_id)
+WHERE t.digest = EXCLUDED.digest
+  AND (t.state = 'queued'
+       OR (t.state = 'running'
+           AND (t.lease_until < now() OR NOT {_worker_alive("$15")})))
+RETURNING t.task_id, t.attempts, t.queued_at, t.started_at
+"""
+
+# Only the attempt that holds the task records its result: a late, superseded attempt is fenced.
+COMPLETE = """
+UPDATE tasks AS t
+SET state = 'completed', result = i.result, reason = i.reason, response = i.response::jsonb,
+    completed_at = now(), completed_by = 'worker', lease_until = NULL, updated_at = now()
+FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[])
+     AS i(task_id, attempts, result, reason, response)
+WHERE t.task_id = i.task_id AND t.state = 'running' AND t.attempts = i.attempts
+RETURNING t.task_id, t.completed_at
+"""
+
+# A callback task whose invocation was accepted waits; fenced like COMPLETE. A callback that came
+# first has completed the task already, and then this changes nothing.
+WAIT = """
+UPDATE tasks AS t
+SET state = 'waiting', response = $3::jsonb, deadline = $4, started_deadline = $5,
+    lease_until = NULL, updated_at = now()
+WHERE t.task_id = $1 AND t.state = 'running' AND t.attempts = $2
+RETURNING t.updated_at
+"""
+
+_HAS_CANCEL_REQUEST = "coalesce(jsonb_typeof(t.message -> 'cancelRequest'), 'null') <> 'null'"
+
+# The external service's TaskCompleted: accepted while the task runs or waits, whichever came
+# first of the invocation's response and the callback.
+COMPLETE_BY_CALLBACK = f"""
+UPDATE tasks AS t
+SET state = 'completed', result = $3, reason = $4, completed_at = now(), completed_by = 'callback',
+    event_pending = true, lease_until = NULL, updated_at = now()
+WHERE t.task_id = $1 AND t.plan_id = $2 AND t.mode = 'callback'
+  AND t.state IN ('running', 'waiting')
+RETURNING {RECORD}
+"""
+
+EXTERNAL_STARTED = f"""
+UPDATE tasks AS t
+SET external_started_at = coalesce(t.external_started_at, now()), updated_at = now()
+WHERE t.task_id = $1 AND t.plan_id = $2 AND t.mode = 'callback'
+  AND t.state IN ('running', 'waiting')
+RETURNING {RECORD}
+"""
+
+SELECT_IN_PLAN = f"SELECT {RECORD} FROM tasks t WHERE t.task_id = $1 AND t.plan_id = $2"
+
+# Waiting tasks past their deadline, or past the time by which the service had to say it started;
+# SKIP LOCKED lets every worker sweep at once without two completing one task.
+SWEEP = f"""
+WITH due AS (
+    SELECT task_id FROM tasks
+    WHERE state = 'waiting'
+      AND (deadline <= now() OR (started_deadline <= now() AND external_started_at IS NULL))
+    ORDER BY deadline
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE tasks AS t
+SET state = 'completed', result = 'failed',
+    reason = CASE WHEN t.deadline <= now() THEN 'timed out waiting for callback'
+                  ELSE 'external service did not start' END,
+    completed_at = now(), completed_by = 'timeout', event_pending = true, updated_at = now(),
+    cancel_state = CASE WHEN {_HAS_CANCEL_REQUEST} THEN 'pending' END
+FROM due
+WHERE t.task_id = due.task_id
+RETURNING {RECORD}
+"""
+
+# An invoked task's cancelRequest is due when it is cancelled; a queued one was never invoked.
+CANCEL = f"""
+UPDATE tasks AS t
+SET state = 'completed', result = 'canceled', reason = $2, completed_at = now(),
+    completed_by = 'cancel', event_pending = true, lease_until = NULL, updated_at = now(),
+    cancel_state = CASE WHEN t.state IN ('running', 'waiting') AND {_HAS_CANCEL_REQUEST}
+                        THEN 'pending' END
+WHERE t.task_id = $1 AND t.state <> 'completed'
+RETURNING {RECORD}
+"""
+
+# Completions made by processes that hold no task message, whose events are not yet confirmed.
+PENDING_EVENTS = f"""
+SELECT {RECORD} FROM tasks t
+WHERE t.event_pending AND t.updated_at < now() - make_interval(secs => $1)
+ORDER BY t.updated_at
+LIMIT $2
+FOR UPDATE SKIP LOCKED
+"""
+
+EVENTS_PUBLISHED = """
+UPDATE tasks SET event_pending = false WHERE task_id = ANY($1::text[]) AND event_pending
+"""
+
+# Marked done before the call: a cancelRequest is invoked at most once, best effort.
+TAKE_CANCEL_REQUESTS = f"""
+WITH due AS (
+    SELECT task_id FROM tasks WHERE cancel_state = 'pending'
+    ORDER BY updated_at LIMIT $1 FOR UPDATE SKIP LOCKED
+)
+UPDATE tasks AS t SET cancel_state = 'done', updated_at = now()
+FROM due WHERE t.task_id = due.task_id
+RETURNING {RECORD}
+"""
+
+LOCK_TASK_IN_PLAN = "SELECT 1 FROM tasks WHERE task_id = $1 AND plan_id = $2 FOR UPDATE"
+
+APPEND_LOG_LINES = """
+INSERT INTO task_logs (task_id, at, line)
+SELECT $1, now(), line FROM unnest($2::text[]) WITH ORDINALITY AS l(line, n) ORDER BY n
+"""
+
+# Past the cap, the oldest lines go; the task row counts how many went.
+TRIM_LOG_LINES = """
+WITH gone AS (
+    DELETE FROM task_logs
+    WHERE task_id = $1 AND seq <= (
+        SELECT seq FROM task_logs WHERE task_id = $1 ORDER BY seq DESC OFFSET $2 LIMIT 1)
+    RETURNING 1
+)
+UPDATE tasks SET log_lines_dropped = log_lines_dropped + (SELECT count(*) FROM gone)
+WHERE task_id = $1
+"""
+
+READ_LOG_LINES = "SELECT at, line FROM task_logs WHERE task_id = $1 ORDER BY seq"
+
+LOG_LINES_DROPPED = "SELECT log_lines_dropped FROM tasks WHERE task_id = $1"
+
+CREATE_LOG = """
+UPDATE tasks SET logs_created = logs_created + 1, updated_at = now()
+WHERE task_id = $1 AND plan_id = $2
+RETURNING logs_created
+"""
+
+MERGE_OUTPUTS = f"""
+UPDATE tasks AS t SET outputs = t.outputs || $3::jsonb, updated_at = now()
+WHERE t.task_id = $1 AND t.plan_id = $2
+RETURNING {RECORD}
+"""
+
+SIGNING_KEY = """
+WITH made AS (
+    INSERT INTO secrets (name, value) VALUES ('signing-key', $1)
+    ON CONFLICT (name) DO NOTHING
+    RETURNING value
+)
+SELECT value FROM made UNION ALL SELECT value FROM secrets WHERE name = 'signing-key'
+LIMIT 1
+"""
