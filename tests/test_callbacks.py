@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import signal
 import time
 from typing import Any
 
@@ -13,7 +14,11 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from tests.conftest import Api, Events, Target, publish, task_message
+from callback_api import events as callback_events
+from tests import processes
+from tests.conftest import Api, Events, Target, free_port, publish, task_message
+from tests.test_serve import wait_until_ready
+from worker.service import running_worker
 from worker.settings import Settings
 
 CALLBACK_HEADERS = (
@@ -302,3 +307,117 @@ async def test_log_lines_in_order_on_both_paths(
             logs = await response.json()
     assert [line["line"] for line in logs["lines"]] == ["one", "two", "three", "four"]
     assert logs["droppedLines"] == 0
+
+
+async def test_concurrent_callbacks_across_two_api_processes_complete_once(
+    api: Api, channel: AbstractChannel, events: Events, target: Target
+) -> None:
+    """50 TaskCompleted posts for one task, half to this process's API and half to an `agentless
+    api` process: one result, one TaskCompleted event, every post answered 200 or 409."""
+    port = free_port()
+    second = await processes.start(
+        api.settings,
+        "api",
+        AGENTLESS_API_PORT=str(port),
+        AGENTLESS_PUBLIC_URL=f"http://127.0.0.1:{port}",
+    )
+    try:
+        await wait_until_ready(f"http://127.0.0.1:{port}/readyz", second)
+        task, headers = await waiting(api, channel, events, target)
+        results = ["succeeded", "failed"]
+        posts = [
+            post(
+                f"{base}/plans/plan-1/events",
+                {"name": "TaskCompleted", "taskId": task["taskId"], "result": results[i % 2]},
+                headers["AuthToken"],
+            )
+            for i, base in enumerate([api.url, f"http://127.0.0.1:{port}"] * 25)
+        ]
+        answers = await asyncio.gather(*posts)
+        event = await events.completed(task["taskId"])
+        winner = event["result"]
+        assert {(status, body.get("result", winner)) for status, body, _ in answers} <= {
+            (200, winner),
+            (409, winner),
+        }
+        assert all(
+            status == 200
+            for (status, _, _), i in zip(answers, range(50), strict=True)
+            if results[i % 2] == winner
+        )
+        await asyncio.sleep(1)
+        assert len(events.named("TaskCompleted", task["taskId"])) == 1
+    finally:
+        second.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(second.process.wait(), 20) == 0, second.logs()
+
+
+async def test_a_service_that_never_starts_fails_fast(
+    api: Api, channel: AbstractChannel, events: Events, target: Target
+) -> None:
+    quiet, _ = await waiting(api, channel, events, target, startedTimeoutSeconds=1)
+    started, headers = await waiting(api, channel, events, target, startedTimeoutSeconds=1)
+    status, _, _ = await post(
+        f"{api.url}/plans/plan-1/events",
+        {"name": "TaskStarted", "taskId": started["taskId"]},
+        headers["AuthToken"],
+    )
+    assert status == 200
+    event = await events.completed(quiet["taskId"])
+    assert (event["result"], event["reason"]) == ("failed", "external service did not start")
+    await asyncio.sleep(1.5)
+    assert not events.named("TaskCompleted", started["taskId"])
+    assert [e["eventId"] for e in events.named("TaskStarted", started["taskId"])] == [
+        f"{started['taskId']}:started",
+        f"{started['taskId']}:started:external",
+    ]
+
+
+async def test_deadlines_survive_a_restart(
+    settings: Settings,
+    channel: AbstractChannel,
+    db: asyncpg.Connection,
+    events: Events,
+    target: Target,
+) -> None:
+    """A task left waiting by a worker that is gone is failed at its deadline by the next one."""
+    async with running_worker(settings) as first:
+        await asyncio.wait_for(first.consumer.consuming.wait(), 10)
+        task = callback_task(target, timeoutSeconds=2)
+        await publish(channel, settings, task)
+        async with asyncio.timeout(10), events.changed:
+            await events.changed.wait_for(lambda: bool(events.named("TaskWaiting", task["taskId"])))
+    assert not events.named("TaskCompleted", task["taskId"])
+    async with running_worker(settings):
+        event = await events.completed(task["taskId"])
+    assert (event["result"], event["reason"]) == ("failed", "timed out waiting for callback")
+    row = await db.fetchrow(
+        "SELECT completed_at - deadline AS late FROM tasks WHERE task_id = $1", task["taskId"]
+    )
+    assert row is not None
+    assert row["late"].total_seconds() < 2
+
+
+async def test_log_lines_past_the_cap_drop_the_oldest_and_say_so(
+    monkeypatch: pytest.MonkeyPatch,
+    api: Api,
+    channel: AbstractChannel,
+    events: Events,
+    target: Target,
+) -> None:
+    monkeypatch.setattr(callback_events, "LOG_LINES_CAP", 5)
+    task, headers = await waiting(api, channel, events, target)
+    url = f"{api.url}/plans/plan-1/tasks/{task['taskId']}/logs"
+    auth = {"Authorization": f"Bearer {headers['AuthToken']}"}
+    async with aiohttp.ClientSession(headers=auth) as session:
+        for batch in ("1\n2\n3\n", "4\n5\n6\n7\n", "8"):
+            async with session.post(url, data=batch) as response:
+                assert response.status == 200
+        async with session.post(url, data=b"\xff\xfe") as response:
+            assert response.status == 400
+        async with session.post(url, json={"value": [1, 2]}) as response:
+            assert response.status == 400
+        async with session.get(f"{api.url}/tasks/{task['taskId']}/logs") as response:
+            logs = await response.json()
+    assert [line["line"] for line in logs["lines"]] == ["4", "5", "6", "7", "8"]
+    assert logs["droppedLines"] == 3

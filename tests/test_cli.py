@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
 from pathlib import Path
 
 import asyncpg
@@ -12,7 +13,7 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 from tests import processes
-from tests.conftest import Events, Target
+from tests.conftest import Api, Events, Target, free_port
 from worker.service import Worker
 from worker.settings import Settings
 
@@ -164,3 +165,45 @@ async def test_logs_are_json_lines_with_task_and_plan_ids(
     assert completed
     assert (completed[0]["taskId"], completed[0]["planId"]) == ("log-1", "plan-log")
     assert completed[0]["result"] == "succeeded"
+
+
+async def test_readme_callback_walkthrough(api: Api, settings: Settings) -> None:
+    """The README's walk-through, as a newcomer pastes it: the example service prints a curl
+    command, and running it completes the task that `submit --callback --wait` waits for."""
+    port = free_port()
+    service = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(processes.ROOT / "deploy" / "examples" / "callback_service.py"),
+        "--port",
+        str(port),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        submit = asyncio.create_task(
+            processes.run(
+                api.settings,
+                "submit",
+                "--url",
+                f"http://127.0.0.1:{port}/jobs",
+                "--callback",
+                "--wait",
+                "--wait-timeout",
+                "30",
+            )
+        )
+        assert service.stdout is not None
+        async with asyncio.timeout(30):
+            while "curl" not in (line := (await service.stdout.readline()).decode()):
+                assert line or service.returncode is None
+            command = line.strip().rstrip("\\")
+            while (line := (await service.stdout.readline()).decode()).strip():
+                command += " " + line.strip().rstrip("\\")
+        curl = await asyncio.create_subprocess_shell(command, stdout=asyncio.subprocess.PIPE)
+        out, _ = await curl.communicate()
+        assert json.loads(out)["result"] == "succeeded"
+        code, printed, err = await submit
+        assert code == 0, err
+        assert json.loads(printed)["reason"] == "TaskCompleted from the external service: succeeded"
+    finally:
+        service.kill()
+        await service.wait()

@@ -14,8 +14,8 @@ from tests.conftest import Events, Target, free_port, publish, task_message
 from worker.settings import Settings
 
 
-async def wait_ready(session: aiohttp.ClientSession, url: str, child: processes.Child) -> None:
-    async with asyncio.timeout(20):
+async def wait_until_ready(url: str, child: processes.Child) -> None:
+    async with asyncio.timeout(20), aiohttp.ClientSession() as session:
         while True:
             assert child.process.returncode is None, child.logs()
             try:
@@ -38,7 +38,7 @@ async def test_run_serves_health_and_runs_tasks_until_sigterm(
     child = await processes.start(settings, "run", AGENTLESS_API_PORT=str(port))
     base = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as session:
-        await wait_ready(session, f"{base}/readyz", child)
+        await wait_until_ready(f"{base}/readyz", child)
         async with session.get(f"{base}/healthz") as response:
             assert (response.status, await response.json()) == (200, {"status": "ok"})
         async with session.get(f"{base}/readyz") as response:
@@ -61,7 +61,7 @@ async def test_worker_port_serves_metrics_health_and_readiness(
     child = await processes.start(settings, "worker", AGENTLESS_WORKER_PORT=str(port))
     base = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as session:
-        await wait_ready(session, f"{base}/readyz", child)
+        await wait_until_ready(f"{base}/readyz", child)
         task = task_message(target, query="&status=500")
         await publish(channel, settings, task)
         await events.completed(str(task["taskId"]))
@@ -81,3 +81,34 @@ async def test_worker_port_serves_metrics_health_and_readiness(
             assert response.status == 200
     child.process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(child.process.wait(), 30) == 0, child.logs()
+
+
+async def test_api_refuses_to_listen_beyond_loopback_without_tokens(settings: Settings) -> None:
+    code, _, err = await processes.run(settings, "api", AGENTLESS_API_HOST="0.0.0.0")
+    assert code == 2
+    assert "AGENTLESS_API_TOKENS is empty: set tokens, or listen on 127.0.0.1" in err
+
+
+async def test_api_tokens_guard_the_task_api(
+    settings: Settings, channel: AbstractChannel, db: asyncpg.Connection
+) -> None:
+    port = free_port()
+    child = await processes.start(
+        settings, "api", AGENTLESS_API_PORT=str(port), AGENTLESS_API_TOKENS="tok-one,tok-two"
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_until_ready(f"{base}/readyz", child)
+        async with aiohttp.ClientSession() as session:
+            for headers, status in [
+                ({}, 401),
+                ({"Authorization": "Bearer tok-three"}, 401),
+                ({"Authorization": "Basic dG9rLW9uZQ=="}, 401),
+                ({"Authorization": "Bearer tok-two"}, 404),
+            ]:
+                async with session.post(f"{base}/tasks/nope/cancel", headers=headers) as response:
+                    assert response.status == status
+                    assert response.content_type == "application/problem+json"
+    finally:
+        child.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(child.process.wait(), 20) == 0, child.logs()

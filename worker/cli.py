@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--connection", help="service connection name instead of --url")
     submit.add_argument("--url-suffix", help="appended to the connection's URL")
     submit.add_argument("--criteria", help="JMESPath success criterion")
+    submit.add_argument(
+        "--callback",
+        action="store_true",
+        help="wait for the external service's TaskCompleted (waitForCompletion: callback)",
+    )
+    submit.add_argument(
+        "--timeout", type=int, metavar="SECONDS", help="timeoutSeconds of a callback task"
+    )
     submit.add_argument("--task-id", help="default: a new UUID")
     submit.add_argument("--plan-id", help="default: a new UUID")
     submit.add_argument("--job-id")
@@ -195,6 +203,7 @@ _TASK_FLAGS = (
     ("hub", "hubName"),
     ("name", "name"),
     ("criteria", "successCriteria"),
+    ("timeout", "timeoutSeconds"),
 )
 
 
@@ -214,6 +223,8 @@ def _task_from_args(args: argparse.Namespace) -> dict[str, JsonValue]:
         request["headers"] = headers
     data["request"] = request
     data.update(_flags(args, _TASK_FLAGS))
+    if args.callback:
+        data["waitForCompletion"] = "callback"
     data.setdefault("taskId", str(uuid.uuid4()))
     data.setdefault("planId", str(uuid.uuid4()))
     if args.var:
