@@ -421,3 +421,27 @@ async def test_log_lines_past_the_cap_drop_the_oldest_and_say_so(
             logs = await response.json()
     assert [line["line"] for line in logs["lines"]] == ["4", "5", "6", "7", "8"]
     assert logs["droppedLines"] == 3
+
+
+async def test_deadlines_fire_once_while_several_workers_sweep(
+    settings: Settings,
+    channel: AbstractChannel,
+    db: asyncpg.Connection,
+    events: Events,
+    target: Target,
+) -> None:
+    async with (
+        running_worker(settings) as first,
+        running_worker(settings) as second,
+        running_worker(settings) as third,
+    ):
+        for worker in (first, second, third):
+            await asyncio.wait_for(worker.consumer.consuming.wait(), 10)
+        tasks = [callback_task(target, timeoutSeconds=1) for _ in range(30)]
+        for task in tasks:
+            await publish(channel, settings, task)
+        await events.completed_count(len(tasks), timeout=20)
+        await asyncio.sleep(1.5)
+    completions = events.named("TaskCompleted")
+    assert sorted(str(e["taskId"]) for e in completions) == sorted(t["taskId"] for t in tasks)
+    assert {e["reason"] for e in completions} == {"timed out waiting for callback"}
