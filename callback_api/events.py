@@ -339,8 +339,15 @@ async def patch_timeline_records(request: web.Request) -> web.Response:
             else:
                 outputs[name] = variable
     svc = services(request)
-    record = await svc.store.merge_outputs(grant.task_id, grant.plan_id, outputs)
+    if outputs:
+        merged, record = await svc.store.merge_outputs(grant.task_id, grant.plan_id, outputs)
+    else:
+        # Progress alone changes nothing we keep, before or after completion.
+        merged, record = True, await svc.store.in_plan(grant.task_id, grant.plan_id)
     record = _exists(record, grant.task_id, grant.plan_id)
+    if not merged:
+        detail = f"task {record.task_id!r} already completed; its output variables are final"
+        raise Problem(409, detail, state=record.state, result=record.result)
     return web.json_response({"count": 1, "value": [_timeline_record(record)]})
 
 

@@ -176,9 +176,10 @@ WHERE task_id = $1 AND plan_id = $2
 RETURNING logs_created
 """
 
+# Outputs are final once the task completes: its TaskCompleted has carried them.
 MERGE_OUTPUTS = f"""
 UPDATE tasks AS t SET outputs = t.outputs || $3::jsonb, updated_at = now()
-WHERE t.task_id = $1 AND t.plan_id = $2
+WHERE t.task_id = $1 AND t.plan_id = $2 AND t.state <> 'completed'
 RETURNING {RECORD}
 """
 

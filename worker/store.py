@@ -305,11 +305,16 @@ class Store:
 
     async def merge_outputs(
         self, task_id: str, plan_id: str, outputs: dict[str, JsonValue]
-    ) -> TaskRecord | None:
-        row = await self._pool.fetchrow(
-            queries.MERGE_OUTPUTS, task_id, plan_id, orjson.dumps(outputs).decode()
-        )
-        return None if row is None else TaskRecord.from_row(row)
+    ) -> tuple[bool, TaskRecord | None]:
+        """Add output variables while the task is not completed; like complete_by_callback."""
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(
+                queries.MERGE_OUTPUTS, task_id, plan_id, orjson.dumps(outputs).decode()
+            )
+            if row is not None:
+                return True, TaskRecord.from_row(row)
+            row = await conn.fetchrow(queries.SELECT_IN_PLAN, task_id, plan_id)
+        return False, None if row is None else TaskRecord.from_row(row)
 
     async def signing_key(self, candidate: bytes) -> bytes:
         """The key every process of this database shares: `candidate`, if none was kept yet."""
