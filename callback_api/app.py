@@ -11,11 +11,12 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from callback_api import events, tasks
 from callback_api.guard import Guard, check_exposure, guard_key
 from callback_api.problems import problem_middleware
+from callback_api.routes import Handler, add_routes
 from callback_api.services import Services, services, services_key
 from worker.broker import Broker
+from worker.metrics import Metrics
 from worker.models import Names
 from worker.service import Worker, open_signer, running_worker
 from worker.settings import Settings
@@ -28,19 +29,14 @@ worker_key = web.AppKey("worker", Worker)
 failed_key = web.AppKey("failed", list[str])
 
 
-async def healthz(_: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    svc = services(request)
-    worker = request.app.get(worker_key)
-    ready = svc.broker.is_ready and await svc.store.ping()
-    if worker is not None:
-        ready = ready and await worker.ready()
-    return web.json_response(
-        {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
-    )
+@web.middleware
+async def count_callbacks(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Callbacks by status, problems included (this runs outside the problem middleware)."""
+    response = await handler(request)
+    route = request.match_info.route.name or ""
+    if route.startswith("callbacks:"):
+        services(request).metrics.callbacks.labels(str(response.status)).inc()
+    return response
 
 
 def with_worker(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -49,7 +45,9 @@ def with_worker(settings: Settings) -> Callable[[web.Application], AsyncIterator
     async def context(app: web.Application) -> AsyncIterator[None]:
         async with running_worker(settings) as worker:
             app[worker_key] = worker
-            app[services_key] = Services(settings, worker.store, worker.broker, worker.signer)
+            app[services_key] = Services(
+                settings, worker.store, worker.broker, worker.signer, worker.metrics, worker
+            )
             worker.consuming.add_done_callback(lambda _: _consume_loop_ended(app))
             yield
 
@@ -78,7 +76,7 @@ def standalone(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             ) as broker,
         ):
             signer = await open_signer(settings, store)
-            app[services_key] = Services(settings, store, broker, signer)
+            app[services_key] = Services(settings, store, broker, signer, Metrics())
             relay = asyncio.create_task(Sweeper(store, broker).run(), name="relay")
             try:
                 yield
@@ -92,12 +90,9 @@ def standalone(settings: Settings) -> Callable[[web.Application], AsyncIterator[
 def create_app(settings: Settings, *, worker: bool) -> web.Application:
     """The API; with `worker`, a worker runs in the same process."""
     check_exposure(settings)
-    app = web.Application(middlewares=[problem_middleware])
+    app = web.Application(middlewares=[count_callbacks, problem_middleware])
     app[failed_key] = []
     app[guard_key] = Guard(settings)
     app.cleanup_ctx.append(with_worker(settings) if worker else standalone(settings))
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    events.add_routes(app)
-    tasks.add_routes(app)
+    add_routes(app)
     return app

@@ -19,7 +19,7 @@ from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, ValidationError
 from pydantic.alias_generators import to_camel
 
-from callback_api.problems import Problem
+from callback_api.problems import Problem, read_body
 from callback_api.services import services
 from worker.logs import bind_task
 from worker.models import EventName, Mode, Result, State, TaskEvent, event_id
@@ -103,18 +103,6 @@ def _check_plan(grant: Grant, request: web.Request) -> None:
         raise Problem(403, f"this token is for plan {grant.plan_id!r}, not plan {plan_id!r}")
 
 
-async def _read(request: web.Request, limit: int) -> bytes:
-    """The body, refused (413) as soon as it passes `limit`, whatever Content-Length claims."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise Problem(413, f"the request body is over the {limit}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _json(body: bytes) -> JsonValue:
     try:
         value: JsonValue = orjson.loads(body)
@@ -125,7 +113,7 @@ def _json(body: bytes) -> JsonValue:
 
 async def post_event(request: web.Request) -> web.Response:
     grant = grant_of(request)
-    body = await _read(request, MAX_EVENT_BYTES)
+    body = await read_body(request, MAX_EVENT_BYTES)
     try:
         event = PlanEvent.model_validate(_json(body))
     except ValidationError as exc:
@@ -245,7 +233,7 @@ def _lines(body: bytes, content_type: str) -> list[str]:
 async def _append(request: web.Request, grant: Grant) -> web.Response:
     _check_plan(grant, request)
     bind_task(grant.task_id, grant.plan_id)
-    lines = _lines(await _read(request, MAX_LOG_BYTES), request.content_type)
+    lines = _lines(await read_body(request, MAX_LOG_BYTES), request.content_type)
     svc = services(request)
     if lines and not await svc.store.append_log_lines(
         grant.task_id, grant.plan_id, lines, LOG_LINES_CAP
@@ -274,7 +262,7 @@ async def post_append_log(request: web.Request) -> web.Response:
 async def post_create_log(request: web.Request) -> web.Response:
     grant = grant_of(request)
     _check_plan(grant, request)
-    body = await _read(request, MAX_EVENT_BYTES)
+    body = await read_body(request, MAX_EVENT_BYTES)
     data = _json(body) if body.strip() else {}
     path = data.get("path") if isinstance(data, dict) else None
     number = await services(request).store.create_log(grant.task_id, grant.plan_id)
@@ -323,7 +311,7 @@ async def patch_timeline_records(request: web.Request) -> web.Response:
     Secret variables are not kept."""
     grant = grant_of(request)
     _check_plan(grant, request)
-    data = _json(await _read(request, MAX_EVENT_BYTES))
+    data = _json(await read_body(request, MAX_EVENT_BYTES))
     records = data.get("value") if isinstance(data, dict) else data
     if not isinstance(records, list):
         raise Problem(400, 'the body is {"value": [timeline records]} or a list of records')
@@ -349,15 +337,3 @@ async def patch_timeline_records(request: web.Request) -> web.Response:
         detail = f"task {record.task_id!r} already completed; its output variables are final"
         raise Problem(409, detail, state=record.state, result=record.result)
     return web.json_response({"count": 1, "value": [_timeline_record(record)]})
-
-
-def add_routes(app: web.Application) -> None:
-    azure = "/{projectId}/_apis/distributedtask/hubs/{hubName}/plans/{planId}"
-    app.router.add_post("/plans/{planId}/events", post_event)
-    app.router.add_post(f"{azure}/events", post_event)
-    app.router.add_post("/plans/{planId}/tasks/{taskId}/logs", post_task_logs)
-    app.router.add_post(f"{azure}/timelines/{{timelineId}}/records/{{recordId}}/feed", post_feed)
-    app.router.add_post(f"{azure}/logs", post_create_log)
-    app.router.add_post(f"{azure}/logs/{{logId}}", post_append_log)
-    app.router.add_get(f"{azure}/timelines/{{timelineId}}/records", get_timeline_records)
-    app.router.add_patch(f"{azure}/timelines/{{timelineId}}/records", patch_timeline_records)

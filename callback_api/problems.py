@@ -74,3 +74,15 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     except Exception:
         log.exception("unexpected error answering %s %s", request.method, request.path)
         return problem_response(500, "the server failed to answer; the error is in its log")
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it passes `limit`, whatever Content-Length claims."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise Problem(413, f"the request body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from worker.broker import Broker
+from worker.metrics import Metrics
+from worker.service import Worker
 from worker.settings import Settings
 from worker.store import Store
 from worker.tokens import Signer
@@ -18,6 +20,9 @@ class Services:
     store: Store
     broker: Broker
     signer: Signer
+    metrics: Metrics
+    # The worker of this process, under `agentless run`.
+    worker: Worker | None = None
 
 
 services_key = web.AppKey("services", Services)

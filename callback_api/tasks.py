@@ -1,18 +1,170 @@
-"""The task API: cancellation and the log lines external services posted (SPEC §6)."""
+"""The task API: submit, read, list and cancel tasks, and read their log lines (SPEC §6)."""
 
 from __future__ import annotations
 
 import logging
+import re
+from typing import Final
 
+import orjson
 from aiohttp import web
+from pydantic import ValidationError
 
 from callback_api.guard import guard_key
-from callback_api.problems import Problem
+from callback_api.problems import Problem, read_body
 from callback_api.services import services
 from worker.logs import bind_task
+from worker.models import MAX_TASK_BYTES, Result, State, TaskMessage
+from worker.queries import ORDER_COLUMNS
+from worker.store import ClaimRequest, TaskRecord
 from worker.sweeper import publish_completions
+from worker.views import TaskDetail, TaskPage, TaskSummary
 
 log = logging.getLogger(__name__)
+
+MAX_ROWS_PER_PAGE: Final = 1000
+DEFAULT_ROWS_PER_PAGE: Final = 50
+_RANGE = re.compile(r"items=(\d{1,12})-(\d{1,12})")
+_LIST_PARAMETERS = frozenset(
+    {"state", "result", "planId", "hubName", "rowsPerPage", "pageNumber", "orderField", "sortType"}
+)
+_STATES = {s.value.lower(): s.value for s in State}
+_RESULTS = {r.value.lower(): r.value for r in Result}
+
+
+def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, headers=headers, content_type="application/json"
+    )
+
+
+def _canonical(task: TaskMessage) -> bytes:
+    """One byte form per task, so that the same task submitted twice is known for the same."""
+    data = task.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+
+
+async def submit_task(request: web.Request) -> web.Response:
+    request.app[guard_key].check(request)
+    body = await read_body(request, MAX_TASK_BYTES)
+    if b"\\u0000" in body:
+        raise Problem(400, "the task contains a NUL character (\\u0000), which cannot be stored")
+    try:
+        task = TaskMessage.model_validate_json(body)
+    except ValidationError as exc:
+        errors = [
+            {
+                "field": ".".join(str(p) for p in error["loc"]) or "(body)",
+                "message": error["msg"].removeprefix("Value error, "),
+            }
+            for error in exc.errors(include_url=False, include_input=False)
+        ]
+        fields = ", ".join(e["field"] for e in errors)
+        raise Problem(400, f"the task is not valid; fix: {fields}", errors=errors) from exc
+    bind_task(task.task_id, task.plan_id)
+    svc = services(request)
+    canonical = _canonical(task)
+    recorded = await svc.store.submit(ClaimRequest.of(task, canonical))
+    location = f"/tasks/{task.task_id}"
+    if isinstance(recorded, TaskRecord):
+        if recorded.digest != ClaimRequest.of(task, canonical).digest:
+            raise Problem(
+                409,
+                f"taskId {task.task_id!r} already belongs to a different task; use a new taskId",
+            )
+        if recorded.state is not State.QUEUED:
+            return _json(_submitted(recorded.task_id, recorded.state), 202, {"Location": location})
+        # Queued but perhaps never published (a crash after the insert): publish again; a
+        # duplicate message is harmless, the claim runs the task once.
+    await svc.broker.publish(
+        canonical, svc.broker.names.tasks, message_id=task.task_id, correlation_id=task.task_id
+    )
+    log.info("task submitted")
+    return _json(_submitted(task.task_id, State.QUEUED), 202, {"Location": location})
+
+
+def _submitted(task_id: str, state: State) -> dict[str, str]:
+    return {"taskId": task_id, "state": state.value, "location": f"/tasks/{task_id}"}
+
+
+async def get_task(request: web.Request) -> web.Response:
+    request.app[guard_key].check(request)
+    task_id = request.match_info["taskId"]
+    record = await services(request).store.get(task_id)
+    if record is None:
+        raise Problem(404, f"there is no task {task_id!r}")
+    return _json(TaskDetail.from_record(record).model_dump(mode="json", by_alias=True))
+
+
+def _choice(value: str, table: dict[str, str], name: str) -> str:
+    if value.lower() not in table:
+        raise Problem(400, f"{name} {value!r} is not one of {', '.join(table.values())}")
+    return value
+
+
+def _positive(query: dict[str, str], name: str, default: int, maximum: int) -> int:
+    text = query.get(name)
+    if text is None:
+        return default
+    if not text.isdigit() or not 1 <= int(text) <= maximum:
+        raise Problem(400, f"{name} must be a whole number from 1 to {maximum}, not {text!r}")
+    return int(text)
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    request.app[guard_key].check(request)
+    query = dict(request.query)
+    unknown = sorted(set(query) - _LIST_PARAMETERS)
+    if unknown:
+        raise Problem(
+            400,
+            f"unknown query parameters: {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(_LIST_PARAMETERS))}",
+        )
+    filters: dict[str, str] = {}
+    for name in ("state", "result", "planId", "hubName"):
+        if name in query:
+            filters[name] = query[name]
+    if "state" in filters:
+        _choice(filters["state"], _STATES, "state")
+    if "result" in filters:
+        _choice(filters["result"], _RESULTS, "result")
+    order = query.get("orderField", "queuedAt")
+    if order not in ORDER_COLUMNS:
+        raise Problem(400, f"orderField {order!r} is not one of {', '.join(ORDER_COLUMNS)}")
+    sort = query.get("sortType", "desc").lower()
+    if sort not in ("asc", "desc"):
+        raise Problem(400, f"sortType must be asc or desc, not {query['sortType']!r}")
+
+    ranged = request.headers.get("Range")
+    if ranged is not None:
+        match = _RANGE.fullmatch(ranged.strip())
+        if match is None or int(match[1]) > int(match[2]):
+            raise Problem(
+                400, f"Range must be 'items=FIRST-LAST' with FIRST <= LAST, not {ranged!r}"
+            )
+        first, last = int(match[1]), int(match[2])
+        last = min(last, first + MAX_ROWS_PER_PAGE - 1)
+        offset, limit = first, last - first + 1
+    else:
+        limit = _positive(query, "rowsPerPage", DEFAULT_ROWS_PER_PAGE, MAX_ROWS_PER_PAGE)
+        offset = (_positive(query, "pageNumber", 1, 10**9) - 1) * limit
+
+    rows, total = await services(request).store.list_tasks(
+        filters, order, descending=sort == "desc", offset=offset, limit=limit
+    )
+    page = TaskPage(tasks=[TaskSummary.from_row(row) for row in rows], total=total)
+    body = page.model_dump(mode="json", by_alias=True)
+    if ranged is None:
+        return _json(body)
+    if offset >= total and (total or offset):
+        raise Problem(
+            416,
+            f"the range starts past the last of {total} tasks",
+            headers={"Content-Range": f"items */{total}"},
+        )
+    shown_last = offset + len(rows) - 1
+    return _json(body, 206, {"Content-Range": f"items {offset}-{shown_last}/{total}"})
 
 
 async def cancel_task(request: web.Request) -> web.Response:
@@ -37,9 +189,7 @@ async def cancel_task(request: web.Request) -> web.Response:
     bind_task(record.task_id, record.plan_id)
     log.info("task completed", extra={"result": record.result, "reason": record.reason})
     await publish_completions(svc.broker, svc.store, [record])
-    return web.json_response(
-        {"taskId": record.task_id, "state": record.state, "result": record.result}
-    )
+    return _json({"taskId": record.task_id, "state": record.state, "result": record.result})
 
 
 async def get_task_logs(request: web.Request) -> web.Response:
@@ -49,15 +199,10 @@ async def get_task_logs(request: web.Request) -> web.Response:
     if await svc.store.get(task_id) is None:
         raise Problem(404, f"there is no task {task_id!r}")
     lines, dropped = await svc.store.log_lines(task_id)
-    return web.json_response(
+    return _json(
         {
             "taskId": task_id,
             "droppedLines": dropped,
             "lines": [{"at": at.isoformat(), "line": line} for at, line in lines],
         }
     )
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/tasks/{taskId}/cancel", cancel_task)
-    app.router.add_get("/tasks/{taskId}/logs", get_task_logs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import TracebackType
 
 import aio_pika
@@ -59,6 +60,13 @@ async def declare_topology(channel: AbstractChannel, names: Names) -> None:
     await channel.declare_queue(names.dead, durable=True, arguments={"x-queue-type": "quorum"})
     await channel.declare_queue(names.tasks, durable=True, arguments=tasks_queue_arguments(names))
     await channel.declare_exchange(names.events, aio_pika.ExchangeType.TOPIC, durable=True)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepths:
+    ready: int
+    consumers: int
+    dead: int
 
 
 class Broker:
@@ -196,6 +204,18 @@ class Broker:
                 await asyncio.sleep(0.2)
             else:
                 return
+
+    async def queue_depths(self) -> QueueDepths:
+        """Ready messages and consumers of the task queue, and the dead-letter queue's depth."""
+        connection = await self.connection()
+        async with connection.channel() as channel:
+            tasks = await channel.declare_queue(self.names.tasks, passive=True)
+            dead = await channel.declare_queue(self.names.dead, passive=True)
+        return QueueDepths(
+            ready=tasks.declaration_result.message_count or 0,
+            consumers=tasks.declaration_result.consumer_count or 0,
+            dead=dead.declaration_result.message_count or 0,
+        )
 
     async def publish_event(
         self, event: TaskEvent, *, reply_to: str | None = None, correlation_id: str | None = None

@@ -34,6 +34,24 @@ class Metrics:
             buckets=_DURATION_BUCKETS,
             registry=self.registry,
         )
+        self.end_to_end_duration = Histogram(
+            "agentless_task_duration_seconds",
+            "Time from a task's queueing to its completion, by mode.",
+            ["mode"],
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 20, 60, 300, 1800, 3600, 21600, 86400),
+            registry=self.registry,
+        )
+        self.tasks_waiting = Gauge(
+            "agentless_tasks_waiting",
+            "Callback tasks waiting for their TaskCompleted, across all processes.",
+            registry=self.registry,
+        )
+        self.callbacks = Counter(
+            "agentless_callbacks",
+            "Requests from external services to the callback API, by HTTP status.",
+            ["status"],
+            registry=self.registry,
+        )
         self.tasks_in_flight = Gauge(
             "agentless_tasks_in_flight",
             "Task messages this process holds and has not yet acknowledged.",

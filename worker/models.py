@@ -7,6 +7,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Final
 
+import orjson
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -286,3 +287,20 @@ def parse_task(body: bytes) -> TaskMessage:
         if errors and errors[0]["type"] == "model_type":
             raise InvalidTask("message is not a JSON object") from exc
         raise InvalidTask(f"message does not fit the task schema: {describe(exc)}") from exc
+
+
+def stored_message(task: TaskMessage, body: bytes) -> str:
+    """The message as stored: as received, unless secret header values must be redacted."""
+    requests = (task.request, task.cancel_request)
+    if not any(
+        name.lower() in SECRET_HEADERS
+        for request in requests
+        if request is not None
+        for name in request.headers
+    ):
+        return body.decode()
+    data = task.model_dump(mode="json", by_alias=True, exclude_none=True)
+    data["request"] = task.request.redacted()
+    if task.cancel_request is not None:
+        data["cancelRequest"] = task.cancel_request.redacted()
+    return orjson.dumps(data).decode()

@@ -14,7 +14,7 @@ def _worker_alive(namespace_param: str) -> str:
 RECORD = """t.task_id, t.plan_id, t.job_id, t.hub_name, t.state, t.result, t.reason, t.attempts,
     t.digest, t.message::text AS message, t.response::text AS response, t.outputs::text AS outputs,
     t.worker_id, t.lease_until, t.queued_at, t.started_at, t.completed_at, t.mode, t.completed_by,
-    t.deadline, t.reply_to, t.correlation_id, t.event_pending"""
+    t.deadline, t.reply_to, t.correlation_id, t.event_pending, t.external_started_at"""
 
 SELECT_TASKS = f"""
 SELECT {RECORD}, {_worker_alive("$2")} AS worker_alive
@@ -191,4 +191,85 @@ WITH made AS (
 )
 SELECT value FROM made UNION ALL SELECT value FROM secrets WHERE name = 'signing-key'
 LIMIT 1
+"""
+
+# What a task list shows of each task: no bodies.
+SUMMARY = """t.task_id, t.plan_id, t.job_id, t.hub_name, t.name, t.mode, t.state, t.result,
+    t.reason, t.attempts, t.queued_at, t.started_at, t.completed_at, t.deadline"""
+
+# Sortable fields of GET /tasks and the columns behind them (the only text spliced into SQL).
+ORDER_COLUMNS = {
+    "taskId": "t.task_id",
+    "planId": "t.plan_id",
+    "hubName": "t.hub_name",
+    "name": "t.name",
+    "state": "t.state",
+    "result": "t.result",
+    "attempts": "t.attempts",
+    "queuedAt": "t.queued_at",
+    "startedAt": "t.started_at",
+    "completedAt": "t.completed_at",
+}
+
+# Filters of GET /tasks: each compares, case-insensitively, with the next parameter. The lower()
+# forms are indexed (migration 0003); state and result are stored in lower case.
+_FILTERS = {
+    "state": "t.state = lower({})",
+    "result": "lower(t.result) = lower({})",
+    "planId": "lower(t.plan_id) = lower({})",
+    "hubName": "lower(t.hub_name) = lower({})",
+}
+
+
+def list_tasks(filters: list[str], order: str, descending: bool) -> tuple[str, str]:
+    """The page and count statements for these filters (by name, in order: $1, $2, …) and this
+    order; then $n+1 is the offset and $n+2 the limit."""
+    where = " AND ".join(_FILTERS[name].format(f"${i}") for i, name in enumerate(filters, 1))
+    where = f"WHERE {where}" if where else ""
+    direction = "DESC" if descending else "ASC"
+    # The task id breaks ties, so that pages never overlap or skip.
+    page = f"""SELECT {SUMMARY} FROM tasks t {where}
+        ORDER BY {ORDER_COLUMNS[order]} {direction} NULLS LAST, t.task_id {direction}
+        OFFSET ${len(filters) + 1} LIMIT ${len(filters) + 2}"""
+    return page, f"SELECT count(*) FROM tasks t {where}"
+
+
+INSERT_QUEUED = """
+INSERT INTO tasks (task_id, plan_id, job_id, hub_name, project_id, name, mode, state, digest,
+                   message, queued_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9::jsonb, now())
+ON CONFLICT (task_id) DO NOTHING
+RETURNING queued_at
+"""
+
+STATE_COUNTS = "SELECT state, count(*) AS n FROM tasks GROUP BY state"
+
+OLDEST_WAITING = "SELECT min(started_at) FROM tasks WHERE state = 'waiting'"
+
+UNFINISHED = f"""
+SELECT {SUMMARY} FROM tasks t WHERE t.state IN ('running', 'waiting')
+ORDER BY t.started_at LIMIT $1
+"""
+
+RECENT_FAILURES = f"""
+SELECT {SUMMARY} FROM tasks t WHERE t.result = 'failed'
+ORDER BY t.completed_at DESC LIMIT $1
+"""
+
+COMPLETED_SINCE = """
+SELECT count(*) FROM tasks WHERE completed_at > now() - make_interval(secs => $1)
+"""
+
+LIVE_WORKERS = """
+SELECT worker_id, host, pid, version, in_flight, started_at, last_seen FROM workers
+WHERE last_seen > now() - interval '30 seconds'
+ORDER BY started_at
+"""
+
+RECORD_DEAD_LETTER = """
+INSERT INTO dead_letters (message_id, reason, excerpt) VALUES ($1, $2, $3)
+"""
+
+RECENT_DEAD_LETTERS = """
+SELECT message_id, reason, excerpt, at FROM dead_letters ORDER BY at DESC LIMIT $1
 """

@@ -8,14 +8,12 @@ whether that redelivery re-runs the task (its worker died) or only re-publishes 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
 from worker.broker import BROKER_ERRORS, Broker
@@ -24,7 +22,6 @@ from worker.invoke import InvokeFailure, Invoker, build_macros
 from worker.logs import bind_task
 from worker.metrics import Metrics
 from worker.models import (
-    SECRET_HEADERS,
     EventName,
     Mode,
     Outcome,
@@ -136,6 +133,9 @@ class Runner:
             await self._publish_completion(message, recorded)
             return
         self._metrics.tasks_completed.labels(outcome.result.value, task.wait_for_completion).inc()
+        self._metrics.end_to_end_duration.labels(task.wait_for_completion.value).observe(
+            (recorded - claimed.queued_at).total_seconds()
+        )
         log.info(
             "task completed",
             extra={"result": outcome.result.value, "reason": outcome.reason},
@@ -199,16 +199,9 @@ class Runner:
 
     async def _claim(self, message: AbstractIncomingMessage, task: TaskMessage) -> Claimed | None:
         """Start an attempt; None when the message needed no run (and has been settled)."""
-        request = ClaimRequest(
-            task_id=task.task_id,
-            plan_id=task.plan_id,
-            job_id=task.job,
-            hub_name=task.hub_name,
-            project_id=task.project_id,
-            name=task.name,
-            mode=task.wait_for_completion.value,
-            digest=hashlib.sha256(message.body).digest(),
-            message=_stored_message(task, message.body),
+        request = ClaimRequest.of(
+            task,
+            message.body,
             queued_at=message.timestamp,
             lease_seconds=self._lease,
             reply_to=message.reply_to,
@@ -260,6 +253,11 @@ class Runner:
         log.warning("message dead-lettered: %s", reason, extra={"messageId": message.message_id})
         await self._broker.dead_letter(message, reason)
         self._metrics.dead_letters.labels(kind).inc()
+        try:
+            await self._store.record_dead_letter(message.message_id, reason, message.body)
+        except DB_UNAVAILABLE as exc:
+            # The broker's copy is the one that matters; this is the operators' history.
+            log.warning("dead letter not recorded in the database: %s", exc)
         await _settle(message.ack())
 
     async def _db(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -279,27 +277,6 @@ class Runner:
         except TimeoutError:
             return
         raise Stopping
-
-
-def _stored_message(task: TaskMessage, body: bytes) -> str:
-    """The message as stored: as received, unless secret header values must be redacted."""
-    if not _has_secrets(task):
-        return body.decode()
-    data = task.model_dump(mode="json", by_alias=True, exclude_none=True)
-    data["request"] = task.request.redacted()
-    if task.cancel_request is not None:
-        data["cancelRequest"] = task.cancel_request.redacted()
-    return orjson.dumps(data).decode()
-
-
-def _has_secrets(task: TaskMessage) -> bool:
-    requests = (task.request, task.cancel_request)
-    return any(
-        name.lower() in SECRET_HEADERS
-        for request in requests
-        if request is not None
-        for name in request.headers
-    )
 
 
 async def _settle(call: Awaitable[None]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import re
@@ -22,7 +23,15 @@ from pydantic import JsonValue
 from worker import __version__, queries
 from worker.batch import Batcher
 from worker.errors import ConfigError
-from worker.models import HttpResponse, Mode, Outcome, Result, State
+from worker.models import (
+    HttpResponse,
+    Mode,
+    Outcome,
+    Result,
+    State,
+    TaskMessage,
+    stored_message,
+)
 from worker.settings import redact_url
 
 log = logging.getLogger(__name__)
@@ -75,6 +84,34 @@ class ClaimRequest:
     reply_to: str | None
     correlation_id: str | None
 
+    @classmethod
+    def of(
+        cls,
+        task: TaskMessage,
+        body: bytes,
+        *,
+        queued_at: datetime | None = None,
+        lease_seconds: float = 0,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+    ) -> ClaimRequest:
+        """The row for `task`, whose message is `body`."""
+        return cls(
+            task_id=task.task_id,
+            plan_id=task.plan_id,
+            job_id=task.job,
+            hub_name=task.hub_name,
+            project_id=task.project_id,
+            name=task.name,
+            mode=task.wait_for_completion.value,
+            digest=hashlib.sha256(body).digest(),
+            message=stored_message(task, body),
+            queued_at=queued_at,
+            lease_seconds=lease_seconds,
+            reply_to=reply_to,
+            correlation_id=correlation_id,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Claimed:
@@ -110,6 +147,7 @@ class TaskRecord:
     reply_to: str | None
     correlation_id: str | None
     event_pending: bool
+    external_started_at: datetime | None
     # Only where the record was read with the liveness check (queries.SELECT_TASKS).
     worker_alive: bool = False
 
@@ -139,8 +177,20 @@ class TaskRecord:
             reply_to=row["reply_to"],
             correlation_id=row["correlation_id"],
             event_pending=row["event_pending"],
+            external_started_at=row["external_started_at"],
             worker_alive=row.get("worker_alive", False),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Overview:
+    states: dict[str, int]
+    oldest_waiting_since: datetime | None
+    completed_last_minute: int
+    unfinished: list[asyncpg.Record]
+    failures: list[asyncpg.Record]
+    workers: list[asyncpg.Record]
+    dead_letters: list[asyncpg.Record]
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +365,62 @@ class Store:
                 return True, TaskRecord.from_row(row)
             row = await conn.fetchrow(queries.SELECT_IN_PLAN, task_id, plan_id)
         return False, None if row is None else TaskRecord.from_row(row)
+
+    async def submit(self, request: ClaimRequest) -> datetime | TaskRecord:
+        """Record a task submitted over HTTP as queued: its queue time, or the existing record."""
+        async with self._pool.acquire() as conn:
+            queued_at: datetime | None = await conn.fetchval(
+                queries.INSERT_QUEUED,
+                request.task_id,
+                request.plan_id,
+                request.job_id,
+                request.hub_name,
+                request.project_id,
+                request.name,
+                request.mode,
+                request.digest,
+                request.message,
+            )
+            if queued_at is not None:
+                return queued_at
+            return (await self._records(conn, [request.task_id]))[request.task_id]
+
+    async def list_tasks(
+        self,
+        filters: dict[str, str],
+        order: str,
+        *,
+        descending: bool,
+        offset: int,
+        limit: int,
+    ) -> tuple[list[asyncpg.Record], int]:
+        """One page of task summaries, and how many tasks match in all."""
+        page, count = queries.list_tasks(list(filters), order, descending)
+        async with self._pool.acquire() as conn:
+            total: int = await conn.fetchval(count, *filters.values())
+            rows = await conn.fetch(page, *filters.values(), offset, limit) if total else []
+        return rows, total
+
+    async def overview(self, *, rows: int = 20) -> Overview:
+        """What the queue page and `agentless status` show from the database."""
+        async with self._pool.acquire() as conn:
+            counts = {r["state"]: r["n"] for r in await conn.fetch(queries.STATE_COUNTS)}
+            return Overview(
+                states=counts,
+                oldest_waiting_since=await conn.fetchval(queries.OLDEST_WAITING),
+                completed_last_minute=await conn.fetchval(queries.COMPLETED_SINCE, 60),
+                unfinished=await conn.fetch(queries.UNFINISHED, rows),
+                failures=await conn.fetch(queries.RECENT_FAILURES, rows),
+                workers=await conn.fetch(queries.LIVE_WORKERS),
+                dead_letters=await conn.fetch(queries.RECENT_DEAD_LETTERS, rows),
+            )
+
+    async def state_counts(self) -> dict[str, int]:
+        return {r["state"]: r["n"] for r in await self._pool.fetch(queries.STATE_COUNTS)}
+
+    async def record_dead_letter(self, message_id: str | None, reason: str, body: bytes) -> None:
+        excerpt = body[:512].decode(errors="replace").replace("\x00", "\ufffd")
+        await self._pool.execute(queries.RECORD_DEAD_LETTER, message_id, reason, excerpt)
 
     async def signing_key(self, candidate: bytes) -> bytes:
         """The key every process of this database shares: `candidate`, if none was kept yet."""

@@ -1,0 +1,52 @@
+"""Operations: the queue, the workers, metrics and health (SPEC §6)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from callback_api.guard import guard_key
+from callback_api.services import services
+from worker.models import State
+from worker.views import Dashboard, QueueView, WorkerView, dashboard
+
+
+async def current_dashboard(request: web.Request) -> Dashboard:
+    svc = services(request)
+    return dashboard(await svc.broker.queue_depths(), await svc.store.overview())
+
+
+async def get_queue(request: web.Request) -> web.Response:
+    request.app[guard_key].check(request)
+    queue: QueueView = (await current_dashboard(request)).queue
+    return web.json_response(text=queue.model_dump_json(by_alias=True))
+
+
+async def get_workers(request: web.Request) -> web.Response:
+    request.app[guard_key].check(request)
+    workers: list[WorkerView] = (await current_dashboard(request)).workers
+    body = "[" + ",".join(w.model_dump_json(by_alias=True) for w in workers) + "]"
+    return web.json_response(text=body)
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    request.app[guard_key].check(request)
+    svc = services(request)
+    # Waiting tasks belong to no process: the count is read from the database at each scrape.
+    counts = await svc.store.state_counts()
+    svc.metrics.tasks_waiting.set(counts.get(State.WAITING, 0))
+    return web.Response(body=svc.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthz(_: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    svc = services(request)
+    ready = svc.broker.is_ready and await svc.store.ping()
+    if svc.worker is not None:
+        ready = ready and await svc.worker.ready()
+    return web.json_response(
+        {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
+    )

@@ -1,0 +1,185 @@
+"""What the task and ops API, the CLI and the operations page show: wire models built from records.
+
+The models are the OpenAPI document's schemas too, so what is served cannot drift from it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+import asyncpg
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic.alias_generators import to_camel
+
+from worker.broker import QueueDepths
+from worker.models import HttpResponse, Mode, Result, State
+from worker.store import Overview, TaskRecord
+
+
+class View(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+
+class TaskSummary(View):
+    task_id: str
+    plan_id: str
+    job_id: str
+    hub_name: str
+    name: str | None = None
+    mode: Mode
+    state: State
+    result: Result | None = None
+    reason: str | None = None
+    attempts: int
+    queued_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    deadline: datetime | None = None
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> TaskSummary:
+        return cls.model_validate(dict(row), by_name=True)
+
+
+class ReceivedEvent(View):
+    """An event the task's external service posted."""
+
+    name: Literal["TaskStarted", "TaskCompleted"]
+    at: datetime
+    result: Result | None = None
+
+
+class TaskDetail(View):
+    task_id: str
+    plan_id: str
+    job_id: str
+    hub_name: str
+    name: str | None = None
+    mode: Mode
+    state: State
+    result: Result | None = None
+    reason: str | None = None
+    attempts: int
+    queued_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    deadline: datetime | None = None
+    request: dict[str, JsonValue] = Field(description="as queued, secret header values redacted")
+    response: HttpResponse | None = None
+    variables: dict[str, JsonValue] = Field(default_factory=dict)
+    outputs: dict[str, JsonValue] = Field(default_factory=dict)
+    events: list[ReceivedEvent] = Field(default_factory=list)
+
+    @classmethod
+    def from_record(cls, record: TaskRecord) -> TaskDetail:
+        message = orjson.loads(record.message)
+        events = []
+        if record.external_started_at is not None:
+            events.append(ReceivedEvent(name="TaskStarted", at=record.external_started_at))
+        if record.completed_by == "callback" and record.completed_at is not None:
+            events.append(
+                ReceivedEvent(name="TaskCompleted", at=record.completed_at, result=record.result)
+            )
+        return cls(
+            task_id=record.task_id,
+            plan_id=record.plan_id,
+            job_id=record.job_id,
+            hub_name=record.hub_name,
+            name=message.get("name"),
+            mode=record.mode,
+            state=record.state,
+            result=record.result,
+            reason=record.reason,
+            attempts=record.attempts,
+            queued_at=record.queued_at,
+            started_at=record.started_at,
+            completed_at=record.completed_at,
+            deadline=record.deadline,
+            request=message.get("request") or {},
+            response=(
+                None
+                if record.response is None
+                else HttpResponse.model_validate_json(record.response)
+            ),
+            variables=message.get("variables") or {},
+            outputs=orjson.loads(record.outputs),
+            events=events,
+        )
+
+
+class TaskPage(View):
+    tasks: list[TaskSummary]
+    total: int
+
+
+class WorkerView(View):
+    worker_id: int
+    host: str
+    pid: int
+    version: str
+    in_flight: int
+    started_at: datetime
+    last_seen: datetime
+
+
+class DeadLetterView(View):
+    message_id: str | None = None
+    reason: str
+    excerpt: str
+    at: datetime
+
+
+class QueueView(View):
+    """GET /queue: the broker's view and the database's, side by side."""
+
+    ready: int = Field(description="task messages waiting in the queue")
+    unacknowledged: int = Field(description="task messages held by workers (their heartbeats)")
+    consumers: int
+    dead_letters: int = Field(description="messages in the dead-letter queue")
+    queued: int = Field(description="tasks submitted over HTTP that no worker took yet")
+    running: int
+    waiting: int
+    completed: int
+    oldest_waiting_age_seconds: float | None = None
+    completed_last_minute: int
+
+
+class Dashboard(View):
+    """Everything the operations page shows."""
+
+    queue: QueueView
+    unfinished: list[TaskSummary]
+    failures: list[TaskSummary]
+    workers: list[WorkerView]
+    dead_letters: list[DeadLetterView]
+    generated_at: datetime
+
+
+def dashboard(depths: QueueDepths, overview: Overview) -> Dashboard:
+    now = datetime.now(UTC)
+    workers = [WorkerView.model_validate(dict(row), by_name=True) for row in overview.workers]
+    oldest = overview.oldest_waiting_since
+    queue = QueueView(
+        ready=depths.ready,
+        unacknowledged=sum(w.in_flight for w in workers),
+        consumers=depths.consumers,
+        dead_letters=depths.dead,
+        queued=overview.states.get(State.QUEUED, 0),
+        running=overview.states.get(State.RUNNING, 0),
+        waiting=overview.states.get(State.WAITING, 0),
+        completed=overview.states.get(State.COMPLETED, 0),
+        oldest_waiting_age_seconds=None if oldest is None else (now - oldest).total_seconds(),
+        completed_last_minute=overview.completed_last_minute,
+    )
+    return Dashboard(
+        queue=queue,
+        unfinished=[TaskSummary.from_row(row) for row in overview.unfinished],
+        failures=[TaskSummary.from_row(row) for row in overview.failures],
+        workers=workers,
+        dead_letters=[
+            DeadLetterView.model_validate(dict(row), by_name=True) for row in overview.dead_letters
+        ],
+        generated_at=now,
+    )
