@@ -210,6 +210,9 @@ ORDER_COLUMNS = {
     "startedAt": "t.started_at",
     "completedAt": "t.completed_at",
 }
+# Columns that may be empty sort those last; the others keep the plain order, which the indexes
+# (migration 0003) supply without sorting every row.
+_NULLABLE = frozenset({"name", "result", "startedAt", "completedAt"})
 
 # Filters of GET /tasks: each compares, case-insensitively, with the next parameter. The lower()
 # forms are indexed (migration 0003); state and result are stored in lower case.
@@ -228,8 +231,9 @@ def list_tasks(filters: list[str], order: str, descending: bool) -> tuple[str, s
     where = f"WHERE {where}" if where else ""
     direction = "DESC" if descending else "ASC"
     # The task id breaks ties, so that pages never overlap or skip.
+    nulls = " NULLS LAST" if order in _NULLABLE else ""
     page = f"""SELECT {SUMMARY} FROM tasks t {where}
-        ORDER BY {ORDER_COLUMNS[order]} {direction} NULLS LAST, t.task_id {direction}
+        ORDER BY {ORDER_COLUMNS[order]} {direction}{nulls}, t.task_id {direction}
         OFFSET ${len(filters) + 1} LIMIT ${len(filters) + 2}"""
     return page, f"SELECT count(*) FROM tasks t {where}"
 
