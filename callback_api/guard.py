@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import ipaddress
 import socket
@@ -41,16 +43,29 @@ class Guard:
         """401 unless the request carries one of the API tokens (when any are set)."""
         if not self._tokens:
             return
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        presented = given.strip().encode()
+        presented = _presented(request.headers.get("Authorization", ""))
         # Every token is compared, so the time taken does not tell which one came close.
         matches = [hmac.compare_digest(presented, token) for token in self._tokens]
-        if scheme.lower() != "bearer" or not any(matches):
+        if not any(matches):
             raise Problem(
                 401,
-                "this API needs 'Authorization: Bearer <token>' with one of AGENTLESS_API_TOKENS",
-                headers={"WWW-Authenticate": 'Bearer realm="agentless"'},
+                "this API needs 'Authorization: Bearer <token>' (or Basic auth with the token as "
+                "password) with one of AGENTLESS_API_TOKENS",
+                # Basic lets a browser ask for the token, for the operations page.
+                headers={"WWW-Authenticate": 'Bearer realm="agentless", Basic realm="agentless"'},
             )
+
+
+def _presented(header: str) -> bytes:
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return credentials.strip().encode()
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(credentials.strip(), validate=True).partition(b":")[2]
+        except binascii.Error:
+            return b""
+    return b""
 
 
 guard_key = web.AppKey("guard", Guard)

@@ -9,7 +9,7 @@ from typing import Literal
 from aiohttp import web
 from pydantic import BaseModel
 
-from callback_api import events, ops, tasks
+from callback_api import events, ops, ops_page, tasks
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AZURE = "/{projectId}/_apis/distributedtask/hubs/{hubName}/plans/{planId}"
@@ -111,6 +111,7 @@ ROUTES: tuple[Route, ...] = (
         "api",
         "tasks",
     ),
+    Route("GET", "/", ops_page.get_page, "The operations page", "api", "operations"),
     Route("GET", "/queue", ops.get_queue, "The queue and the task states", "api", "operations"),
     Route("GET", "/workers", ops.get_workers, "Live worker processes", "api", "operations"),
     Route("GET", "/metrics", ops.get_metrics, "Prometheus metrics", "api", "operations"),

@@ -104,6 +104,7 @@ async def test_api_tokens_guard_the_task_api(
                 ({}, 401),
                 ({"Authorization": "Bearer tok-three"}, 401),
                 ({"Authorization": "Basic dG9rLW9uZQ=="}, 401),
+                ({"Authorization": "Basic OnRvay1vbmU="}, 404),
                 ({"Authorization": "Bearer tok-two"}, 404),
             ]:
                 async with session.post(f"{base}/tasks/nope/cancel", headers=headers) as response:

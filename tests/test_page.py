@@ -1,0 +1,256 @@
+"""The operations page: its formatting, its escaping, and the page itself in a headless browser."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import tempfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+from aio_pika.abc import AbstractChannel
+
+from callback_api.ops_page import format_age, render, shorten
+from tests.conftest import Api, Events, Target, publish, task_message
+from worker.models import Mode, Result, State
+from worker.views import Dashboard, DeadLetterView, QueueView, TaskSummary
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+SCRIPT = "<script>alert(1)</script>"
+ESCAPED_SCRIPT = "&lt;script&gt;alert(1)&lt;/script&gt;"
+NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (-2.5, "0 s"),
+        (0, "0 s"),
+        (3.9, "3 s"),
+        (59.99, "59 s"),
+        (60, "1 min"),
+        (119, "1 min"),
+        (3599, "59 min"),
+        (3600, "1 h"),
+        (3900, "1 h 5 min"),
+        (86_399, "23 h 59 min"),
+        (86_400, "1 d"),
+        (2 * 86_400 + 3 * 3600 + 59, "2 d 3 h"),
+    ],
+)
+def test_format_age(seconds: float, shown: str) -> None:
+    assert format_age(seconds) == shown
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "shown"),
+    [
+        ("short", 10, "short"),
+        ("exactly10!", 10, "exactly10!"),
+        ("one\ntwo\t three", 20, "one two three"),
+        ("abcdefghijkl", 10, "abcdefghi…"),
+        ("abcd  efghijkl", 6, "abcd…"),
+    ],
+)
+def test_shorten(text: str, limit: int, shown: str) -> None:
+    assert shorten(text, limit) == shown
+
+
+def summary(**fields: object) -> TaskSummary:
+    base: dict[str, object] = {
+        "task_id": "t-1",
+        "plan_id": "plan-1",
+        "job_id": "plan-1",
+        "hub_name": "build",
+        "mode": Mode.API_RESPONSE,
+        "state": State.COMPLETED,
+        "attempts": 1,
+        "queued_at": NOW - timedelta(minutes=10),
+    }
+    base.update(fields)
+    return TaskSummary.model_validate(base)
+
+
+def board(**fields: object) -> Dashboard:
+    base: dict[str, object] = {
+        "queue": QueueView(
+            ready=0,
+            unacknowledged=0,
+            consumers=1,
+            dead_letters=0,
+            queued=0,
+            running=0,
+            waiting=0,
+            completed=0,
+            completed_last_minute=0,
+        ),
+        "unfinished": [],
+        "failures": [],
+        "workers": [],
+        "dead_letters": [],
+        "generated_at": NOW,
+    }
+    base.update(fields)
+    return Dashboard.model_validate(base)
+
+
+def test_everything_from_a_task_or_a_message_is_escaped() -> None:
+    page = render(
+        board(
+            unfinished=[
+                summary(
+                    task_id="t-wait",
+                    name=SCRIPT,
+                    state=State.WAITING,
+                    mode=Mode.CALLBACK,
+                    started_at=NOW - timedelta(seconds=3900),
+                )
+            ],
+            failures=[
+                summary(
+                    name='"><img src=x>',
+                    result=Result.FAILED,
+                    reason="HTTP 500 <b>bold</b>",
+                    completed_at=NOW - timedelta(seconds=5),
+                )
+            ],
+            dead_letters=[
+                DeadLetterView(
+                    message_id="m&1",
+                    reason="message is not JSON",
+                    excerpt="</code>" + SCRIPT,
+                    at=NOW,
+                )
+            ],
+        )
+    )
+    assert "<script" not in page
+    assert "<img" not in page
+    assert "<b>" not in page
+    assert page.count(ESCAPED_SCRIPT) == 2
+    assert "&quot;&gt;&lt;img src=x&gt;" in page
+    assert "HTTP 500 &lt;b&gt;bold&lt;/b&gt;" in page
+    assert "&lt;/code&gt;" in page
+    assert "m&amp;1" in page
+    assert ">1 h 5 min<" in page
+    assert ">5 s ago<" in page
+
+
+def test_an_empty_dashboard_says_so() -> None:
+    page = render(board())
+    assert page.count('<p class="none">None.</p>') == 4
+    assert '<meta http-equiv="refresh" content="5">' in page
+    assert "<title>agentless</title>" in page
+    assert figure(page, "oldest-waiting") == "—"
+    assert figure(page, "consumers") == "1"
+
+
+def figure(page: str, key: str) -> str:
+    found = re.search(rf'data-figure="{key}"[^>]*><dt>[^<]*</dt><dd>([^<]*)</dd>', page)
+    assert found is not None, f"no figure {key!r} on the page"
+    return found.group(1)
+
+
+async def chromium(*arguments: str, timeout: float = 60) -> bytes:
+    """Run headless Chromium with a throwaway profile; what it wrote to stdout."""
+    binary = shutil.which("chromium")
+    if binary is None:
+        pytest.skip("the chromium binary is not installed (.ci/run installs Debian's chromium)")
+    with tempfile.TemporaryDirectory(prefix="agentless-chromium-") as profile:
+        process = await asyncio.create_subprocess_exec(
+            binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--no-proxy-server",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            *arguments,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                out, err = await process.communicate()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise
+    assert process.returncode == 0, err.decode(errors="replace")
+    return out
+
+
+async def test_the_page_shows_a_live_api_with_real_tasks(
+    api: Api,
+    channel: AbstractChannel,
+    events: Events,
+    target: Target,
+    db: asyncpg.Connection,
+) -> None:
+    succeeding = task_message(target, name="succeeds")
+    failing = task_message(target, name=SCRIPT, query="&status=500")
+    waiting = task_message(target, name="waits", waitForCompletion="callback", timeoutSeconds=600)
+    for task in (succeeding, failing, waiting):
+        await publish(channel, api.settings, task)
+    await publish(channel, api.settings, b"not json")
+
+    assert (await events.completed(str(succeeding["taskId"])))["result"] == "succeeded"
+    assert (await events.completed(str(failing["taskId"])))["reason"] == "HTTP 500"
+    async with asyncio.timeout(10), events.changed:
+        await events.changed.wait_for(
+            lambda: bool(events.named("TaskWaiting", str(waiting["taskId"])))
+        )
+    # The broker's dead letter comes first; the page reads the database's record of it.
+    async with asyncio.timeout(10):
+        while not await db.fetchval("SELECT count(*) FROM dead_letters"):
+            await asyncio.sleep(0.05)
+
+    async with aiohttp.ClientSession() as session, session.get(f"{api.url}/") as response:
+        assert response.status == 200, await response.text()
+        assert response.content_type == "text/html"
+        assert {
+            name: response.headers.get(name)
+            for name in ("Content-Security-Policy", "X-Content-Type-Options")
+        } == {
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+            "X-Content-Type-Options": "nosniff",
+        }
+        served = await response.text()
+    assert SCRIPT not in served
+    assert ESCAPED_SCRIPT in served
+
+    dom = (await chromium("--dump-dom", f"{api.url}/")).decode()
+    assert "<title>agentless</title>" in dom
+    expected = {
+        "consumers": "1",
+        "dead-letters": "1",
+        "queued": "0",
+        "running": "0",
+        "waiting": "1",
+        "completed": "2",
+        "rate": "2",
+    }
+    assert {key: figure(dom, key) for key in expected} == expected
+    assert re.fullmatch(r"\d+ s", figure(dom, "oldest-waiting"))
+    assert str(waiting["taskId"]) in dom
+    assert str(failing["taskId"]) in dom
+    assert "HTTP 500" in dom
+    assert "message is not JSON" in dom
+    assert "not json" in dom
+    # The name arrives as text, not as an element the browser built.
+    assert ESCAPED_SCRIPT in dom
+    assert "<script" not in dom
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "operations-page.png"
+    screenshot.unlink(missing_ok=True)
+    await chromium(f"--screenshot={screenshot}", "--window-size=1280,900", f"{api.url}/")
+    assert screenshot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
