@@ -43,21 +43,27 @@ class Child:
         return self.log.read_text()
 
 
+async def _spawn(
+    settings: Settings, args: tuple[str, ...], output: int, extra_env: dict[str, str]
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        *args,
+        cwd=ROOT,
+        env=environment(settings, **extra_env),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
+    )
+
+
 async def start(settings: Settings, *args: str, **extra_env: str) -> Child:
     """`agentless ARGS…` as a child process that runs until it is stopped."""
     handle, name = tempfile.mkstemp(prefix="agentless-", suffix=".log")
     try:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "worker",
-            *args,
-            cwd=ROOT,
-            env=environment(settings, **extra_env),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=handle,
-            stderr=handle,
-        )
+        process = await _spawn(settings, args, handle, extra_env)
     finally:
         os.close(handle)
     return Child(process, Path(name))
@@ -67,17 +73,7 @@ async def run(
     settings: Settings, *args: str, timeout: float = 60, **extra_env: str
 ) -> tuple[int, str, str]:
     """`agentless ARGS…` to its end: exit code, stdout, stderr."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        *args,
-        cwd=ROOT,
-        env=environment(settings, **extra_env),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await _spawn(settings, args, asyncio.subprocess.PIPE, extra_env)
     try:
         async with asyncio.timeout(timeout):
             out, err = await process.communicate()

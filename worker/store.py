@@ -279,19 +279,21 @@ class Store:
         self, task_id: str, plan_id: str, result: Result, reason: str
     ) -> tuple[bool, TaskRecord | None]:
         """(True, record) when this call completed the task; else (False, its record or None)."""
-        async with self._pool.acquire() as conn:
-            row = await conn.fetchrow(
-                queries.COMPLETE_BY_CALLBACK, task_id, plan_id, result, reason
-            )
-            if row is not None:
-                return True, TaskRecord.from_row(row)
-            row = await conn.fetchrow(queries.SELECT_IN_PLAN, task_id, plan_id)
-        return False, None if row is None else TaskRecord.from_row(row)
+        return await self._transition(
+            queries.COMPLETE_BY_CALLBACK, task_id, plan_id, result, reason
+        )
 
     async def external_started(self, task_id: str, plan_id: str) -> tuple[bool, TaskRecord | None]:
         """Note that the external service said it started; like complete_by_callback."""
+        return await self._transition(queries.EXTERNAL_STARTED, task_id, plan_id)
+
+    async def _transition(
+        self, statement: str, task_id: str, plan_id: str, *args: object
+    ) -> tuple[bool, TaskRecord | None]:
+        """Run an UPDATE … RETURNING of one task of a plan: (True, the updated record), or
+        (False, the record as it is, or None if the plan has no such task)."""
         async with self._pool.acquire() as conn:
-            row = await conn.fetchrow(queries.EXTERNAL_STARTED, task_id, plan_id)
+            row = await conn.fetchrow(statement, task_id, plan_id, *args)
             if row is not None:
                 return True, TaskRecord.from_row(row)
             row = await conn.fetchrow(queries.SELECT_IN_PLAN, task_id, plan_id)
@@ -357,14 +359,9 @@ class Store:
         self, task_id: str, plan_id: str, outputs: dict[str, JsonValue]
     ) -> tuple[bool, TaskRecord | None]:
         """Add output variables while the task is not completed; like complete_by_callback."""
-        async with self._pool.acquire() as conn:
-            row = await conn.fetchrow(
-                queries.MERGE_OUTPUTS, task_id, plan_id, orjson.dumps(outputs).decode()
-            )
-            if row is not None:
-                return True, TaskRecord.from_row(row)
-            row = await conn.fetchrow(queries.SELECT_IN_PLAN, task_id, plan_id)
-        return False, None if row is None else TaskRecord.from_row(row)
+        return await self._transition(
+            queries.MERGE_OUTPUTS, task_id, plan_id, orjson.dumps(outputs).decode()
+        )
 
     async def submit(self, request: ClaimRequest) -> datetime | TaskRecord:
         """Record a task submitted over HTTP as queued: its queue time, or the existing record."""
