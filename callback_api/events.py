@@ -27,6 +27,15 @@ from worker.settings import describe
 from worker.store import TaskRecord
 from worker.sweeper import publish_completions
 from worker.tokens import Grant, TokenError
+from worker.views import (
+    LinesAccepted,
+    TaskLog,
+    TaskStatus,
+    TimelineRecord,
+    TimelineRecords,
+    TimelineState,
+    TimelineVariable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,19 +207,15 @@ def _conflict(record: TaskRecord, result: Result | None) -> str:
 
 
 def _accepted(record: TaskRecord) -> web.Response:
-    return web.json_response(
-        {
-            "taskId": record.task_id,
-            "state": record.state,
-            "result": record.result,
-        }
-    )
+    answer = TaskStatus(task_id=record.task_id, state=record.state, result=record.result)
+    return web.json_response(text=answer.model_dump_json(by_alias=True))
 
 
-def _lines(body: bytes, content_type: str) -> list[str]:
-    """Log lines from text (one per line) or JSON ({"value": [lines]}, as Azure's feed sends)."""
+def _lines(body: bytes, *, as_json: bool) -> list[str]:
+    """Log lines from text (one per line) or JSON ({"value": [lines]}, as Azure's feed sends).
+    Text is never guessed to be JSON: a log line may well look like JSON."""
     lines: list[str] = []
-    if "json" in content_type or body.lstrip()[:1] == b"{":
+    if as_json:
         data = _json(body)
         values = data.get("value") if isinstance(data, dict) else data
         if not isinstance(values, list):
@@ -230,16 +235,16 @@ def _lines(body: bytes, content_type: str) -> list[str]:
     ]
 
 
-async def _append(request: web.Request, grant: Grant) -> web.Response:
+async def _append(request: web.Request, grant: Grant, *, as_json: bool) -> web.Response:
     _check_plan(grant, request)
     bind_task(grant.task_id, grant.plan_id)
-    lines = _lines(await read_body(request, MAX_LOG_BYTES), request.content_type)
+    lines = _lines(await read_body(request, MAX_LOG_BYTES), as_json=as_json)
     svc = services(request)
     if lines and not await svc.store.append_log_lines(
         grant.task_id, grant.plan_id, lines, LOG_LINES_CAP
     ):
         raise Problem(404, f"plan {grant.plan_id!r} has no task {grant.task_id!r}")
-    return web.json_response({"count": len(lines)})
+    return web.json_response(text=LinesAccepted(count=len(lines)).model_dump_json(by_alias=True))
 
 
 async def post_task_logs(request: web.Request) -> web.Response:
@@ -247,16 +252,17 @@ async def post_task_logs(request: web.Request) -> web.Response:
     task_id = request.match_info["taskId"]
     if task_id != grant.task_id:
         raise Problem(403, f"this token is for task {grant.task_id!r}, not {task_id!r}")
-    return await _append(request, grant)
+    return await _append(request, grant, as_json="json" in request.content_type)
 
 
 async def post_feed(request: web.Request) -> web.Response:
     # Azure's helper sends the job id as the record id: the token tells which task it is.
-    return await _append(request, grant_of(request))
+    return await _append(request, grant_of(request), as_json=True)
 
 
 async def post_append_log(request: web.Request) -> web.Response:
-    return await _append(request, grant_of(request))
+    # Azure's TaskLogger appends a text stream.
+    return await _append(request, grant_of(request), as_json=False)
 
 
 async def post_create_log(request: web.Request) -> web.Response:
@@ -268,31 +274,38 @@ async def post_create_log(request: web.Request) -> web.Response:
     number = await services(request).store.create_log(grant.task_id, grant.plan_id)
     if number is None:
         raise Problem(404, f"plan {grant.plan_id!r} has no task {grant.task_id!r}")
-    now = datetime.now(UTC).isoformat()
-    return web.json_response(
-        {"id": number, "path": path, "lineCount": 0, "createdOn": now, "lastChangedOn": now}
+    now = datetime.now(UTC)
+    created = TaskLog(
+        id=number,
+        # Only a string is a path; anything else in the body is not echoed back as one.
+        path=path if isinstance(path, str) else None,
+        line_count=0,
+        created_on=now,
+        last_changed_on=now,
     )
+    return web.json_response(text=created.model_dump_json(by_alias=True))
 
 
-def _timeline_record(record: TaskRecord) -> dict[str, JsonValue]:
-    state = {
+def _timeline_records(record: TaskRecord) -> web.Response:
+    states: dict[State, TimelineState] = {
         State.QUEUED: "pending",
         State.RUNNING: "inProgress",
         State.WAITING: "inProgress",
         State.COMPLETED: "completed",
-    }[record.state]
-    return {
-        "id": record.task_id,
-        "type": "Task",
-        "state": state,
-        "result": record.result,
-        "startTime": record.started_at.isoformat() if record.started_at else None,
-        "finishTime": record.completed_at.isoformat() if record.completed_at else None,
-        "variables": {
-            name: {"value": value, "isSecret": False}
+    }
+    timeline = TimelineRecord(
+        id=record.task_id,
+        state=states[record.state],
+        result=record.result,
+        start_time=record.started_at,
+        finish_time=record.completed_at,
+        variables={
+            name: TimelineVariable(value=value)
             for name, value in orjson.loads(record.outputs).items()
         },
-    }
+    )
+    answer = TimelineRecords(count=1, value=[timeline])
+    return web.json_response(text=answer.model_dump_json(by_alias=True))
 
 
 async def get_timeline_records(request: web.Request) -> web.Response:
@@ -303,7 +316,7 @@ async def get_timeline_records(request: web.Request) -> web.Response:
         grant.task_id,
         grant.plan_id,
     )
-    return web.json_response({"count": 1, "value": [_timeline_record(record)]})
+    return _timeline_records(record)
 
 
 async def patch_timeline_records(request: web.Request) -> web.Response:
@@ -316,19 +329,25 @@ async def patch_timeline_records(request: web.Request) -> web.Response:
     if not isinstance(records, list):
         raise Problem(400, 'the body is {"value": [timeline records]} or a list of records')
     outputs: dict[str, JsonValue] = {}
+    secret: list[str] = []
     for item in records:
         variables = item.get("variables") if isinstance(item, dict) else None
         if not isinstance(variables, dict):
             continue
         for name, variable in variables.items():
-            if isinstance(variable, dict):
-                if not variable.get("isSecret"):
-                    outputs[name] = variable.get("value")
+            if isinstance(variable, dict) and variable.get("isSecret"):
+                # A variable now secret must not keep a value it had in the clear.
+                secret.append(name)
+                outputs.pop(name, None)
+            elif isinstance(variable, dict):
+                outputs[name] = variable.get("value")
             else:
                 outputs[name] = variable
     svc = services(request)
-    if outputs:
-        merged, record = await svc.store.merge_outputs(grant.task_id, grant.plan_id, outputs)
+    if outputs or secret:
+        merged, record = await svc.store.merge_outputs(
+            grant.task_id, grant.plan_id, outputs, secret
+        )
     else:
         # Progress alone changes nothing we keep, before or after completion.
         merged, record = True, await svc.store.in_plan(grant.task_id, grant.plan_id)
@@ -336,4 +355,4 @@ async def patch_timeline_records(request: web.Request) -> web.Response:
     if not merged:
         detail = f"task {record.task_id!r} already completed; its output variables are final"
         raise Problem(409, detail, state=record.state, result=record.result)
-    return web.json_response({"count": 1, "value": [_timeline_record(record)]})
+    return _timeline_records(record)

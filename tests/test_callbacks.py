@@ -445,3 +445,24 @@ async def test_deadlines_fire_once_while_several_workers_sweep(
     completions = events.named("TaskCompleted")
     assert sorted(str(e["taskId"]) for e in completions) == sorted(t["taskId"] for t in tasks)
     assert {e["reason"] for e in completions} == {"timed out waiting for callback"}
+
+
+async def test_a_variable_made_secret_loses_its_clear_value(
+    api: Api, channel: AbstractChannel, events: Events, target: Target
+) -> None:
+    task, headers = await waiting(api, channel, events, target, projectId="proj")
+    records = (
+        f"{api.url}/proj/_apis/distributedtask/hubs/build/plans/plan-1/timelines/"
+        f"{headers['TimelineId']}/records"
+    )
+    auth = {"Authorization": f"Bearer {headers['AuthToken']}"}
+    async with aiohttp.ClientSession(headers=auth) as session:
+        for variables in (
+            {"pw": {"value": "in-clear"}, "keep": {"value": "1"}},
+            {"pw": {"value": "now-secret", "isSecret": True}},
+        ):
+            async with session.patch(records, json={"value": [{"variables": variables}]}) as r:
+                assert r.status == 200
+    completed = {"name": "TaskCompleted", "taskId": task["taskId"], "result": "succeeded"}
+    assert (await post(f"{api.url}/plans/plan-1/events", completed, headers["AuthToken"]))[0] == 200
+    assert (await events.completed(task["taskId"]))["outputs"] == {"keep": "1"}

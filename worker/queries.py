@@ -73,11 +73,18 @@ _HAS_CANCEL_REQUEST = "coalesce(jsonb_typeof(t.message -> 'cancelRequest'), 'nul
 # first of the invocation's response and the callback.
 COMPLETE_BY_CALLBACK = f"""
 UPDATE tasks AS t
-SET state = 'completed', result = $3, reason = $4, completed_at = now(), completed_by = 'callback',
-    event_pending = true, lease_until = NULL, updated_at = now()
-WHERE t.task_id = $1 AND t.plan_id = $2 AND t.mode = 'callback'
+SET state = 'completed', result = i.result, reason = i.reason, completed_at = now(),
+    completed_by = 'callback', event_pending = true, lease_until = NULL, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS i(task_id, plan_id, result, reason)
+WHERE t.task_id = i.task_id AND t.plan_id = i.plan_id AND t.mode = 'callback'
   AND t.state IN ('running', 'waiting')
 RETURNING {RECORD}
+"""
+
+SELECT_MANY_IN_PLANS = f"""
+SELECT {RECORD} FROM tasks t
+JOIN unnest($1::text[], $2::text[]) AS i(task_id, plan_id)
+  ON t.task_id = i.task_id AND t.plan_id = i.plan_id
 """
 
 EXTERNAL_STARTED = f"""
@@ -178,7 +185,7 @@ RETURNING logs_created
 
 # Outputs are final once the task completes: its TaskCompleted has carried them.
 MERGE_OUTPUTS = f"""
-UPDATE tasks AS t SET outputs = t.outputs || $3::jsonb, updated_at = now()
+UPDATE tasks AS t SET outputs = (t.outputs - $4::text[]) || $3::jsonb, updated_at = now()
 WHERE t.task_id = $1 AND t.plan_id = $2 AND t.state <> 'completed'
 RETURNING {RECORD}
 """

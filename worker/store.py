@@ -194,6 +194,14 @@ class Overview:
 
 
 @dataclass(frozen=True, slots=True)
+class CallbackCompletion:
+    task_id: str
+    plan_id: str
+    result: Result
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
     task_id: str
     attempts: int
@@ -213,6 +221,12 @@ class Store:
         )
         self._completions: Batcher[Completion, datetime | TaskRecord] = Batcher(
             self._flush_completions, key=lambda c: c.task_id, isolate=_refused
+        )
+        self._callbacks: Batcher[CallbackCompletion, tuple[bool, TaskRecord | None]] = Batcher(
+            self._flush_callbacks, key=lambda c: c.task_id, isolate=_refused
+        )
+        self._published: Batcher[list[str], None] = Batcher(
+            self._flush_published, key=id, isolate=_refused
         )
 
     @classmethod
@@ -279,9 +293,33 @@ class Store:
         self, task_id: str, plan_id: str, result: Result, reason: str
     ) -> tuple[bool, TaskRecord | None]:
         """(True, record) when this call completed the task; else (False, its record or None)."""
-        return await self._transition(
-            queries.COMPLETE_BY_CALLBACK, task_id, plan_id, result, reason
-        )
+        return await self._callbacks.submit(CallbackCompletion(task_id, plan_id, result, reason))
+
+    async def _flush_callbacks(
+        self, batch: list[CallbackCompletion]
+    ) -> list[tuple[bool, TaskRecord | None]]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                queries.COMPLETE_BY_CALLBACK,
+                [c.task_id for c in batch],
+                [c.plan_id for c in batch],
+                [c.result.value for c in batch],
+                [c.reason for c in batch],
+            )
+            done = {row["task_id"]: TaskRecord.from_row(row) for row in rows}
+            missed = [c for c in batch if c.task_id not in done]
+            others = {}
+            if missed:
+                found = await conn.fetch(
+                    queries.SELECT_MANY_IN_PLANS,
+                    [c.task_id for c in missed],
+                    [c.plan_id for c in missed],
+                )
+                others = {row["task_id"]: TaskRecord.from_row(row) for row in found}
+        return [
+            (True, done[c.task_id]) if c.task_id in done else (False, others.get(c.task_id))
+            for c in batch
+        ]
 
     async def external_started(self, task_id: str, plan_id: str) -> tuple[bool, TaskRecord | None]:
         """Note that the external service said it started; like complete_by_callback."""
@@ -331,7 +369,15 @@ class Store:
                 await conn.execute(queries.EVENTS_PUBLISHED, [r.task_id for r in records])
 
     async def events_published(self, task_ids: list[str]) -> None:
-        await self._pool.execute(queries.EVENTS_PUBLISHED, task_ids)
+        await self._published.submit(task_ids)
+
+    async def _flush_published(self, batch: list[list[str]]) -> list[None]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            # Losing this mark in a crash only makes the relay publish the event again, which
+            # at-least-once delivery allows: it need not wait for the disk.
+            await conn.execute("SET LOCAL synchronous_commit = off")
+            await conn.execute(queries.EVENTS_PUBLISHED, [i for ids in batch for i in ids])
+        return [None] * len(batch)
 
     async def append_log_lines(
         self, task_id: str, plan_id: str, lines: list[str], cap: int
@@ -356,11 +402,12 @@ class Store:
         return number
 
     async def merge_outputs(
-        self, task_id: str, plan_id: str, outputs: dict[str, JsonValue]
+        self, task_id: str, plan_id: str, outputs: dict[str, JsonValue], forget: list[str]
     ) -> tuple[bool, TaskRecord | None]:
-        """Add output variables while the task is not completed; like complete_by_callback."""
+        """Set output variables, and drop those in `forget`, while the task is not completed;
+        like complete_by_callback."""
         return await self._transition(
-            queries.MERGE_OUTPUTS, task_id, plan_id, orjson.dumps(outputs).decode()
+            queries.MERGE_OUTPUTS, task_id, plan_id, orjson.dumps(outputs).decode(), forget
         )
 
     async def submit(self, request: ClaimRequest) -> datetime | TaskRecord:
