@@ -80,10 +80,11 @@ class Runner:
         except Stopping:
             log.info("stopping: task handed back to the queue")
         except Exception:
-            # A bug, not bad input: hand the message back; the queue's delivery limit ends a loop.
+            # A bug, not bad input: hand the message back; the queue's delivery limit ends a loop
+            # (a reject counts towards it on every RabbitMQ version; a nack no longer does).
             log.exception("task handling failed; message returned to the queue")
             await asyncio.sleep(1)
-            await _settle(message.nack(requeue=True))
+            await _settle(message.reject(requeue=True))
         finally:
             self._metrics.tasks_in_flight.dec()
 
