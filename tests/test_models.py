@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import orjson
 import pytest
 
 from worker.errors import ConfigError, InvalidTask
-from worker.models import HttpResponse, Method, Mode, Result, TaskRequest, parse_task
+from worker.models import (
+    EventName,
+    HttpResponse,
+    Method,
+    Mode,
+    Result,
+    State,
+    TaskEvent,
+    TaskRequest,
+    parse_task,
+)
 from worker.settings import Settings, load_settings
-from worker.states import judge
+from worker.states import completed_event, judge
+from worker.store import TaskRecord
 
 
 @pytest.mark.parametrize(
@@ -133,3 +146,65 @@ def test_settings_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(ConfigError) as caught:
         load_settings()
     assert "AGENTLESS_RESPONSE_TIMEOUT: Input should be greater than 0" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("response", "completed"),
+    [
+        (None, datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
+        (
+            '{"body": {"ok": true}, "headers": {"x": "y"}, "elapsedMs": 3, "statusCode": 201}',
+            datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC),
+        ),
+    ],
+)
+def test_completed_event_from_a_record_is_the_task_event(
+    response: str | None, completed: datetime
+) -> None:
+    record = TaskRecord(
+        task_id="t-1",
+        plan_id="p",
+        job_id="j",
+        hub_name="release",
+        state=State.COMPLETED,
+        result=Result.FAILED,
+        reason="HTTP 500",
+        attempts=2,
+        digest=b"",
+        message="{}",
+        response=response,
+        outputs='{"out": 1}',
+        worker_id=None,
+        lease_until=None,
+        queued_at=completed - timedelta(seconds=3),
+        started_at=completed - timedelta(seconds=1),
+        completed_at=completed,
+        mode=Mode.CALLBACK,
+        completed_by="callback",
+        deadline=None,
+        reply_to=None,
+        correlation_id=None,
+        event_pending=True,
+        external_started_at=None,
+        variables='{"v": [1, "two"]}',
+    )
+    expected = TaskEvent(
+        name=EventName.COMPLETED,
+        event_id="t-1:completed",
+        task_id="t-1",
+        plan_id="p",
+        job_id="j",
+        hub_name="release",
+        result=Result.FAILED,
+        reason="HTTP 500",
+        response=None if response is None else HttpResponse.model_validate_json(response),
+        attempts=2,
+        queued_at=record.queued_at,
+        started_at=record.started_at,
+        completed_at=completed,
+        variables={"v": [1, "two"]},
+        outputs={"out": 1},
+    )
+    assert orjson.loads(completed_event(record)) == orjson.loads(
+        expected.model_dump_json(by_alias=True)
+    )

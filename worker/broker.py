@@ -220,12 +220,27 @@ class Broker:
     async def publish_event(
         self, event: TaskEvent, *, reply_to: str | None = None, correlation_id: str | None = None
     ) -> None:
-        body = event.model_dump_json(by_alias=True).encode()
-        await self.publish(body, event.routing_key, to_events=True, message_id=event.event_id)
+        await self.publish_event_json(
+            event.model_dump_json(by_alias=True).encode(),
+            event.routing_key,
+            event.event_id,
+            reply_to=reply_to,
+            correlation_id=correlation_id,
+        )
+
+    async def publish_event_json(
+        self,
+        body: bytes,
+        routing_key: str,
+        event_id: str,
+        *,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+    ) -> None:
+        """An event already serialised; to the events exchange, and to `reply_to` if given."""
+        await self.publish(body, routing_key, to_events=True, message_id=event_id)
         if reply_to:
-            await self.publish(
-                body, reply_to, message_id=event.event_id, correlation_id=correlation_id
-            )
+            await self.publish(body, reply_to, message_id=event_id, correlation_id=correlation_id)
 
     async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         """A copy of `message` on the dead-letter queue with the reason, its properties kept."""

@@ -265,11 +265,15 @@ class TaskEvent(WireModel):
 
     @property
     def routing_key(self) -> str:
-        return f"task.{self.name.routing_word}.{self.hub_name}"
+        return routing_key(self.name, self.hub_name)
 
 
 def event_id(task_id: str, name: EventName) -> str:
     return f"{task_id}:{name.routing_word}"
+
+
+def routing_key(name: EventName, hub_name: str) -> str:
+    return f"task.{name.routing_word}.{hub_name}"
 
 
 def parse_task(body: bytes) -> TaskMessage:

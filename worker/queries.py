@@ -14,7 +14,8 @@ def _worker_alive(namespace_param: str) -> str:
 RECORD = """t.task_id, t.plan_id, t.job_id, t.hub_name, t.state, t.result, t.reason, t.attempts,
     t.digest, t.message::text AS message, t.response::text AS response, t.outputs::text AS outputs,
     t.worker_id, t.lease_until, t.queued_at, t.started_at, t.completed_at, t.mode, t.completed_by,
-    t.deadline, t.reply_to, t.correlation_id, t.event_pending, t.external_started_at"""
+    t.deadline, t.reply_to, t.correlation_id, t.event_pending, t.external_started_at,
+    (t.message -> 'variables')::text AS variables"""
 
 SELECT_TASKS = f"""
 SELECT {RECORD}, {_worker_alive("$2")} AS worker_alive

@@ -31,8 +31,9 @@ from worker.models import (
     parse_task,
 )
 from worker.settings import Settings
-from worker.states import callback_headers, completed_event, judge, task_event
+from worker.states import callback_headers, judge, task_event
 from worker.store import DB_UNAVAILABLE, Claimed, ClaimRequest, Store, TaskRecord
+from worker.sweeper import publish_completion
 from worker.tokens import GRACE_SECONDS, Signer
 
 log = logging.getLogger(__name__)
@@ -244,9 +245,11 @@ class Runner:
     async def _publish_completion(
         self, message: AbstractIncomingMessage, record: TaskRecord
     ) -> None:
-        event = completed_event(record)
-        await self._broker.publish_event(
-            event, reply_to=message.reply_to, correlation_id=message.correlation_id
+        await publish_completion(
+            self._broker,
+            record,
+            reply_to=message.reply_to,
+            correlation_id=message.correlation_id,
         )
         await _settle(message.ack())
 

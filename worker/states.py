@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import datetime
 
 import orjson
-from pydantic import JsonValue
 
 from worker import criteria
 from worker.models import (
@@ -80,30 +79,30 @@ def callback_headers(task: TaskMessage, plan_url: str, token: str) -> dict[str, 
     }
 
 
-def completed_event(record: TaskRecord) -> TaskEvent:
-    """The TaskCompleted event of a completed task, from its record alone."""
+def completed_event(record: TaskRecord) -> bytes:
+    """The TaskCompleted event (SPEC §7) of a completed task, from its record alone.
+
+    The JSON columns go into the event as they are, never parsed: this runs once per callback.
+    It is the same document as `TaskEvent` gives (a test holds the two together).
+    """
     assert record.result is not None, "only a completed task has a TaskCompleted event"
-    response = None
-    if record.response is not None:
-        response = HttpResponse.model_validate_json(record.response)
-    return TaskEvent(
-        name=EventName.COMPLETED,
-        event_id=event_id(record.task_id, EventName.COMPLETED),
-        task_id=record.task_id,
-        plan_id=record.plan_id,
-        job_id=record.job_id,
-        hub_name=record.hub_name,
-        result=record.result,
-        reason=record.reason,
-        response=response,
-        attempts=record.attempts,
-        queued_at=record.queued_at,
-        started_at=record.started_at,
-        completed_at=record.completed_at,
-        variables=_object(orjson.loads(record.message).get("variables")),
-        outputs=_object(orjson.loads(record.outputs)),
+    return orjson.dumps(
+        {
+            "name": EventName.COMPLETED.value,
+            "eventId": event_id(record.task_id, EventName.COMPLETED),
+            "taskId": record.task_id,
+            "planId": record.plan_id,
+            "jobId": record.job_id,
+            "hubName": record.hub_name,
+            "result": record.result.value,
+            "reason": record.reason,
+            "response": None if record.response is None else orjson.Fragment(record.response),
+            "attempts": record.attempts,
+            "queuedAt": record.queued_at,
+            "startedAt": record.started_at,
+            "completedAt": record.completed_at,
+            "variables": orjson.Fragment(record.variables or "{}"),
+            "outputs": orjson.Fragment(record.outputs),
+        },
+        option=orjson.OPT_UTC_Z,
     )
-
-
-def _object(value: object) -> dict[str, JsonValue]:
-    return value if isinstance(value, dict) else {}

@@ -148,6 +148,8 @@ class TaskRecord:
     correlation_id: str | None
     event_pending: bool
     external_started_at: datetime | None
+    # The task's variables, as JSON text.
+    variables: str | None
     # Only where the record was read with the liveness check (queries.SELECT_TASKS).
     worker_alive: bool = False
 
@@ -178,6 +180,7 @@ class TaskRecord:
             correlation_id=row["correlation_id"],
             event_pending=row["event_pending"],
             external_started_at=row["external_started_at"],
+            variables=row["variables"],
             worker_alive=row.get("worker_alive", False),
         )
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from worker.broker import Broker
 from worker.invoke import InvokeFailure, Invoker, build_macros
 from worker.logs import bind_task
-from worker.models import REDACTED, TaskMessage, TaskRequest
+from worker.models import REDACTED, EventName, TaskMessage, TaskRequest, event_id, routing_key
 from worker.states import completed_event
 from worker.store import DB_UNAVAILABLE, Store, TaskRecord
 from worker.tokens import GRACE_SECONDS, Signer
@@ -27,15 +27,26 @@ SWEEP_INTERVAL = 0.5
 RELAY_AFTER_SECONDS = 5.0
 
 
+async def publish_completion(
+    broker: Broker, record: TaskRecord, *, reply_to: str | None, correlation_id: str | None
+) -> None:
+    """The TaskCompleted event of a completed task, from its record."""
+    await broker.publish_event_json(
+        completed_event(record),
+        routing_key(EventName.COMPLETED, record.hub_name),
+        event_id(record.task_id, EventName.COMPLETED),
+        reply_to=reply_to,
+        correlation_id=correlation_id,
+    )
+
+
 async def publish_completions(broker: Broker, store: Store, records: Iterable[TaskRecord]) -> None:
     """Publish the TaskCompleted events of tasks completed without a task message in hand, then
     mark them published; a crash in between leaves them to the relay."""
     published = []
     for record in records:
-        await broker.publish_event(
-            completed_event(record),
-            reply_to=record.reply_to,
-            correlation_id=record.correlation_id,
+        await publish_completion(
+            broker, record, reply_to=record.reply_to, correlation_id=record.correlation_id
         )
         published.append(record.task_id)
     if published:
@@ -91,8 +102,9 @@ class Sweeper:
                     log.info(
                         "relaying an unconfirmed TaskCompleted", extra={"taskId": record.task_id}
                     )
-                    await self._broker.publish_event(
-                        completed_event(record),
+                    await publish_completion(
+                        self._broker,
+                        record,
                         reply_to=record.reply_to,
                         correlation_id=record.correlation_id,
                     )

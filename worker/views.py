@@ -10,7 +10,7 @@ from typing import Literal
 
 import asyncpg
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, RootModel
 from pydantic.alias_generators import to_camel
 
 from worker.broker import QueueDepths
@@ -51,21 +51,7 @@ class ReceivedEvent(View):
     result: Result | None = None
 
 
-class TaskDetail(View):
-    task_id: str
-    plan_id: str
-    job_id: str
-    hub_name: str
-    name: str | None = None
-    mode: Mode
-    state: State
-    result: Result | None = None
-    reason: str | None = None
-    attempts: int
-    queued_at: datetime
-    started_at: datetime | None = None
-    completed_at: datetime | None = None
-    deadline: datetime | None = None
+class TaskDetail(TaskSummary):
     request: dict[str, JsonValue] = Field(description="as queued, secret header values redacted")
     response: HttpResponse | None = None
     variables: dict[str, JsonValue] = Field(default_factory=dict)
@@ -183,3 +169,89 @@ def dashboard(depths: QueueDepths, overview: Overview) -> Dashboard:
         ],
         generated_at=now,
     )
+
+
+# The answers below are what the handlers serialise through, so that the OpenAPI document's
+# schemas are the answers' own.
+
+
+class TaskStatus(View):
+    """Where a task stands once a cancel or a plan event has been applied to it."""
+
+    task_id: str
+    state: State
+    result: Result | None = None
+
+
+class Submitted(View):
+    """POST /tasks: the task is queued (or was already, with the same body)."""
+
+    task_id: str
+    state: State
+    location: str = Field(description="where the task can be read: /tasks/{taskId}")
+
+
+class LogLine(View):
+    at: datetime
+    line: str
+
+
+class TaskLogs(View):
+    """GET /tasks/{taskId}/logs: the lines the task's service posted, oldest first."""
+
+    task_id: str
+    dropped_lines: int = Field(description="older lines dropped to keep the newest")
+    lines: list[LogLine]
+
+
+class LinesAccepted(View):
+    count: int = Field(description="log lines taken from the body")
+
+
+class TaskLog(View):
+    """A log created through Azure's TaskLogger; its lines join the task's log lines."""
+
+    id: int
+    path: str | None = None
+    line_count: int
+    created_on: datetime
+    last_changed_on: datetime
+
+
+class TimelineVariable(View):
+    value: JsonValue
+    is_secret: bool = False
+
+
+TimelineState = Literal["pending", "inProgress", "completed"]
+
+
+class TimelineRecord(View):
+    """The task, as Azure's TaskClient reads its timeline record."""
+
+    id: str
+    type: Literal["Task"] = "Task"
+    state: TimelineState
+    result: Result | None = None
+    start_time: datetime | None = None
+    finish_time: datetime | None = None
+    variables: dict[str, TimelineVariable] = Field(default_factory=dict)
+
+
+class TimelineRecords(View):
+    count: int
+    value: list[TimelineRecord]
+
+
+class WorkerList(RootModel[list[WorkerView]]):
+    """GET /workers."""
+
+    model_config = ConfigDict(frozen=True)
+
+
+class Health(View):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(View):
+    status: Literal["ready", "not ready"]
