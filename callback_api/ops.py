@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from callback_api.guard import guard_key
 from callback_api.services import services
 from worker.models import State
-from worker.views import Dashboard, QueueView, WorkerView, dashboard
+from worker.views import Dashboard, Health, QueueView, Readiness, WorkerList, WorkerView, dashboard
 
 
 async def current_dashboard(request: web.Request) -> Dashboard:
@@ -25,8 +25,7 @@ async def get_queue(request: web.Request) -> web.Response:
 async def get_workers(request: web.Request) -> web.Response:
     request.app[guard_key].check(request)
     workers: list[WorkerView] = (await current_dashboard(request)).workers
-    body = "[" + ",".join(w.model_dump_json(by_alias=True) for w in workers) + "]"
-    return web.json_response(text=body)
+    return web.json_response(text=WorkerList(workers).model_dump_json(by_alias=True))
 
 
 async def get_metrics(request: web.Request) -> web.Response:
@@ -39,7 +38,7 @@ async def get_metrics(request: web.Request) -> web.Response:
 
 
 async def healthz(_: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return web.json_response(text=Health().model_dump_json())
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -47,6 +46,5 @@ async def readyz(request: web.Request) -> web.Response:
     ready = svc.broker.is_ready and await svc.store.ping()
     if svc.worker is not None:
         ready = ready and await svc.worker.ready()
-    return web.json_response(
-        {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
-    )
+    answer = Readiness(status="ready" if ready else "not ready")
+    return web.json_response(text=answer.model_dump_json(), status=200 if ready else 503)

@@ -6,10 +6,31 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+import orjson
 from aiohttp import web
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
 
-from callback_api import events, ops, ops_page, tasks
+from callback_api import events, openapi, ops, ops_page, tasks
+from callback_api.openapi import Text
+from callback_api.services import services_key
+from worker.models import Result, State, TaskMessage
+from worker.queries import ORDER_COLUMNS
+from worker.views import (
+    Health,
+    LinesAccepted,
+    QueueView,
+    Readiness,
+    Submitted,
+    TaskDetail,
+    TaskLog,
+    TaskLogs,
+    TaskPage,
+    TaskStatus,
+    TimelineRecords,
+    TimelineVariable,
+    WorkerList,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AZURE = "/{projectId}/_apis/distributedtask/hubs/{hubName}/plans/{planId}"
@@ -24,7 +45,88 @@ class Route:
     # callback: the task's AuthToken; api: AGENTLESS_API_TOKENS (when set); none: open.
     auth: Literal["callback", "api", "none"]
     tag: Literal["callbacks", "tasks", "operations"]
-    responses: dict[int, type[BaseModel] | str] = field(default_factory=dict)
+    # By status: a model is answered as its JSON, Text as text, and a str is an error (as
+    # application/problem+json) that says when it is answered. 401 goes without saying.
+    responses: dict[int, type[BaseModel] | Text | str] = field(default_factory=dict)
+    # What the route reads besides its path: a model is a JSON body; Text, another kind of body.
+    body: tuple[type[BaseModel] | Text, ...] = ()
+    body_required: bool = True
+    query: type[BaseModel] | None = None
+
+
+# Request bodies that the handlers read by hand, described for the OpenAPI document.
+
+
+class LogLines(BaseModel):
+    """Log lines as JSON, the way Azure's timeline feed sends them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    value: list[str]
+
+
+class NewLog(BaseModel):
+    """What Azure's TaskLogger sends to create a log; only `path` is read."""
+
+    model_config = ConfigDict(extra="allow")
+
+    path: str | None = None
+
+
+class TimelineRecordUpdate(BaseModel):
+    """A timeline record from Azure's TaskClient: only its variables are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    variables: dict[str, TimelineVariable] = Field(
+        default_factory=dict,
+        description="returned as `outputs` in TaskCompleted; secret ones are not kept",
+    )
+
+
+class TimelineRecordsUpdate(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    value: list[TimelineRecordUpdate]
+
+
+class TaskListQuery(BaseModel):
+    """GET /tasks: filters, a page and an order."""
+
+    model_config = ConfigDict(alias_generator=to_camel)
+
+    state: State | None = Field(default=None, description="in any case")
+    result: Result | None = Field(default=None, description="in any case")
+    plan_id: str | None = None
+    hub_name: str | None = None
+    rows_per_page: int = Field(
+        default=tasks.DEFAULT_ROWS_PER_PAGE, ge=1, le=tasks.MAX_ROWS_PER_PAGE
+    )
+    page_number: int = Field(default=1, ge=1, le=10**9)
+    order_field: str = Field(default="queuedAt", json_schema_extra={"enum": list(ORDER_COLUMNS)})
+    sort_type: Literal["asc", "desc"] = "desc"
+
+
+_LOG_TEXT = (
+    LogLines,
+    Text("text/plain", "UTF-8 text, one line per line"),
+)
+_CALLBACK_ERRORS: dict[int, type[BaseModel] | Text | str] = {
+    403: "a valid token for another task or plan",
+    404: "no such task in that plan",
+    413: "the body is over the size limit",
+}
+_LOG_ANSWERS: dict[int, type[BaseModel] | Text | str] = {
+    200: LinesAccepted,
+    400: "not UTF-8, or JSON that is not a list of lines",
+    **_CALLBACK_ERRORS,
+}
+_EVENT_ERRORS = {
+    **_CALLBACK_ERRORS,
+    400: "the body is not JSON, or not a valid event",
+    409: "the task already completed differently, timed out, was canceled, or is not a "
+    "callback task",
+}
 
 
 ROUTES: tuple[Route, ...] = (
@@ -35,6 +137,8 @@ ROUTES: tuple[Route, ...] = (
         "A plan event from the task's external service",
         "callback",
         "callbacks",
+        body=(events.PlanEvent,),
+        responses={200: TaskStatus, **_EVENT_ERRORS},
     ),
     Route(
         "POST",
@@ -43,6 +147,8 @@ ROUTES: tuple[Route, ...] = (
         "A plan event, on Azure's path",
         "callback",
         "callbacks",
+        body=(events.PlanEvent,),
+        responses={200: TaskStatus, **_EVENT_ERRORS},
     ),
     Route(
         "POST",
@@ -51,6 +157,8 @@ ROUTES: tuple[Route, ...] = (
         "Log lines from the task's external service",
         "callback",
         "callbacks",
+        body=_LOG_TEXT,
+        responses=_LOG_ANSWERS,
     ),
     Route(
         "POST",
@@ -59,6 +167,8 @@ ROUTES: tuple[Route, ...] = (
         "Log lines, on Azure's timeline feed path",
         "callback",
         "callbacks",
+        body=_LOG_TEXT,
+        responses=_LOG_ANSWERS,
     ),
     Route(
         "POST",
@@ -67,6 +177,9 @@ ROUTES: tuple[Route, ...] = (
         "Create a log (Azure's TaskLogger)",
         "callback",
         "callbacks",
+        body=(NewLog,),
+        body_required=False,
+        responses={200: TaskLog, 400: "the body is not JSON", **_CALLBACK_ERRORS},
     ),
     Route(
         "POST",
@@ -75,6 +188,8 @@ ROUTES: tuple[Route, ...] = (
         "Append text lines to a log (Azure's TaskLogger)",
         "callback",
         "callbacks",
+        body=_LOG_TEXT,
+        responses=_LOG_ANSWERS,
     ),
     Route(
         "GET",
@@ -83,6 +198,7 @@ ROUTES: tuple[Route, ...] = (
         "The task's timeline record",
         "callback",
         "callbacks",
+        responses={200: TimelineRecords, 403: _CALLBACK_ERRORS[403], 404: _CALLBACK_ERRORS[404]},
     ),
     Route(
         "PATCH",
@@ -91,10 +207,53 @@ ROUTES: tuple[Route, ...] = (
         "Progress and output variables",
         "callback",
         "callbacks",
+        body=(TimelineRecordsUpdate,),
+        responses={
+            200: TimelineRecords,
+            400: "the body is not JSON, or not a list of records",
+            409: "the task already completed: its output variables are final",
+            **_CALLBACK_ERRORS,
+        },
     ),
-    Route("POST", "/tasks", tasks.submit_task, "Validate and queue a task", "api", "tasks"),
-    Route("GET", "/tasks", tasks.list_tasks, "List tasks", "api", "tasks"),
-    Route("GET", "/tasks/{taskId}", tasks.get_task, "A task's state and result", "api", "tasks"),
+    Route(
+        "POST",
+        "/tasks",
+        tasks.submit_task,
+        "Validate and queue a task",
+        "api",
+        "tasks",
+        body=(TaskMessage,),
+        responses={
+            202: Submitted,
+            400: "the task is not valid: `errors` names each field to fix",
+            409: "the taskId already belongs to a task with another body",
+            413: "the body is over 1 MiB",
+        },
+    ),
+    Route(
+        "GET",
+        "/tasks",
+        tasks.list_tasks,
+        "List tasks",
+        "api",
+        "tasks",
+        query=TaskListQuery,
+        responses={
+            200: TaskPage,
+            206: TaskPage,
+            400: "a query parameter or the Range header is not valid",
+            416: "the range starts past the last task",
+        },
+    ),
+    Route(
+        "GET",
+        "/tasks/{taskId}",
+        tasks.get_task,
+        "A task's state and result",
+        "api",
+        "tasks",
+        responses={200: TaskDetail, 404: "no such task"},
+    ),
     Route(
         "POST",
         "/tasks/{taskId}/cancel",
@@ -102,6 +261,7 @@ ROUTES: tuple[Route, ...] = (
         "Cancel a queued, running or waiting task",
         "api",
         "tasks",
+        responses={200: TaskStatus, 404: "no such task", 409: "the task already completed"},
     ),
     Route(
         "GET",
@@ -110,12 +270,53 @@ ROUTES: tuple[Route, ...] = (
         "The log lines the task's service posted",
         "api",
         "tasks",
+        responses={200: TaskLogs, 404: "no such task"},
     ),
-    Route("GET", "/", ops_page.get_page, "The operations page", "api", "operations"),
-    Route("GET", "/queue", ops.get_queue, "The queue and the task states", "api", "operations"),
-    Route("GET", "/workers", ops.get_workers, "Live worker processes", "api", "operations"),
-    Route("GET", "/metrics", ops.get_metrics, "Prometheus metrics", "api", "operations"),
-    Route("GET", "/healthz", ops.healthz, "Liveness", "none", "operations"),
+    Route(
+        "GET",
+        "/",
+        ops_page.get_page,
+        "The operations page",
+        "api",
+        "operations",
+        responses={200: Text("text/html", "the operations page")},
+    ),
+    Route(
+        "GET",
+        "/queue",
+        ops.get_queue,
+        "The queue and the task states",
+        "api",
+        "operations",
+        responses={200: QueueView},
+    ),
+    Route(
+        "GET",
+        "/workers",
+        ops.get_workers,
+        "Live worker processes",
+        "api",
+        "operations",
+        responses={200: WorkerList},
+    ),
+    Route(
+        "GET",
+        "/metrics",
+        ops.get_metrics,
+        "Prometheus metrics",
+        "api",
+        "operations",
+        responses={200: Text("text/plain", "Prometheus text format")},
+    ),
+    Route(
+        "GET",
+        "/healthz",
+        ops.healthz,
+        "Liveness",
+        "none",
+        "operations",
+        responses={200: Health},
+    ),
     Route(
         "GET",
         "/readyz",
@@ -123,6 +324,16 @@ ROUTES: tuple[Route, ...] = (
         "Readiness: broker and database reachable",
         "none",
         "operations",
+        responses={200: Readiness, 503: Readiness},
+    ),
+    Route(
+        "GET",
+        "/openapi.json",
+        openapi.get_document,
+        "This API's OpenAPI 3.1 document",
+        "none",
+        "operations",
+        responses={200: openapi.Document},
     ),
 )
 
@@ -132,3 +343,10 @@ def add_routes(app: web.Application) -> None:
         # The tag leads the name, so that middlewares can tell callback routes apart.
         name = f"{route.tag}:{route.handler.__name__}_{number}"
         app.router.add_route(route.method, route.path, route.handler, name=name)
+    app.on_startup.append(_describe)
+
+
+async def _describe(app: web.Application) -> None:
+    # Once per app, with the settings it serves (they come with the services, at startup).
+    settings = app[services_key].settings
+    app[openapi.document_key] = orjson.dumps(openapi.document(settings, ROUTES))

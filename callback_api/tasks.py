@@ -8,17 +8,25 @@ from typing import Final
 
 import orjson
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import JsonValue, ValidationError
 
 from callback_api.guard import guard_key
 from callback_api.problems import Problem, read_body
 from callback_api.services import services
 from worker.logs import bind_task
-from worker.models import MAX_TASK_BYTES, Result, State, TaskMessage
+from worker.models import ID_PATTERN, MAX_TASK_BYTES, Result, State, TaskMessage
 from worker.queries import ORDER_COLUMNS
 from worker.store import ClaimRequest, TaskRecord
 from worker.sweeper import publish_completions
-from worker.views import TaskDetail, TaskPage, TaskSummary
+from worker.views import (
+    LogLine,
+    Submitted,
+    TaskDetail,
+    TaskLogs,
+    TaskPage,
+    TaskStatus,
+    TaskSummary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +91,14 @@ async def submit_task(request: web.Request) -> web.Response:
     return _json(_submitted(task.task_id, State.QUEUED), 202, {"Location": location})
 
 
-def _submitted(task_id: str, state: State) -> dict[str, str]:
-    return {"taskId": task_id, "state": state.value, "location": f"/tasks/{task_id}"}
+def _submitted(task_id: str, state: State) -> JsonValue:
+    answer = Submitted(task_id=task_id, state=state, location=f"/tasks/{task_id}")
+    return answer.model_dump(mode="json", by_alias=True)
 
 
 async def get_task(request: web.Request) -> web.Response:
     request.app[guard_key].check(request)
-    task_id = request.match_info["taskId"]
+    task_id = _task_id(request)
     record = await services(request).store.get(task_id)
     if record is None:
         raise Problem(404, f"there is no task {task_id!r}")
@@ -102,18 +111,26 @@ def _choice(value: str, table: dict[str, str], name: str) -> str:
     return value
 
 
+def _task_id(request: web.Request) -> str:
+    task_id = request.match_info["taskId"]
+    if not ID_PATTERN.fullmatch(task_id):
+        # Not an id at all (a NUL, a space…): no such task can exist.
+        raise Problem(404, f"there is no task {task_id!r}")
+    return task_id
+
+
 def _positive(query: dict[str, str], name: str, default: int, maximum: int) -> int:
     text = query.get(name)
     if text is None:
         return default
-    if not text.isdigit() or not 1 <= int(text) <= maximum:
+    # isdigit() alone would take "²", which int() refuses.
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= maximum:
         raise Problem(400, f"{name} must be a whole number from 1 to {maximum}, not {text!r}")
     return int(text)
 
 
-async def list_tasks(request: web.Request) -> web.Response:
-    request.app[guard_key].check(request)
-    query = dict(request.query)
+def _filters(query: dict[str, str]) -> dict[str, str]:
+    """The listing's filters, each checked; unknown parameters are refused, not ignored."""
     unknown = sorted(set(query) - _LIST_PARAMETERS)
     if unknown:
         raise Problem(
@@ -121,35 +138,46 @@ async def list_tasks(request: web.Request) -> web.Response:
             f"unknown query parameters: {', '.join(unknown)}; "
             f"known: {', '.join(sorted(_LIST_PARAMETERS))}",
         )
-    filters: dict[str, str] = {}
-    for name in ("state", "result", "planId", "hubName"):
-        if name in query:
-            filters[name] = query[name]
+    filters: dict[str, str] = {
+        n: query[n] for n in ("state", "result", "planId", "hubName") if n in query
+    }
     if "state" in filters:
         _choice(filters["state"], _STATES, "state")
     if "result" in filters:
         _choice(filters["result"], _RESULTS, "result")
+    for name in ("planId", "hubName"):
+        if name in filters and not ID_PATTERN.fullmatch(filters[name]):
+            raise Problem(
+                400,
+                f"{name} must be an id: 1 to 128 of A-Z a-z 0-9 . _ : - (not {filters[name]!r})",
+            )
+    return filters
+
+
+def _window(query: dict[str, str], ranged: str | None) -> tuple[int, int]:
+    """Offset and limit: from a Range header if there is one, else from the page parameters."""
+    if ranged is None:
+        limit = _positive(query, "rowsPerPage", DEFAULT_ROWS_PER_PAGE, MAX_ROWS_PER_PAGE)
+        return (_positive(query, "pageNumber", 1, 10**9) - 1) * limit, limit
+    match = _RANGE.fullmatch(ranged.strip())
+    if match is None or int(match[1]) > int(match[2]):
+        raise Problem(400, f"Range must be 'items=FIRST-LAST' with FIRST <= LAST, not {ranged!r}")
+    first, last = int(match[1]), int(match[2])
+    return first, min(last, first + MAX_ROWS_PER_PAGE - 1) - first + 1
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    request.app[guard_key].check(request)
+    query = dict(request.query)
+    filters = _filters(query)
     order = query.get("orderField", "queuedAt")
     if order not in ORDER_COLUMNS:
         raise Problem(400, f"orderField {order!r} is not one of {', '.join(ORDER_COLUMNS)}")
     sort = query.get("sortType", "desc").lower()
     if sort not in ("asc", "desc"):
         raise Problem(400, f"sortType must be asc or desc, not {query['sortType']!r}")
-
     ranged = request.headers.get("Range")
-    if ranged is not None:
-        match = _RANGE.fullmatch(ranged.strip())
-        if match is None or int(match[1]) > int(match[2]):
-            raise Problem(
-                400, f"Range must be 'items=FIRST-LAST' with FIRST <= LAST, not {ranged!r}"
-            )
-        first, last = int(match[1]), int(match[2])
-        last = min(last, first + MAX_ROWS_PER_PAGE - 1)
-        offset, limit = first, last - first + 1
-    else:
-        limit = _positive(query, "rowsPerPage", DEFAULT_ROWS_PER_PAGE, MAX_ROWS_PER_PAGE)
-        offset = (_positive(query, "pageNumber", 1, 10**9) - 1) * limit
-
+    offset, limit = _window(query, ranged)
     rows, total = await services(request).store.list_tasks(
         filters, order, descending=sort == "desc", offset=offset, limit=limit
     )
@@ -163,13 +191,14 @@ async def list_tasks(request: web.Request) -> web.Response:
             f"the range starts past the last of {total} tasks",
             headers={"Content-Range": f"items */{total}"},
         )
-    shown_last = offset + len(rows) - 1
-    return _json(body, 206, {"Content-Range": f"items {offset}-{shown_last}/{total}"})
+    # A page with no task in it has no first and last to name.
+    shown = f"{offset}-{offset + len(rows) - 1}" if rows else "*"
+    return _json(body, 206, {"Content-Range": f"items {shown}/{total}"})
 
 
 async def cancel_task(request: web.Request) -> web.Response:
     request.app[guard_key].check(request)
-    task_id = request.match_info["taskId"]
+    task_id = _task_id(request)
     svc = services(request)
     record = await svc.store.cancel(task_id, "canceled by request")
     if record is None:
@@ -189,20 +218,20 @@ async def cancel_task(request: web.Request) -> web.Response:
     bind_task(record.task_id, record.plan_id)
     log.info("task completed", extra={"result": record.result, "reason": record.reason})
     await publish_completions(svc.broker, svc.store, [record])
-    return _json({"taskId": record.task_id, "state": record.state, "result": record.result})
+    answer = TaskStatus(task_id=record.task_id, state=record.state, result=record.result)
+    return _json(answer.model_dump(mode="json", by_alias=True))
 
 
 async def get_task_logs(request: web.Request) -> web.Response:
     request.app[guard_key].check(request)
-    task_id = request.match_info["taskId"]
+    task_id = _task_id(request)
     svc = services(request)
     if await svc.store.get(task_id) is None:
         raise Problem(404, f"there is no task {task_id!r}")
     lines, dropped = await svc.store.log_lines(task_id)
-    return _json(
-        {
-            "taskId": task_id,
-            "droppedLines": dropped,
-            "lines": [{"at": at.isoformat(), "line": line} for at, line in lines],
-        }
+    answer = TaskLogs(
+        task_id=task_id,
+        dropped_lines=dropped,
+        lines=[LogLine(at=at, line=line) for at, line in lines],
     )
+    return _json(answer.model_dump(mode="json", by_alias=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -125,7 +126,8 @@ def _method(value: object) -> object:
     return value.upper() if isinstance(value, str) else value
 
 
-Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+Id = Annotated[str, StringConstraints(pattern=rf"^{ID_PATTERN.pattern}$")]
 HeaderName = Annotated[str, StringConstraints(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")]
 
 

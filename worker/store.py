@@ -409,9 +409,10 @@ class Store:
     ) -> tuple[bool, TaskRecord | None]:
         """Set output variables, and drop those in `forget`, while the task is not completed;
         like complete_by_callback."""
-        return await self._transition(
-            queries.MERGE_OUTPUTS, task_id, plan_id, orjson.dumps(outputs).decode(), forget
-        )
+        # jsonb and text cannot hold U+0000, which a service may send.
+        outputs_json = orjson.dumps(outputs).decode().replace("\\u0000", "\\ufffd")
+        names = [name.replace("\x00", "\ufffd") for name in forget]
+        return await self._transition(queries.MERGE_OUTPUTS, task_id, plan_id, outputs_json, names)
 
     async def submit(self, request: ClaimRequest) -> datetime | TaskRecord:
         """Record a task submitted over HTTP as queued: its queue time, or the existing record."""
