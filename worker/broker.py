@@ -194,7 +194,9 @@ class Broker:
             assert events is not None
             exchange = events if to_events else channel.default_exchange
             try:
-                await exchange.publish(message, routing_key, timeout=30)
+                # Not mandatory: an event nobody is bound to is dropped by the broker rather
+                # than returned whole, to be read and discarded here.
+                await exchange.publish(message, routing_key, mandatory=False, timeout=30)
             except BROKER_ERRORS as exc:
                 if self._closing:
                     raise
