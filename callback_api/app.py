@@ -21,9 +21,12 @@ from worker.models import Names
 from worker.service import Worker, open_signer, running_worker
 from worker.settings import Settings
 from worker.store import Store
-from worker.sweeper import Sweeper
+from worker.sweeper import Announcer, Sweeper
 
 log = logging.getLogger(__name__)
+
+# How long a stopping API gives the completion events it is publishing (the relay has the rest).
+ANNOUNCE_GRACE_SECONDS = 5
 
 worker_key = web.AppKey("worker", Worker)
 failed_key = web.AppKey("failed", list[str])
@@ -45,11 +48,21 @@ def with_worker(settings: Settings) -> Callable[[web.Application], AsyncIterator
     async def context(app: web.Application) -> AsyncIterator[None]:
         async with running_worker(settings) as worker:
             app[worker_key] = worker
+            announcer = Announcer(worker.broker, worker.store)
             app[services_key] = Services(
-                settings, worker.store, worker.broker, worker.signer, worker.metrics, worker
+                settings,
+                worker.store,
+                worker.broker,
+                worker.signer,
+                worker.metrics,
+                announcer,
+                worker,
             )
             worker.consuming.add_done_callback(lambda _: _consume_loop_ended(app))
-            yield
+            try:
+                yield
+            finally:
+                await announcer.drain(ANNOUNCE_GRACE_SECONDS)
 
     return context
 
@@ -76,11 +89,13 @@ def standalone(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             ) as broker,
         ):
             signer = await open_signer(settings, store)
-            app[services_key] = Services(settings, store, broker, signer, Metrics())
+            announcer = Announcer(broker, store)
+            app[services_key] = Services(settings, store, broker, signer, Metrics(), announcer)
             relay = asyncio.create_task(Sweeper(store, broker).run(), name="relay")
             try:
                 yield
             finally:
+                await announcer.drain(ANNOUNCE_GRACE_SECONDS)
                 relay.cancel()
                 await asyncio.gather(relay, return_exceptions=True)
 

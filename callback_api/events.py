@@ -25,7 +25,6 @@ from worker.logs import bind_task
 from worker.models import EventName, Mode, Result, State, TaskEvent, event_id
 from worker.settings import describe
 from worker.store import TaskRecord
-from worker.sweeper import publish_completions
 from worker.tokens import Grant, TokenError
 from worker.views import (
     LinesAccepted,
@@ -148,7 +147,7 @@ async def _completed(request: web.Request, event: PlanEvent) -> web.Response:
     record = _exists(record, event.task_id, plan_id)
     if completed:
         log.info("task completed", extra={"result": event.result.value, "reason": reason})
-        await publish_completions(svc.broker, svc.store, [record])
+        svc.announcer.announce(record)
         return _accepted(record)
     if record.completed_by == "callback" and record.result is event.result:
         return _accepted(record)  # an exact repeat: nothing changes

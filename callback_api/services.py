@@ -11,6 +11,7 @@ from worker.metrics import Metrics
 from worker.service import Worker
 from worker.settings import Settings
 from worker.store import Store
+from worker.sweeper import Announcer
 from worker.tokens import Signer
 
 
@@ -21,6 +22,7 @@ class Services:
     broker: Broker
     signer: Signer
     metrics: Metrics
+    announcer: Announcer
     # The worker of this process, under `agentless run`.
     worker: Worker | None = None
 

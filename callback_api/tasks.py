@@ -17,7 +17,6 @@ from worker.logs import bind_task
 from worker.models import ID_PATTERN, MAX_TASK_BYTES, Result, State, TaskMessage
 from worker.queries import ORDER_COLUMNS
 from worker.store import ClaimRequest, TaskRecord
-from worker.sweeper import publish_completions
 from worker.views import (
     LogLine,
     Submitted,
@@ -217,7 +216,7 @@ async def cancel_task(request: web.Request) -> web.Response:
         )
     bind_task(record.task_id, record.plan_id)
     log.info("task completed", extra={"result": record.result, "reason": record.reason})
-    await publish_completions(svc.broker, svc.store, [record])
+    svc.announcer.announce(record)
     answer = TaskStatus(task_id=record.task_id, state=record.state, result=record.result)
     return _json(answer.model_dump(mode="json", by_alias=True))
 

@@ -225,12 +225,15 @@ class Store:
         self._completions: Batcher[Completion, datetime | TaskRecord] = Batcher(
             self._flush_completions, key=lambda c: c.task_id, isolate=_refused
         )
+        # Callers wait on these with a person or a service at the other end: a second flush may
+        # start while one is in flight, so that a slow commit does not hold up the next.
         self._callbacks: Batcher[CallbackCompletion, tuple[bool, TaskRecord | None]] = Batcher(
-            self._flush_callbacks, key=lambda c: c.task_id, isolate=_refused
+            self._flush_callbacks, key=lambda c: c.task_id, isolate=_refused, parallel=2
         )
         self._published: Batcher[list[str], None] = Batcher(
             self._flush_published, key=id, isolate=_refused
         )
+        self._marking: set[asyncio.Task[None]] = set()
 
     @classmethod
     @asynccontextmanager
@@ -377,6 +380,19 @@ class Store:
 
     async def events_published(self, task_ids: list[str]) -> None:
         await self._published.submit(task_ids)
+
+    def events_published_soon(self, task_ids: list[str]) -> None:
+        """Mark the events published without waiting: a mark lost to a crash only means that the
+        relay publishes the event again, which at-least-once delivery allows."""
+        task = asyncio.get_running_loop().create_task(self._mark_published(task_ids))
+        self._marking.add(task)
+        task.add_done_callback(self._marking.discard)
+
+    async def _mark_published(self, task_ids: list[str]) -> None:
+        try:
+            await self._published.submit(task_ids)
+        except DB_UNAVAILABLE as exc:
+            log.warning("events not marked published (the relay will publish them again): %s", exc)
 
     async def _flush_published(self, batch: list[list[str]]) -> list[None]:
         async with self._pool.acquire() as conn, conn.transaction():

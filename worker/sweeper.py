@@ -50,7 +50,30 @@ async def publish_completions(broker: Broker, store: Store, records: Iterable[Ta
         )
         published.append(record.task_id)
     if published:
-        await store.events_published(published)
+        store.events_published_soon(published)
+
+
+class Announcer:
+    """Publishes completion events after their commit, without holding up whoever completed the
+    task: the row's pending mark, committed with the completion, already guarantees the event
+    (the relay publishes what is not confirmed), so an answer need not wait for the broker."""
+
+    def __init__(self, broker: Broker, store: Store) -> None:
+        self._broker = broker
+        self._store = store
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def announce(self, record: TaskRecord) -> None:
+        task = asyncio.get_running_loop().create_task(
+            publish_completions(self._broker, self._store, [record])
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, grace: float) -> None:
+        """On the way out: let the publishes under way finish (the relay has the rest)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
 
 
 class Sweeper:
