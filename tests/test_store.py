@@ -10,8 +10,10 @@ import pytest
 
 from worker.batch import Batcher
 from worker.models import Outcome, Result
+from worker.registry import registered_worker
+from worker.schema import migrations
 from worker.settings import Settings
-from worker.store import Claimed, ClaimRequest, Store, TaskRecord, migrations
+from worker.store import Claimed, ClaimRequest, Store, TaskRecord
 
 
 async def test_concurrent_start_ups_migrate_once(
@@ -85,7 +87,7 @@ async def test_a_running_attempt_of_a_live_worker_is_not_claimed(
 ) -> None:
     async with (
         Store.open(settings.database_url) as store,
-        store.registered_worker(settings.database_url, lambda: 0),
+        registered_worker(store, settings.database_url, lambda: 0),
     ):
         assert isinstance(await store.claim(claim_request("s-3")), Claimed)
         busy = await store.claim(claim_request("s-3"))

@@ -285,3 +285,14 @@ INSERT INTO dead_letters (message_id, reason, excerpt) VALUES ($1, $2, $3)
 RECENT_DEAD_LETTERS = """
 SELECT message_id, reason, excerpt, at FROM dead_letters ORDER BY at DESC LIMIT $1
 """
+
+REGISTER_WORKER = """
+INSERT INTO workers (host, pid, version) VALUES ($1, $2, $3) RETURNING worker_id
+"""
+
+# Held for the process's life on a connection of its own (what _worker_alive looks for).
+LOCK_WORKER = "SELECT pg_advisory_lock($1, $2)"
+
+HEARTBEAT = "UPDATE workers SET last_seen = now(), in_flight = $2 WHERE worker_id = $1"
+
+UNREGISTER_WORKER = "DELETE FROM workers WHERE worker_id = $1"

@@ -18,6 +18,7 @@ from worker.consumer import Consumer
 from worker.invoke import Invoker
 from worker.metrics import Metrics
 from worker.models import Names
+from worker.registry import registered_worker
 from worker.runner import Runner
 from worker.settings import Settings
 from worker.store import Store
@@ -70,7 +71,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
         )
         consumer = Consumer(broker, runner.handle, prefetch=settings.concurrency)
         worker_id = await stack.enter_async_context(
-            store.registered_worker(settings.database_url, lambda: consumer.in_flight)
+            registered_worker(store, settings.database_url, lambda: consumer.in_flight)
         )
         consuming = asyncio.create_task(consumer.run(), name="consumer")
         sweeper = Sweeper(

@@ -5,22 +5,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
-import re
-import socket
 import zlib
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from importlib import resources
 
 import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 from pydantic import JsonValue
 
-from worker import __version__, queries
+from worker import queries
 from worker.batch import Batcher
 from worker.errors import ConfigError
 from worker.models import (
@@ -32,6 +28,7 @@ from worker.models import (
     TaskMessage,
     stored_message,
 )
+from worker.schema import migrate
 from worker.settings import redact_url
 
 log = logging.getLogger(__name__)
@@ -39,8 +36,6 @@ log = logging.getLogger(__name__)
 # A connection of its own or one lent by the pool: both run statements alike.
 Executor = asyncpg.Connection | PoolConnectionProxy
 
-# Fixed key of the advisory lock that serialises migrations of one database.
-_MIGRATION_LOCK = 0x6167_6C73
 # Errors that mean "the database cannot be reached now", as opposed to a statement it refused.
 DB_UNAVAILABLE = (
     OSError,
@@ -49,23 +44,6 @@ DB_UNAVAILABLE = (
     asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,
 )
-_SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
-
-def migrations() -> list[Migration]:
-    found = []
-    for entry in resources.files("worker.migrations").iterdir():
-        if entry.name.endswith(".sql"):
-            version = int(entry.name.split("_", 1)[0])
-            found.append(Migration(version, entry.name, entry.read_text()))
-    return sorted(found, key=lambda m: m.version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,6 +461,9 @@ class Store:
                 dead_letters=await conn.fetch(queries.RECENT_DEAD_LETTERS, rows),
             )
 
+    async def unregister_worker(self, worker_id: int) -> None:
+        await self._pool.execute(queries.UNREGISTER_WORKER, worker_id)
+
     async def state_counts(self) -> dict[str, int]:
         return {r["state"]: r["n"] for r in await self._pool.fetch(queries.STATE_COUNTS)}
 
@@ -549,60 +530,6 @@ class Store:
             records = await self._records(conn, missed) if missed else {}
         return [done.get(c.task_id) or records[c.task_id] for c in batch]
 
-    @asynccontextmanager
-    async def registered_worker(
-        self, database_url: str, in_flight: Callable[[], int]
-    ) -> AsyncIterator[int]:
-        """Register this process as a worker and hold its liveness lock until the block ends.
-
-        The lock lives on a connection of its own: when the process dies the connection drops, the
-        lock goes with it, and other workers may at once take over the tasks it was running.
-        """
-        conn: asyncpg.Connection = await asyncpg.connect(database_url)
-        self.worker_id = await conn.fetchval(
-            "INSERT INTO workers (host, pid, version) VALUES ($1, $2, $3) RETURNING worker_id",
-            socket.gethostname(),
-            os.getpid(),
-            __version__,
-        )
-        await conn.execute("SELECT pg_advisory_lock($1, $2)", self.lock_namespace, self.worker_id)
-        heartbeat = asyncio.create_task(self._heartbeat(database_url, conn, in_flight))
-        try:
-            yield self.worker_id
-        finally:
-            heartbeat.cancel()
-            with suppress(asyncio.CancelledError):
-                await heartbeat
-            with suppress(OSError, asyncpg.PostgresError, asyncio.TimeoutError):
-                await self._pool.execute("DELETE FROM workers WHERE worker_id = $1", self.worker_id)
-
-    async def _heartbeat(
-        self, database_url: str, conn: asyncpg.Connection, in_flight: Callable[[], int]
-    ) -> None:
-        try:
-            while True:
-                await asyncio.sleep(5)
-                try:
-                    if conn.is_closed():
-                        # The lock went with the old connection: take it again on a new one.
-                        conn = await asyncpg.connect(database_url)
-                        await conn.execute(
-                            "SELECT pg_advisory_lock($1, $2)", self.lock_namespace, self.worker_id
-                        )
-                        log.info("worker lock re-acquired", extra={"workerId": self.worker_id})
-                    await conn.execute(
-                        "UPDATE workers SET last_seen = now(), in_flight = $2 WHERE worker_id = $1",
-                        self.worker_id,
-                        in_flight(),
-                    )
-                except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-                    log.warning("worker heartbeat failed: %s", exc)
-                    with suppress(Exception):
-                        await conn.close(timeout=1)
-        finally:
-            with suppress(Exception):
-                await conn.close(timeout=2)
-
 
 async def _keep_session(_: asyncpg.Connection) -> None:
     """No reset when a connection goes back to the pool: the store never changes session state
@@ -618,34 +545,3 @@ def _response_json(response: HttpResponse | None) -> str | None:
 
 def _refused(exc: BaseException) -> bool:
     return not isinstance(exc, DB_UNAVAILABLE)
-
-
-async def migrate(conn: Executor) -> str:
-    """Bring the schema up to date and return its name. Safe when many processes start at once:
-    each waits for the lock, then re-reads the version another may have just applied."""
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-        schema: str | None = await conn.fetchval("SELECT current_schema()")
-        if schema is None:
-            path: str = await conn.fetchval("SELECT current_setting('search_path')")
-            schema = path.split(",", maxsplit=1)[0].strip().strip('"')
-            if not _SCHEMA_NAME.fullmatch(schema):
-                raise ConfigError(f"search_path names an unusable schema: {schema!r}")
-            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-        await conn.execute(
-            """CREATE TABLE IF NOT EXISTS schema_migrations (
-                   version integer PRIMARY KEY,
-                   name text NOT NULL,
-                   applied_at timestamptz NOT NULL DEFAULT now())"""
-        )
-        current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
-        for migration in migrations():
-            if migration.version > current:
-                await conn.execute(migration.sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                    migration.version,
-                    migration.name,
-                )
-                log.info("migration applied", extra={"migration": migration.name})
-    return schema
