@@ -15,3 +15,7 @@ class InvalidTask(AgentlessError):
 
 class EgressRefused(AgentlessError):
     """The egress policy forbids calling this address."""
+
+
+class UsageError(AgentlessError):
+    """A command was given something it cannot use; the message says what."""

@@ -1,0 +1,166 @@
+"""`agentless submit`: a task from a file and flags, queued; with --wait, its result."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import uuid
+from pathlib import Path
+
+import aio_pika
+import orjson
+from pydantic import JsonValue
+
+from worker.broker import BROKER_ERRORS, declare_topology
+from worker.errors import ConfigError, InvalidTask, UsageError
+from worker.models import Names, Result, TaskEvent, TaskMessage, parse_task
+from worker.settings import Settings, redact_url
+
+EXIT_NOT_SUCCEEDED = 1
+EXIT_WAIT_TIMEOUT = 3
+
+
+def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        task = parse_task(orjson.dumps(_task_from_args(args)))
+    except InvalidTask as exc:
+        raise UsageError(str(exc)) from exc
+    return asyncio.run(_submit(settings, task, wait=args.wait, wait_timeout=args.wait_timeout))
+
+
+_REQUEST_FLAGS = (
+    ("url", "url"),
+    ("method", "method"),
+    ("connection", "connection"),
+    ("url_suffix", "urlSuffix"),
+    ("body", "body"),
+)
+_TASK_FLAGS = (
+    ("task_id", "taskId"),
+    ("plan_id", "planId"),
+    ("job_id", "jobId"),
+    ("hub", "hubName"),
+    ("name", "name"),
+    ("criteria", "successCriteria"),
+    ("timeout", "timeoutSeconds"),
+)
+
+
+def _task_from_args(args: argparse.Namespace) -> dict[str, JsonValue]:
+    """The task message: the file's, if one is given, with the flags written over it."""
+    data = _task_file(args.file) if args.file is not None else {}
+    request = _object(data.get("request"))
+    request.update(_flags(args, _REQUEST_FLAGS))
+    if args.json_body is not None:
+        try:
+            request["body"] = orjson.loads(args.json_body)
+        except orjson.JSONDecodeError as exc:
+            raise UsageError(f"--json is not JSON: {exc}") from exc
+    if args.header:
+        headers = _object(request.get("headers"))
+        headers.update(_pairs(args.header, ":", "--header", "'Name: value'"))
+        request["headers"] = headers
+    data["request"] = request
+    data.update(_flags(args, _TASK_FLAGS))
+    if args.callback:
+        data["waitForCompletion"] = "callback"
+    data.setdefault("taskId", str(uuid.uuid4()))
+    data.setdefault("planId", str(uuid.uuid4()))
+    if args.var:
+        variables = _object(data.get("variables"))
+        variables.update(_pairs(args.var, "=", "--var", "NAME=VALUE"))
+        data["variables"] = variables
+    return data
+
+
+def _task_file(path: Path) -> dict[str, JsonValue]:
+    raw = sys.stdin.buffer.read() if str(path) == "-" else _read(path)
+    try:
+        loaded = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not JSON: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise UsageError(f"{path} must hold a JSON object (a task message)")
+    return loaded
+
+
+def _object(value: JsonValue) -> dict[str, JsonValue]:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _flags(args: argparse.Namespace, names: tuple[tuple[str, str], ...]) -> dict[str, JsonValue]:
+    return {field: getattr(args, flag) for flag, field in names if getattr(args, flag) is not None}
+
+
+def _pairs(items: list[str], separator: str, flag: str, form: str) -> dict[str, JsonValue]:
+    pairs: dict[str, JsonValue] = {}
+    for item in items:
+        name, found, value = item.partition(separator)
+        if not found or not name.strip():
+            raise UsageError(f"{flag} {item!r} is not of the form {form}")
+        pairs[name.strip()] = value.strip()
+    return pairs
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+async def _submit(settings: Settings, task: TaskMessage, *, wait: bool, wait_timeout: float) -> int:
+    names = Names(settings.prefix)
+    try:
+        connection = await aio_pika.connect(
+            settings.amqp_url,
+            client_properties={"connection_name": "agentless submit"},
+            timeout=10,
+        )
+    except BROKER_ERRORS as exc:
+        raise ConfigError(
+            f"cannot reach RabbitMQ at {redact_url(settings.amqp_url)}: {exc}"
+        ) from exc
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await declare_topology(channel, names)
+        reply_queue = None
+        if wait:
+            reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        body = task.model_dump_json(by_alias=True, exclude_none=True).encode()
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                body,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=task.task_id,
+                correlation_id=task.task_id,
+                reply_to=None if reply_queue is None else reply_queue.name,
+            ),
+            routing_key=names.tasks,
+        )
+        if reply_queue is None:
+            print(orjson.dumps({"taskId": task.task_id, "planId": task.plan_id}).decode())
+            return 0
+        try:
+            event = await asyncio.wait_for(_next_reply(reply_queue, task.task_id), wait_timeout)
+        except TimeoutError:
+            print(
+                f"agentless: no result for task {task.task_id} within {wait_timeout:g} s; "
+                "it stays queued or running",
+                file=sys.stderr,
+            )
+            return EXIT_WAIT_TIMEOUT
+    print(orjson.dumps(orjson.loads(event), option=orjson.OPT_INDENT_2).decode())
+    result = TaskEvent.model_validate_json(event).result
+    return 0 if result is Result.SUCCEEDED else EXIT_NOT_SUCCEEDED
+
+
+async def _next_reply(queue: aio_pika.abc.AbstractQueue, task_id: str) -> bytes:
+    async with queue.iterator() as replies:
+        async for message in replies:
+            await message.ack()
+            if message.correlation_id == task_id:
+                return message.body
+    raise ConnectionError("the reply queue was closed")
