@@ -211,6 +211,9 @@ async def _target_handler(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(delay)
     status = int(request.query.get("status", "200"))
     body = await request.read()
+    if "quiet" in request.query:
+        # Echoes nothing of the request: for tests that look for secrets in what is kept.
+        return web.json_response({"status": request.query.get("say", "created")}, status=status)
     return web.json_response(
         {
             "method": request.method,
