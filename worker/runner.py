@@ -60,7 +60,6 @@ class Runner:
         signer: Signer,
         metrics: Metrics,
     ) -> None:
-        self._settings = settings
         self._store = store
         self._broker = broker
         self._invoker = invoker
