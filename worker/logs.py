@@ -65,3 +65,6 @@ def configure(log_format: Literal["console", "json"], level: int = logging.INFO)
     # Library chatter (reconnect attempts, access lines) is ours to report, in our words.
     for noisy in ("aio_pika", "aiormq", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Each failed reconnect attempt is an ERROR there; the broker module reports it once, with
+    # the URL and the next delay.
+    logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)
