@@ -90,6 +90,9 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
     """A connection to this test's schema, dropped after the test."""
     conn: asyncpg.Connection = await asyncpg.connect(settings.database_url)
     yield conn
+    if conn.is_closed():
+        # The test restarted PostgreSQL.
+        conn = await asyncpg.connect(settings.database_url)
     schema = settings.database_url.rsplit("search_path=", 1)[1]
     await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     await conn.close()

@@ -8,8 +8,9 @@ import random
 import signal
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aio_pika
 import aiohttp
 import asyncpg
 import pytest_asyncio
@@ -140,3 +141,123 @@ async def test_random_sigkills_of_three_workers_lose_nothing(
     assert {(r["state"], r["result"]) for r in rows} == {("completed", "succeeded")}
     assert conflicting == 0
     assert kills >= 1
+
+
+async def completed_in_database(
+    settings: Settings, total: int, timeout: float
+) -> list[asyncpg.Record]:
+    """Poll the task table (on fresh connections: the database may restart) until `total` tasks
+    are completed; their rows."""
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                conn = await asyncpg.connect(settings.database_url)
+                try:
+                    rows = await conn.fetch("SELECT task_id, state, result, attempts FROM tasks")
+                finally:
+                    await conn.close()
+                if sum(1 for r in rows if r["state"] == "completed") >= total:
+                    return rows
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                pass
+            await asyncio.sleep(0.5)
+
+
+async def run_through(
+    settings: Settings,
+    channel: AbstractChannel,
+    url: str,
+    fault: Callable[[list[processes.Child], dict[str, str]], Awaitable[None]],
+    total: int = 600,
+) -> list[asyncpg.Record]:
+    """Queue `total` mixed tasks to an API and three workers, apply `fault` in the middle, and
+    return the rows once every task has completed."""
+    port = free_port()
+    env = {"AGENTLESS_API_PORT": str(port), "AGENTLESS_PUBLIC_URL": f"http://127.0.0.1:{port}"}
+    children = [await processes.start(settings, "api", **env)]
+    children += [await processes.start(settings, "worker", **env) for _ in range(WORKERS)]
+    run = uuid.uuid4().hex[:6]
+    try:
+        await wait_until_ready(f"http://127.0.0.1:{port}/readyz", children[0])
+        for i in range(total):
+            task: dict[str, object] = {
+                "taskId": f"f-{run}-{i}",
+                "planId": "plan-f",
+                "waitForCompletion": "callback" if i % 2 else "apiResponse",
+                "request": {"url": f"{url}/work"},
+            }
+            await publish_patiently(channel, settings, task)
+            if i == total // 2:
+                await fault(children, env)
+        rows = await completed_in_database(settings, total, timeout=120)
+    finally:
+        for child in children:
+            child.process.send_signal(signal.SIGTERM)
+        for child in children:
+            await asyncio.wait_for(child.process.wait(), 30)
+    lost = total - len(rows)
+    print(f"\nsubmitted {total} / completed {len(rows)} / lost {lost}")
+    assert len(rows) == total
+    assert {(r["state"], r["result"]) for r in rows} == {("completed", "succeeded")}
+    return rows
+
+
+async def test_the_api_killed_while_callbacks_arrive(
+    settings: Settings,
+    channel: AbstractChannel,
+    db: asyncpg.Connection,
+    service: tuple[str, Service],
+) -> None:
+    async def kill_the_api(children: list[processes.Child], env: dict[str, str]) -> None:
+        children[0].process.kill()
+        await children[0].process.wait()
+        await asyncio.sleep(1)
+        children[0] = await processes.start(settings, "api", **env)
+
+    await run_through(settings, channel, service[0], kill_the_api)
+
+
+async def test_postgresql_restarted_mid_run(
+    settings: Settings,
+    channel: AbstractChannel,
+    db: asyncpg.Connection,
+    service: tuple[str, Service],
+) -> None:
+    async def restart_postgresql(_: list[processes.Child], __: dict[str, str]) -> None:
+        await shell("pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main restart")
+
+    await run_through(settings, channel, service[0], restart_postgresql)
+
+
+async def test_rabbitmq_restarted_mid_run(
+    settings: Settings,
+    channel: AbstractChannel,
+    db: asyncpg.Connection,
+    service: tuple[str, Service],
+) -> None:
+    async def restart_rabbitmq(_: list[processes.Child], __: dict[str, str]) -> None:
+        try:
+            await shell("rabbitmqctl -q stop_app")
+        finally:
+            await shell("rabbitmqctl -q start_app")
+
+    await run_through(settings, channel, service[0], restart_rabbitmq)
+
+
+async def publish_patiently(
+    channel: AbstractChannel, settings: Settings, task: dict[str, object]
+) -> None:
+    """Publish, waiting out the test's own reconnection after a broker restart."""
+    async with asyncio.timeout(60):
+        while True:
+            try:
+                await publish(channel, settings, task)
+            except (aio_pika.exceptions.AMQPError, RuntimeError, ConnectionError):
+                await asyncio.sleep(0.5)
+            else:
+                return
+
+
+async def shell(command: str) -> None:
+    process = await asyncio.create_subprocess_shell(command)
+    assert await asyncio.wait_for(process.wait(), 120) == 0, command
