@@ -7,12 +7,13 @@ import asyncio
 import random
 import signal
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aio_pika
 import aiohttp
 import asyncpg
+import orjson
 import pytest_asyncio
 from aio_pika.abc import AbstractChannel
 from aiohttp import web
@@ -21,6 +22,7 @@ from aiohttp.test_utils import TestServer
 from tests import processes
 from tests.conftest import Events, free_port, publish
 from tests.test_serve import wait_until_ready
+from worker.models import Names
 from worker.settings import Settings
 
 TOTAL = 2000
@@ -168,10 +170,18 @@ async def run_through(
     channel: AbstractChannel,
     url: str,
     fault: Callable[[list[processes.Child], dict[str, str]], Awaitable[None]],
-    total: int = 600,
+    total: int = TOTAL,
 ) -> list[asyncpg.Record]:
     """Queue `total` mixed tasks to an API and three workers, apply `fault` in the middle, and
-    return the rows once every task has completed."""
+    return the rows once every task has completed; every task must have a TaskCompleted event.
+
+    Events are gathered in a durable queue of the test's own, which keeps them across a broker
+    restart as a real consumer's would."""
+    names = Names(settings.prefix)
+    observer = await channel.declare_queue(
+        f"{settings.prefix}.observer", durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await observer.bind(names.events, "task.completed.#")
     port = free_port()
     env = {"AGENTLESS_API_PORT": str(port), "AGENTLESS_PUBLIC_URL": f"http://127.0.0.1:{port}"}
     children = [await processes.start(settings, "api", **env)]
@@ -195,11 +205,35 @@ async def run_through(
             child.process.send_signal(signal.SIGTERM)
         for child in children:
             await asyncio.wait_for(child.process.wait(), 30)
+    completions = await drain_completions(channel, observer.name, {r["task_id"] for r in rows})
     lost = total - len(rows)
-    print(f"\nsubmitted {total} / completed {len(rows)} / lost {lost}")
+    duplicates = sum(completions.values()) - len(completions)
+    print(
+        f"\nsubmitted {total} / completed {len(rows)} / lost {lost} / "
+        f"TaskCompleted events {sum(completions.values())} ({duplicates} duplicates)"
+    )
     assert len(rows) == total
     assert {(r["state"], r["result"]) for r in rows} == {("completed", "succeeded")}
+    assert set(completions) == {r["task_id"] for r in rows}
     return rows
+
+
+async def drain_completions(
+    channel: AbstractChannel, queue_name: str, expected: set[str]
+) -> Counter[str]:
+    """TaskCompleted events per task from the observer queue, until every expected task has one
+    (events may trail the database by the relay's delay)."""
+    seen: Counter[str] = Counter()
+    async with asyncio.timeout(60):
+        while not expected <= set(seen):
+            queue = await channel.declare_queue(queue_name, passive=True)
+            message = await queue.get(no_ack=True, fail=False)
+            if message is None:
+                await asyncio.sleep(0.2)
+                continue
+            seen[orjson.loads(message.body)["taskId"]] += 1
+    await channel.queue_delete(queue_name)
+    return seen
 
 
 async def test_the_api_killed_while_callbacks_arrive(
