@@ -43,6 +43,10 @@ T = TypeVar("T")
 # Beyond the response timeout, time for an attempt to commit and publish before another worker
 # may take the task over (sooner, if the attempt's worker is seen to have died).
 LEASE_GRACE_SECONDS = 30
+# Attempts a task may start before it is taken for poison: each further start means the worker
+# running the last one died (or lost its lease), so the task ends `abandoned` instead of being
+# handed to worker after worker.
+MAX_ATTEMPTS = 5
 
 
 class Stopping(Exception):
@@ -97,6 +101,14 @@ class Runner:
         bind_task(task.task_id, task.plan_id)
         claimed = await self._claim(message, task)
         if claimed is None:
+            return
+        if claimed.attempts > MAX_ATTEMPTS:
+            log.warning("task abandoned: its worker died in each of its attempts")
+            reason = (
+                f"abandoned after {MAX_ATTEMPTS} attempts: the worker running it stopped "
+                "before it completed, each time"
+            )
+            await self._complete(message, task, claimed, Outcome(Result.ABANDONED, reason))
             return
         await self._broker.publish_event(
             task_event(

@@ -9,6 +9,7 @@ import signal
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 
 import aio_pika
 import aiohttp
@@ -23,6 +24,7 @@ from tests import processes
 from tests.conftest import Events, free_port, publish
 from tests.test_serve import wait_until_ready
 from worker.models import Names
+from worker.runner import MAX_ATTEMPTS
 from worker.settings import Settings
 
 TOTAL = 2000
@@ -295,3 +297,50 @@ async def publish_patiently(
 async def shell(command: str) -> None:
     process = await asyncio.create_subprocess_shell(command)
     assert await asyncio.wait_for(process.wait(), 120) == 0, command
+
+
+def started(events: Events, attempt: int) -> bool:
+    return any(e["attempts"] == attempt for e in events.named("TaskStarted"))
+
+
+async def test_a_task_whose_worker_dies_every_time_ends_abandoned(
+    settings: Settings,
+    channel: AbstractChannel,
+    db: asyncpg.Connection,
+    events: Events,
+) -> None:
+    """A poison task (here: one whose call never ends, its worker killed each time) is not handed
+    from worker to worker forever: after MAX_ATTEMPTS it completes `abandoned`, once."""
+    hung = asyncio.Event()
+
+    async def never_answers(_: web.Request) -> web.Response:
+        hung.set()
+        await asyncio.sleep(3600)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", never_answers)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        url = str(server.make_url("/"))
+        task: dict[str, object] = {"taskId": "poison-1", "planId": "p", "request": {"url": url}}
+        await publish(channel, settings, task)
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            worker = await processes.start(settings, "worker", AGENTLESS_RESPONSE_TIMEOUT="60")
+            async with asyncio.timeout(20), events.changed:
+                await events.changed.wait_for(partial(started, events, attempt))
+            worker.process.kill()
+            await worker.process.wait()
+        survivor = await processes.start(settings, "worker")
+        try:
+            event = await events.completed("poison-1", timeout=20)
+        finally:
+            survivor.process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(survivor.process.wait(), 30)
+    finally:
+        await server.close()
+    assert (event["result"], event["attempts"]) == ("abandoned", MAX_ATTEMPTS + 1)
+    assert str(event["reason"]).startswith(f"abandoned after {MAX_ATTEMPTS} attempts")
+    assert len(events.named("TaskCompleted", "poison-1")) == 1
+    assert hung.is_set()
