@@ -202,12 +202,13 @@ async def run_through(
             if i == total // 2:
                 await fault(children, env)
         rows = await completed_in_database(settings, total, timeout=120)
+        # While the processes still run: an event whose publisher was killed comes from a relay.
+        completions = await drain_completions(channel, observer.name, {r["task_id"] for r in rows})
     finally:
         for child in children:
             child.process.send_signal(signal.SIGTERM)
         for child in children:
             await asyncio.wait_for(child.process.wait(), 30)
-    completions = await drain_completions(channel, observer.name, {r["task_id"] for r in rows})
     lost = total - len(rows)
     duplicates = sum(completions.values()) - len(completions)
     print(
