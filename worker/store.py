@@ -407,9 +407,8 @@ class Store:
     ) -> tuple[bool, TaskRecord | None]:
         """Set output variables, and drop those in `forget`, while the task is not completed;
         like complete_by_callback."""
-        # jsonb and text cannot hold U+0000, which a service may send.
-        outputs_json = orjson.dumps(outputs).decode().replace("\\u0000", "\\ufffd")
-        names = [name.replace("\x00", "\ufffd") for name in forget]
+        outputs_json = _storable_json(orjson.dumps(outputs).decode())
+        names = [_storable_text(name) for name in forget]
         return await self._transition(queries.MERGE_OUTPUTS, task_id, plan_id, outputs_json, names)
 
     async def submit(self, request: ClaimRequest) -> datetime | TaskRecord:
@@ -464,11 +463,14 @@ class Store:
     async def unregister_worker(self, worker_id: int) -> None:
         await self._pool.execute(queries.UNREGISTER_WORKER, worker_id)
 
+    async def live_workers(self) -> list[asyncpg.Record]:
+        return await self._pool.fetch(queries.LIVE_WORKERS)
+
     async def state_counts(self) -> dict[str, int]:
         return {r["state"]: r["n"] for r in await self._pool.fetch(queries.STATE_COUNTS)}
 
     async def record_dead_letter(self, message_id: str | None, reason: str, body: bytes) -> None:
-        excerpt = body[:512].decode(errors="replace").replace("\x00", "\ufffd")
+        excerpt = _storable_text(body[:512].decode(errors="replace"))
         await self._pool.execute(queries.RECORD_DEAD_LETTER, message_id, reason, excerpt)
 
     async def signing_key(self, candidate: bytes) -> bytes:
@@ -537,10 +539,17 @@ async def _keep_session(_: asyncpg.Connection) -> None:
 
 
 def _response_json(response: HttpResponse | None) -> str | None:
-    if response is None:
-        return None
-    # jsonb cannot hold U+0000, which an endpoint's JSON may well contain.
-    return response.model_dump_json(by_alias=True).replace("\\u0000", "\\ufffd")
+    return None if response is None else _storable_json(response.model_dump_json(by_alias=True))
+
+
+# PostgreSQL's text and jsonb cannot hold U+0000, which endpoints and services may well send:
+# it is kept as U+FFFD, the replacement character.
+def _storable_text(text: str) -> str:
+    return text.replace("\x00", "\ufffd")
+
+
+def _storable_json(text: str) -> str:
+    return text.replace("\\u0000", "\\ufffd")
 
 
 def _refused(exc: BaseException) -> bool:

@@ -143,9 +143,13 @@ class Dashboard(View):
     generated_at: datetime
 
 
+def worker_views(rows: list[asyncpg.Record]) -> list[WorkerView]:
+    return [WorkerView.model_validate(dict(row), by_name=True) for row in rows]
+
+
 def dashboard(depths: QueueDepths, overview: Overview) -> Dashboard:
     now = datetime.now(UTC)
-    workers = [WorkerView.model_validate(dict(row), by_name=True) for row in overview.workers]
+    workers = worker_views(overview.workers)
     oldest = overview.oldest_waiting_since
     queue = QueueView(
         ready=depths.ready,
