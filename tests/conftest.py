@@ -213,6 +213,12 @@ async def _target_handler(request: web.Request) -> web.StreamResponse:
     if delay:
         await asyncio.sleep(delay)
     status = int(request.query.get("status", "200"))
+    if calls[key] <= int(request.query.get("fail", "0")):
+        # The first `fail` calls fail, with `failstatus` and, if given, a Retry-After.
+        status = int(request.query.get("failstatus", "503"))
+        retry_after = request.query.get("retryafter")
+        headers = {} if retry_after is None else {"Retry-After": retry_after}
+        return web.json_response({"status": "busy"}, status=status, headers=headers)
     body = await request.read()
     if "quiet" in request.query:
         # Echoes nothing of the request: for tests that look for secrets in what is kept.

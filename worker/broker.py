@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 
 import aio_pika
@@ -52,6 +53,20 @@ def tasks_queue_arguments(names: Names) -> FieldTable:
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
         "x-delivery-limit": DELIVERY_LIMIT,
+    }
+
+
+def delay_queue_arguments(names: Names, seconds: int) -> FieldTable:
+    """A queue whose messages go back to the task queue when they have waited `seconds`; it
+    outlives its last message by a minute, then goes away by itself."""
+    return {
+        "x-queue-type": "quorum",
+        "x-message-ttl": seconds * 1000,
+        "x-expires": (seconds + 60) * 1000,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": names.tasks,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
     }
 
 
@@ -176,6 +191,7 @@ class Broker:
         message_id: str | None = None,
         correlation_id: str | None = None,
         reply_to: str | None = None,
+        timestamp: datetime | None = None,
     ) -> None:
         """Publish persistently and wait for the broker's confirm, across reconnects if need be."""
         message = aio_pika.Message(
@@ -186,6 +202,7 @@ class Broker:
             message_id=message_id,
             correlation_id=correlation_id,
             reply_to=reply_to,
+            timestamp=timestamp,
         )
         while True:
             await self.connection()
@@ -243,6 +260,44 @@ class Broker:
         await self.publish(body, routing_key, to_events=True, message_id=event_id)
         if reply_to:
             await self.publish(body, reply_to, message_id=event_id, correlation_id=correlation_id)
+
+    async def publish_later(self, message: AbstractIncomingMessage, seconds: int) -> None:
+        """A copy of `message` back on the task queue in `seconds`, its properties kept: it waits
+        in a delay queue (one per delay, every message with the same TTL, so that none waits
+        behind a longer one), which dead-letters it to the task queue when its time is up."""
+        if seconds <= 0:
+            await self._republish(message, self.names.tasks)
+            return
+        queue = self.names.delay(seconds)
+        while True:
+            await self.connection()
+            channel = self._channel
+            assert channel is not None
+            try:
+                # Declared before every use: it may have expired since the last one.
+                await channel.declare_queue(
+                    queue, durable=True, arguments=delay_queue_arguments(self.names, seconds)
+                )
+            except BROKER_ERRORS as exc:
+                if self._closing:
+                    raise
+                log.warning("declaring %r failed: %s; retrying", queue, exc)
+                self.connection_lost()
+                await asyncio.sleep(0.2)
+            else:
+                break
+        await self._republish(message, queue)
+
+    async def _republish(self, message: AbstractIncomingMessage, routing_key: str) -> None:
+        await self.publish(
+            message.body,
+            routing_key,
+            headers=message.headers,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            timestamp=message.timestamp,
+        )
 
     async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         """A copy of `message` on the dead-letter queue with the reason, its properties kept."""

@@ -44,10 +44,12 @@ _WBITS: Final = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "de
 
 @dataclass(frozen=True, slots=True)
 class InvokeFailure:
-    """No usable response: the reason is a sentence a user reads."""
+    """No usable response: the reason is a sentence a user reads. A transient failure (no
+    connection, a connection lost, no complete response in time) may succeed if tried again."""
 
     reason: str
     elapsed_ms: int
+    transient: bool = False
 
 
 def build_macros(task: TaskMessage, public_url: str, access_token: str | None) -> dict[str, str]:
@@ -92,6 +94,10 @@ def _expand_json(value: JsonValue, macros: Mapping[str, str]) -> JsonValue:
 
 class _Failed(Exception):
     """A failure the task or the endpoint caused; its message is the InvokeFailure reason."""
+
+    def __init__(self, reason: str, *, transient: bool = False) -> None:
+        super().__init__(reason)
+        self.transient = transient
 
 
 @dataclass(slots=True)
@@ -190,8 +196,10 @@ class Invoker:
             async with asyncio.timeout(self._timeout):
                 return await self._follow(call, started)
         except TimeoutError:
-            return InvokeFailure(self._timeout_reason, _elapsed_ms(started))
-        except (_Failed, EgressRefused) as exc:
+            return InvokeFailure(self._timeout_reason, _elapsed_ms(started), transient=True)
+        except _Failed as exc:
+            return InvokeFailure(str(exc), _elapsed_ms(started), transient=exc.transient)
+        except EgressRefused as exc:
             return InvokeFailure(str(exc), _elapsed_ms(started))
 
     def _prepare(
@@ -266,7 +274,7 @@ class Invoker:
                         elapsed_ms=_elapsed_ms(started),
                     )
             except aiohttp.ClientError as exc:
-                raise _Failed(_describe(exc, url)) from exc
+                raise _Failed(_describe(exc, url), transient=_transient(exc)) from exc
         raise _Failed(f"too many redirects (more than {MAX_REDIRECTS})")
 
     async def _read(self, response: aiohttp.ClientResponse) -> bytes:
@@ -391,6 +399,24 @@ def _describe(exc: aiohttp.ClientError, url: URL) -> str:
         case _:
             reason = f"request to {where} failed: {exc}"
     return reason
+
+
+def _transient(exc: aiohttp.ClientError) -> bool:
+    """Whether trying again could help: the network failed, not the endpoint's TLS or HTTP."""
+    if isinstance(
+        exc,
+        aiohttp.ClientConnectorCertificateError
+        | aiohttp.ClientConnectorSSLError
+        | aiohttp.ClientSSLError,
+    ):
+        return False
+    return isinstance(
+        exc,
+        aiohttp.ClientConnectorError
+        | aiohttp.ServerDisconnectedError
+        | aiohttp.ClientPayloadError
+        | aiohttp.ClientOSError,
+    )
 
 
 def _one_line(message: str) -> str:

@@ -22,6 +22,11 @@ class Metrics:
             ["result", "mode"],
             registry=self.registry,
         )
+        self.tasks_retried = Counter(
+            "agentless_tasks_retried",
+            "Failed attempts that this process queued to be tried again.",
+            registry=self.registry,
+        )
         self.dead_letters = Counter(
             "agentless_dead_letters",
             "Messages this process dead-lettered, by kind of reason.",

@@ -66,6 +66,10 @@ class Names:
     def dead(self) -> str:
         return f"{self.prefix}.dead"
 
+    def delay(self, seconds: int) -> str:
+        """The queue where a task waits `seconds` before going back to the task queue."""
+        return f"{self.prefix}.delay.{seconds}s"
+
 
 class State(StrEnum):
     QUEUED = "queued"
@@ -186,6 +190,23 @@ class TaskRequest(WireModel):
         return data
 
 
+# The longest wait before a retry, whatever the policy or the endpoint's Retry-After asks.
+MAX_RETRY_DELAY: Final = 3600
+
+
+class RetryPolicy(WireModel):
+    """Opt-in retries of transient failures (SPEC §4): at most `attempts` calls in all, the
+    n-th retry `delaySeconds * backoff ** (n - 1)` seconds after the failure."""
+
+    attempts: int = Field(default=3, ge=1, le=100)
+    delay_seconds: float = Field(default=1.0, ge=0, le=MAX_RETRY_DELAY)
+    backoff: float = Field(default=2.0, ge=1, le=10)
+
+    def delay(self, retry: int) -> float:
+        """Seconds before retry number `retry` (from 1)."""
+        return min(self.delay_seconds * self.backoff ** (retry - 1), MAX_RETRY_DELAY)
+
+
 class TaskMessage(WireModel):
     """A task as queued (SPEC §4)."""
 
@@ -202,6 +223,7 @@ class TaskMessage(WireModel):
     timeout_seconds: int | None = Field(default=None, gt=0, le=366 * 86_400)
     started_timeout_seconds: int | None = Field(default=None, gt=0, le=366 * 86_400)
     cancel_request: TaskRequest | None = None
+    retry: RetryPolicy | None = None
     variables: dict[str, JsonValue] = Field(default_factory=dict)
 
     @field_validator("success_criteria")
@@ -242,6 +264,8 @@ class Outcome:
     result: Result
     reason: str
     response: HttpResponse | None = None
+    # No response came, for a reason that trying again may cure (a lost connection, a timeout).
+    transient: bool = False
 
 
 class TaskEvent(WireModel):

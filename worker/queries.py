@@ -15,7 +15,8 @@ RECORD = """t.task_id, t.plan_id, t.job_id, t.hub_name, t.state, t.result, t.rea
     t.digest, t.message::text AS message, t.response::text AS response, t.outputs::text AS outputs,
     t.worker_id, t.lease_until, t.queued_at, t.started_at, t.completed_at, t.mode, t.completed_by,
     t.deadline, t.reply_to, t.correlation_id, t.event_pending, t.external_started_at,
-    (t.message -> 'variables')::text AS variables"""
+    (t.message -> 'variables')::text AS variables, t.retries, t.retry_at,
+    t.history::text AS history"""
 
 SELECT_TASKS = f"""
 SELECT {RECORD}, {_worker_alive("$2")} AS worker_alive
@@ -37,14 +38,14 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text
           lease, reply_to, correlation_id)
 ON CONFLICT (task_id) DO UPDATE
 SET state = 'running', attempts = t.attempts + 1, worker_id = EXCLUDED.worker_id,
-    lease_until = EXCLUDED.lease_until, started_at = now(), updated_at = now(),
+    lease_until = EXCLUDED.lease_until, started_at = now(), updated_at = now(), retry_at = NULL,
     reply_to = coalesce(EXCLUDED.reply_to, t.reply_to),
     correlation_id = coalesce(EXCLUDED.correlation_id, t.correlation_id)
 WHERE t.digest = EXCLUDED.digest
   AND (t.state = 'queued'
        OR (t.state = 'running'
            AND (t.lease_until < now() OR NOT {_worker_alive("$15")})))
-RETURNING t.task_id, t.attempts, t.queued_at, t.started_at
+RETURNING t.task_id, t.attempts, t.retries, t.queued_at, t.started_at
 """
 
 # Only the attempt that holds the task records its result: a late, superseded attempt is fenced.
@@ -56,6 +57,19 @@ FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[])
      AS i(task_id, attempts, result, reason, response)
 WHERE t.task_id = i.task_id AND t.state = 'running' AND t.attempts = i.attempts
 RETURNING t.task_id, t.completed_at
+"""
+
+# A failed attempt to be tried again: the task is queued once more, fenced like COMPLETE, and
+# the attempt joins the task's history.
+RETRY = """
+UPDATE tasks AS t
+SET state = 'queued', retries = t.retries + 1, retry_at = now() + make_interval(secs => $3),
+    reason = $4::text, response = $5::jsonb, lease_until = NULL, updated_at = now(),
+    history = t.history || jsonb_build_array(jsonb_build_object(
+        'attempt', t.attempts, 'startedAt', t.started_at, 'endedAt', now(), 'reason', $4::text,
+        'statusCode', ($5::jsonb -> 'statusCode'), 'retryAt', now() + make_interval(secs => $3)))
+WHERE t.task_id = $1 AND t.state = 'running' AND t.attempts = $2
+RETURNING t.retry_at
 """
 
 # A callback task whose invocation was accepted waits; fenced like COMPLETE. A callback that came

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from worker import retries
 from worker.broker import BROKER_ERRORS, Broker
 from worker.errors import InvalidTask
 from worker.invoke import InvokeFailure, Invoker, build_macros
@@ -102,7 +103,8 @@ class Runner:
         claimed = await self._claim(message, task)
         if claimed is None:
             return
-        if claimed.attempts > MAX_ATTEMPTS:
+        # Retries are attempts that ended, not ones whose worker died.
+        if claimed.attempts - claimed.retries > MAX_ATTEMPTS:
             log.warning("task abandoned: its worker died in each of its attempts")
             reason = (
                 f"abandoned after {MAX_ATTEMPTS} attempts: the worker running it stopped "
@@ -125,7 +127,39 @@ class Runner:
                 return
         else:
             outcome = await self._invoke(task, build_macros(task, self._public_url, None))
+        match retries.plan(task.retry, outcome, claimed.retries):
+            case retries.Retry() as retry:
+                await self._retry(message, task, claimed, outcome, retry)
+                return
+            case retries.NoRetry(reason=reason):
+                outcome = Outcome(outcome.result, reason, outcome.response)
         await self._complete(message, task, claimed, outcome)
+
+    async def _retry(
+        self,
+        message: AbstractIncomingMessage,
+        task: TaskMessage,
+        claimed: Claimed,
+        outcome: Outcome,
+        retry: retries.Retry,
+    ) -> None:
+        """Queue the task again, by way of a delay queue: no worker slot or unacknowledged
+        message is held while it waits. Recorded first, so that a crash before the message is
+        settled only brings the retry forward."""
+        delay = retries.bucket(retry.delay)
+        recorded = await self._db(
+            lambda: self._store.retry(task.task_id, claimed.attempts, outcome, delay)
+        )
+        if isinstance(recorded, TaskRecord):
+            await self._superseded(message, recorded)
+            return
+        log.info(
+            "attempt failed; retrying",
+            extra={"reason": outcome.reason, "retry": retry.number, "delaySeconds": delay},
+        )
+        self._metrics.tasks_retried.inc()
+        await self._broker.publish_later(message, delay)
+        await _settle(message.ack())
 
     async def _complete(
         self,
@@ -138,12 +172,7 @@ class Runner:
             lambda: self._store.complete(task.task_id, claimed.attempts, outcome)
         )
         if isinstance(recorded, TaskRecord):
-            if recorded.state is not State.COMPLETED:
-                log.info("attempt superseded by a newer one; its result is not recorded")
-                await _settle(message.ack())
-                return
-            log.info("attempt superseded; re-publishing the recorded result")
-            await self._publish_completion(message, recorded)
+            await self._superseded(message, recorded)
             return
         self._metrics.tasks_completed.labels(outcome.result.value, task.wait_for_completion).inc()
         self._metrics.end_to_end_duration.labels(task.wait_for_completion.value).observe(
@@ -166,6 +195,15 @@ class Runner:
             event, reply_to=message.reply_to, correlation_id=message.correlation_id
         )
         await _settle(message.ack())
+
+    async def _superseded(self, message: AbstractIncomingMessage, record: TaskRecord) -> None:
+        """This attempt lost its task to another (or to a callback, a cancel)."""
+        if record.state is not State.COMPLETED:
+            log.info("attempt superseded by a newer one; its result is not recorded")
+            await _settle(message.ack())
+            return
+        log.info("attempt superseded; re-publishing the recorded result")
+        await self._publish_completion(message, record)
 
     async def _invoke_callback_task(
         self, message: AbstractIncomingMessage, task: TaskMessage, claimed: Claimed
@@ -250,7 +288,7 @@ class Runner:
         answer = await self._invoker.invoke(task.request, macros, extra_headers=extra_headers)
         self._metrics.invocation_duration.observe(time.perf_counter() - started)
         if isinstance(answer, InvokeFailure):
-            return Outcome(Result.FAILED, answer.reason)
+            return Outcome(Result.FAILED, answer.reason, transient=answer.transient)
         return judge(answer, task.success_criteria)
 
     async def _publish_completion(

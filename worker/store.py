@@ -93,9 +93,10 @@ class ClaimRequest:
 
 @dataclass(frozen=True, slots=True)
 class Claimed:
-    """This worker now runs the task's attempt number `attempts`."""
+    """This worker now runs the task's attempt number `attempts`, after `retries` retries."""
 
     attempts: int
+    retries: int
     queued_at: datetime
     started_at: datetime
 
@@ -128,6 +129,10 @@ class TaskRecord:
     external_started_at: datetime | None
     # The task's variables, as JSON text.
     variables: str | None
+    retries: int = 0
+    retry_at: datetime | None = None
+    # The attempts that were retried, as a JSON array.
+    history: str = "[]"
     # Only where the record was read with the liveness check (queries.SELECT_TASKS).
     worker_alive: bool = False
 
@@ -159,6 +164,9 @@ class TaskRecord:
             event_pending=row["event_pending"],
             external_started_at=row["external_started_at"],
             variables=row["variables"],
+            retries=row["retries"],
+            retry_at=row["retry_at"],
+            history=row["history"],
             worker_alive=row.get("worker_alive", False),
         )
 
@@ -253,6 +261,24 @@ class Store:
         """Record the attempt's result; its completion time, or the record that supersedes it."""
         response = _response_json(outcome.response)
         return await self._completions.submit(Completion(task_id, attempts, outcome, response))
+
+    async def retry(
+        self, task_id: str, attempts: int, outcome: Outcome, delay: float
+    ) -> datetime | TaskRecord:
+        """Queue the task again after the attempt's failure: when the retry is due, or the
+        record that supersedes the attempt."""
+        async with self._pool.acquire() as conn:
+            retry_at: datetime | None = await conn.fetchval(
+                queries.RETRY,
+                task_id,
+                attempts,
+                delay,
+                _storable_text(outcome.reason),
+                _response_json(outcome.response),
+            )
+            if retry_at is not None:
+                return retry_at
+            return (await self._records(conn, [task_id]))[task_id]
 
     async def wait(
         self,
@@ -510,7 +536,9 @@ class Store:
                 self.lock_namespace,
             )
             claimed = {
-                row["task_id"]: Claimed(row["attempts"], row["queued_at"], row["started_at"])
+                row["task_id"]: Claimed(
+                    row["attempts"], row["retries"], row["queued_at"], row["started_at"]
+                )
                 for row in rows
             }
             missed = [c.task_id for c in batch if c.task_id not in claimed]

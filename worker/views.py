@@ -51,9 +51,27 @@ class ReceivedEvent(View):
     result: Result | None = None
 
 
+class RetriedAttempt(View):
+    """An attempt that failed and was tried again (the task's `retry` policy)."""
+
+    attempt: int
+    started_at: datetime | None = None
+    ended_at: datetime
+    reason: str
+    status_code: int | None = Field(default=None, description="absent when no response came")
+    retry_at: datetime
+
+
 class TaskDetail(TaskSummary):
     request: dict[str, JsonValue] = Field(description="as queued, secret header values redacted")
     response: HttpResponse | None = None
+    retries: int = 0
+    retry_at: datetime | None = Field(
+        default=None, description="when a queued task's next attempt is due"
+    )
+    history: list[RetriedAttempt] = Field(
+        default_factory=list, description="the attempts that were retried, oldest first"
+    )
     variables: dict[str, JsonValue] = Field(default_factory=dict)
     outputs: dict[str, JsonValue] = Field(default_factory=dict)
     events: list[ReceivedEvent] = Field(default_factory=list)
@@ -89,6 +107,9 @@ class TaskDetail(TaskSummary):
                 if record.response is None
                 else HttpResponse.model_validate_json(record.response)
             ),
+            retries=record.retries,
+            retry_at=record.retry_at if record.state is State.QUEUED else None,
+            history=orjson.loads(record.history),
             variables=message.get("variables") or {},
             outputs=orjson.loads(record.outputs),
             events=events,
