@@ -12,6 +12,7 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 from tests.conftest import Api, Dead, Events, Target, free_port, publish, task_message
+from tests.test_callbacks import post, waiting
 from tests.test_tasks_api import call
 from worker import retries
 from worker.models import HttpResponse, Names, Outcome, Result, RetryPolicy
@@ -115,6 +116,25 @@ async def test_a_task_is_retried_until_it_succeeds(
     ]
     for h in history:
         assert h["startedAt"] <= h["endedAt"] < h["retryAt"]
+
+
+async def test_a_callback_tasks_invocation_is_retried_and_then_it_waits(
+    api: Api, channel: AbstractChannel, events: Events, target: Target
+) -> None:
+    task, headers = await waiting(
+        api, channel, events, target, query="&fail=1", retry={"attempts": 2, "delaySeconds": 0}
+    )
+    token = headers["AuthToken"]
+    status, _, _ = await post(
+        f"{api.url}/plans/plan-1/events",
+        {"name": "TaskCompleted", "taskId": task["taskId"], "result": "succeeded"},
+        token,
+    )
+    assert status == 200
+    completed = await events.completed(str(task["taskId"]))
+    assert (completed["result"], completed["attempts"]) == ("succeeded", 2)
+    # Each attempt had a token of its own.
+    assert target.calls[str(task["taskId"])] == 2
 
 
 async def test_retry_after_is_honoured(api: Api, events: Events, target: Target) -> None:

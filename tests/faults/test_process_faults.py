@@ -16,13 +16,15 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest_asyncio
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractMessage
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests import processes
-from tests.conftest import Events, free_port, publish
+from tests.conftest import Dead, Events, free_port, publish
 from tests.test_serve import wait_until_ready
+from worker.broker import DELIVERY_LIMIT
+from worker.dead import reason_of
 from worker.models import Names
 from worker.runner import MAX_ATTEMPTS
 from worker.settings import Settings
@@ -345,3 +347,46 @@ async def test_a_task_whose_worker_dies_every_time_ends_abandoned(
     assert str(event["reason"]).startswith(f"abandoned after {MAX_ATTEMPTS} attempts")
     assert len(events.named("TaskCompleted", "poison-1")) == 1
     assert hung.is_set()
+
+
+async def test_a_message_that_kills_every_worker_before_it_is_read_is_dead_lettered(
+    settings: Settings, channel: AbstractChannel, dead: Dead
+) -> None:
+    """A message that takes down whatever worker reads it, before the worker can even parse it,
+    is not redelivered forever: the task queue's delivery limit sends it to the dead-letter queue,
+    where `agentless dead list` says why. RabbitMQ sees a worker die only as its connection
+    ending with the message unacknowledged; each round here is exactly that."""
+    names = Names(settings.prefix)
+    await publish(channel, settings, b'{"taskId": "killer"}', message_id="killer")
+    deliveries = 0
+    while True:
+        connection = await aio_pika.connect(settings.amqp_url)
+        stand_in = await connection.channel()
+        queue = await stand_in.declare_queue(names.tasks, passive=True)
+        message = await queue.get(no_ack=False, fail=False, timeout=5)
+        await connection.close()
+        if message is None:
+            break
+        deliveries += 1
+        assert deliveries <= DELIVERY_LIMIT + 1
+
+    _, message = await dead.next()
+    print(f"\ndelivered {deliveries} times, then dead-lettered: {reason_of(message.headers)}")
+    assert deliveries == DELIVERY_LIMIT + 1
+    assert message.message_id == "killer"
+    assert message.body == b'{"taskId": "killer"}'
+    # Back where it was, for the operator's tool to read.
+    await publish_to(channel, names.dead, message)
+    code, out, err = await processes.run(settings, "dead", "list", "--json")
+    assert code == 0, err
+    (listed,) = orjson.loads(out)
+    assert listed["messageId"] == "killer"
+    assert listed["reason"] == (
+        f"RabbitMQ dead-lettered it from {names.tasks}: "
+        "delivered too many times without being acknowledged"
+    )
+
+
+async def publish_to(channel: AbstractChannel, queue: str, message: AbstractMessage) -> None:
+    copy = aio_pika.Message(message.body, headers=message.headers, message_id=message.message_id)
+    await channel.default_exchange.publish(copy, routing_key=queue)
