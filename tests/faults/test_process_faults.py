@@ -40,9 +40,14 @@ class Service:
     def __init__(self) -> None:
         self.background: set[asyncio.Task[None]] = set()
         self.session: aiohttp.ClientSession | None = None
+        self.refused: set[str] = set()
 
     async def handle(self, request: web.Request) -> web.Response:
         await asyncio.sleep(random.uniform(0, 0.2))
+        if request.path == "/flaky" and request.query["key"] not in self.refused:
+            # Busy at the first call of each task that asks for retries.
+            self.refused.add(request.query["key"])
+            return web.json_response({"status": "busy"}, status=503)
         if "AuthToken" in request.headers:
             task = asyncio.create_task(self.report(dict(request.headers)))
             self.background.add(task)
@@ -159,7 +164,9 @@ async def completed_in_database(
             try:
                 conn = await asyncpg.connect(settings.database_url)
                 try:
-                    rows = await conn.fetch("SELECT task_id, state, result, attempts FROM tasks")
+                    rows = await conn.fetch(
+                        "SELECT task_id, state, result, attempts, retries FROM tasks"
+                    )
                 finally:
                     await conn.close()
                 if sum(1 for r in rows if r["state"] == "completed") >= total:
@@ -194,12 +201,17 @@ async def run_through(
     try:
         await wait_until_ready(f"http://127.0.0.1:{port}/readyz", children[0])
         for i in range(total):
+            task_id = f"f-{run}-{i}"
             task: dict[str, object] = {
-                "taskId": f"f-{run}-{i}",
+                "taskId": task_id,
                 "planId": "plan-f",
                 "waitForCompletion": "callback" if i % 2 else "apiResponse",
                 "request": {"url": f"{url}/work"},
             }
+            if i % 5 == 0:
+                # Refused at first, then retried: some wait in a delay queue through the fault.
+                task["request"] = {"url": f"{url}/flaky?key={task_id}"}
+                task["retry"] = {"attempts": 3, "delaySeconds": 2}
             await publish_patiently(channel, settings, task)
             if i == total // 2:
                 await fault(children, env)
@@ -213,12 +225,15 @@ async def run_through(
             await asyncio.wait_for(child.process.wait(), 30)
     lost = total - len(rows)
     duplicates = sum(completions.values()) - len(completions)
+    retried = [r for r in rows if r["retries"]]
     print(
         f"\nsubmitted {total} / completed {len(rows)} / lost {lost} / "
-        f"TaskCompleted events {sum(completions.values())} ({duplicates} duplicates)"
+        f"TaskCompleted events {sum(completions.values())} ({duplicates} duplicates) / "
+        f"retried after a 503 {len(retried)}"
     )
     assert len(rows) == total
     assert {(r["state"], r["result"]) for r in rows} == {("completed", "succeeded")}
+    assert len(retried) == len(range(0, total, 5))
     assert set(completions) == {r["task_id"] for r in rows}
     return rows
 
