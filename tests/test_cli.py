@@ -63,6 +63,25 @@ async def test_submit_wait_exits_1_when_the_task_fails(
     assert json.loads(out)["reason"] == "HTTP 503"
 
 
+async def test_submit_with_retries(worker: Worker, settings: Settings, target: Target) -> None:
+    code, out, err = await processes.run(
+        settings,
+        "submit",
+        "--url",
+        f"{target.url}/hook?key=cli-retry&fail=1",
+        "--task-id",
+        "cli-retry",
+        "--retry",
+        "2",
+        "--retry-delay",
+        "0",
+        "--wait",
+    )
+    assert code == 0, err
+    completed = json.loads(out)
+    assert (completed["result"], completed["attempts"]) == ("succeeded", 2)
+
+
 async def test_submit_from_a_file(
     worker: Worker, settings: Settings, target: Target, tmp_path: Path, events: Events
 ) -> None:
@@ -87,6 +106,7 @@ async def test_submit_from_a_file(
         (["submit", "--url", "http://x", "--criteria", "a =="], "not a valid JMESPath expression"),
         (["submit", "--url", "http://x", "-H", "nocolon"], "is not of the form 'Name: value'"),
         (["submit", "/nonexistent.json"], "cannot read /nonexistent.json"),
+        (["submit", "--url", "http://x", "--retry", "0"], "retry.attempts: Input should be"),
     ],
 )
 async def test_submit_rejects_bad_input_before_queueing(

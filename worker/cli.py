@@ -117,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--timeout", type=int, metavar="SECONDS", help="timeoutSeconds of a callback task"
     )
+    submit.add_argument(
+        "--retry",
+        type=int,
+        metavar="ATTEMPTS",
+        help="retry connection errors, timeouts, 429 and 503: at most ATTEMPTS calls in all",
+    )
+    submit.add_argument(
+        "--retry-delay",
+        type=float,
+        metavar="SECONDS",
+        help="seconds before the first retry (default 1), doubled for each one after",
+    )
     submit.add_argument("--task-id", help="default: a new UUID")
     submit.add_argument("--plan-id", help="default: a new UUID")
     submit.add_argument("--job-id")
@@ -258,7 +270,9 @@ def _serve(settings: Settings, *, worker: bool) -> int:
     from aiohttp import web  # noqa: PLC0415
 
     from callback_api.app import create_app, failed_key  # noqa: PLC0415
+    from callback_api.server import deadlines_key, raise_open_files_limit  # noqa: PLC0415
 
+    raise_open_files_limit()
     app = create_app(settings, worker=worker)
     web.run_app(
         app,
@@ -266,5 +280,6 @@ def _serve(settings: Settings, *, worker: bool) -> int:
         port=settings.api_port,
         access_log=None,
         print=lambda text: log.info(text.strip().splitlines()[0]),
+        **app[deadlines_key].server_options(),
     )
     return 1 if app[failed_key] else 0

@@ -65,6 +65,9 @@ def _task_from_args(args: argparse.Namespace) -> dict[str, JsonValue]:
     data.update(_flags(args, _TASK_FLAGS))
     if args.callback:
         data["waitForCompletion"] = "callback"
+    retry = _flags(args, (("retry", "attempts"), ("retry_delay", "delaySeconds")))
+    if retry:
+        data["retry"] = {**_object(data.get("retry")), **retry}
     data.setdefault("taskId", str(uuid.uuid4()))
     data.setdefault("planId", str(uuid.uuid4()))
     if args.var:
