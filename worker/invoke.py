@@ -388,6 +388,8 @@ def _describe(exc: aiohttp.ClientError, url: URL) -> str:
             reason = f"TLS handshake with {where} failed: {_ssl_reason(exc.os_error)}"
         case aiohttp.ClientConnectorError():
             reason = f"cannot connect to {where}: {_os_reason(exc.os_error)}"
+        case aiohttp.ClientPayloadError() if _reset_mid_body(exc):
+            reason = f"connection reset by {where} before the response was complete"
         case aiohttp.ServerDisconnectedError() | aiohttp.ClientPayloadError():
             reason = f"connection closed by {where} before the response was complete"
         case aiohttp.ClientResponseError():
@@ -399,6 +401,13 @@ def _describe(exc: aiohttp.ClientError, url: URL) -> str:
         case _:
             reason = f"request to {where} failed: {exc}"
     return reason
+
+
+def _reset_mid_body(exc: aiohttp.ClientPayloadError) -> bool:
+    """Whether the connection was reset (rather than closed) before the body was complete.
+    aiohttp tells it only in the error's message: its cause is the parser's complaint about the
+    missing bytes, and the connection's own error is appended to the message by its repr."""
+    return "ConnectionResetError" in str(exc)
 
 
 def _transient(exc: aiohttp.ClientError) -> bool:

@@ -1,0 +1,212 @@
+"""Network faults, made by a TCP proxy (tests/proxy.py) between the worker and its endpoint:
+latency, connections reset mid-response, black holes. A task fails with a reason that says what
+happened, or completes once; nothing waits past its timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from aio_pika.abc import AbstractChannel
+from yarl import URL
+
+from tests.conftest import Events, Target, publish
+from tests.proxy import Proxy
+from worker.service import Worker
+from worker.settings import Settings
+
+RESPONSE_TIMEOUT = 2
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"response_timeout": RESPONSE_TIMEOUT})
+
+
+@pytest_asyncio.fixture
+async def endpoint(target: Target) -> AsyncIterator[Proxy]:
+    """A proxy in front of the test target."""
+    url = URL(target.url)
+    assert url.host is not None
+    assert url.port is not None
+    async with Proxy(url.host, url.port) as proxy:
+        yield proxy
+
+
+@dataclass(frozen=True)
+class Figures:
+    submitted: int
+    completed: int
+    duplicate_results: int
+    duplicate_events: int
+
+    @property
+    def lost(self) -> int:
+        return self.submitted - self.completed
+
+
+def tally(scenario: str, submitted: Iterable[str], events: Events, **more: object) -> Figures:
+    """What became of the submitted tasks, by their TaskCompleted events; printed."""
+    wanted = set(submitted)
+    results: dict[str, set[object]] = defaultdict(set)
+    count: Counter[str] = Counter()
+    for event in events.named("TaskCompleted"):
+        task_id = str(event["taskId"])
+        if task_id in wanted:
+            results[task_id].add(event["result"])
+            count[task_id] += 1
+    figures = Figures(
+        submitted=len(wanted),
+        completed=len(results),
+        duplicate_results=sum(1 for found in results.values() if len(found) > 1),
+        duplicate_events=sum(count.values()) - len(count),
+    )
+    extra = "".join(f" / {name.replace('_', ' ')} {value}" for name, value in more.items())
+    print(
+        f"\n{scenario}: submitted {figures.submitted} / completed {figures.completed} / "
+        f"lost {figures.lost} / duplicate results {figures.duplicate_results} / "
+        f"duplicate events {figures.duplicate_events}{extra}"
+    )
+    return figures
+
+
+async def rows_of(db: asyncpg.Connection, task_ids: Iterable[str]) -> dict[str, asyncpg.Record]:
+    rows = await db.fetch(
+        "SELECT task_id, state, result, reason, attempts FROM tasks WHERE task_id = ANY($1)",
+        list(task_ids),
+    )
+    return {row["task_id"]: row for row in rows}
+
+
+async def submit_through(
+    channel: AbstractChannel,
+    settings: Settings,
+    proxy: Proxy,
+    count: int,
+    query: str = "",
+    **fields: object,
+) -> list[str]:
+    """Queue `count` tasks whose endpoint is the test target behind `proxy`; their ids."""
+    run = uuid.uuid4().hex[:6]
+    task_ids = [f"n-{run}-{i}" for i in range(count)]
+    for task_id in task_ids:
+        task = task_message_via(proxy, task_id, query, **fields)
+        await publish(channel, settings, task)
+    return task_ids
+
+
+def task_message_via(proxy: Proxy, task_id: str, query: str, **fields: object) -> dict[str, object]:
+    request: dict[str, object] = {
+        "method": "POST",
+        "url": f"http://{proxy.address}/hook?key={task_id}{query}",
+    }
+    request.update(fields.pop("request", {}))  # type: ignore[call-overload]
+    return {"taskId": task_id, "planId": "plan-net", "request": request, **fields}
+
+
+async def all_completed(events: Events, task_ids: Iterable[str], timeout: float) -> None:
+    wanted = set(task_ids)
+    async with asyncio.timeout(timeout), events.changed:
+        await events.changed.wait_for(
+            lambda: wanted <= {str(e["taskId"]) for e in events.named("TaskCompleted")}
+        )
+
+
+# Worker ↔ endpoint: an in-process worker whose tasks call the target through the proxy.
+
+
+async def test_endpoint_latency_slows_tasks_that_still_succeed(
+    worker: Worker,
+    channel: AbstractChannel,
+    settings: Settings,
+    events: Events,
+    db: asyncpg.Connection,
+    endpoint: Proxy,
+) -> None:
+    endpoint.latency = 0.1
+    task_ids = await submit_through(channel, settings, endpoint, 20)
+    await all_completed(events, task_ids, timeout=15)
+
+    figures = tally("endpoint latency 100 ms per chunk", task_ids, events)
+    assert (figures.lost, figures.duplicate_results) == (0, 0)
+    rows = await rows_of(db, task_ids)
+    assert {(r["state"], r["result"], r["reason"]) for r in rows.values()} == {
+        ("completed", "succeeded", "HTTP 200")
+    }
+    # Both ways delayed: the request, then the response.
+    elapsed = [e["response"]["elapsedMs"] for e in events.named("TaskCompleted")]  # type: ignore[index]
+    assert min(elapsed) >= 200, elapsed
+
+
+async def test_endpoint_reset_mid_body_fails_the_task_with_the_reset(
+    worker: Worker,
+    channel: AbstractChannel,
+    settings: Settings,
+    events: Events,
+    db: asyncpg.Connection,
+    endpoint: Proxy,
+    target: Target,
+) -> None:
+    # The target echoes the request body: 4 KB of it make a response that is reset after its
+    # headers and the first part of its body.
+    endpoint.reset_after = 1000
+    task_ids = await submit_through(channel, settings, endpoint, 20, request={"body": "x" * 4096})
+    await all_completed(events, task_ids, timeout=15)
+
+    figures = tally("endpoint reset mid-body", task_ids, events, connections_reset=endpoint.resets)
+    assert (figures.lost, figures.duplicate_results) == (0, 0)
+    reason = f"connection reset by {endpoint.address} before the response was complete"
+    rows = await rows_of(db, task_ids)
+    assert {(r["state"], r["result"], r["reason"]) for r in rows.values()} == {
+        ("completed", "failed", reason)
+    }
+    assert {e["reason"] for e in events.named("TaskCompleted")} == {reason}
+    assert all(target.calls[task_id] == 1 for task_id in task_ids)
+    assert endpoint.resets == len(task_ids)
+
+
+async def test_black_holed_endpoint_fails_the_task_at_the_response_timeout(
+    worker: Worker,
+    channel: AbstractChannel,
+    settings: Settings,
+    events: Events,
+    db: asyncpg.Connection,
+    endpoint: Proxy,
+) -> None:
+    # A first task leaves a kept-alive connection in the worker's pool: the black hole swallows
+    # both that one and the new ones.
+    warm = await submit_through(channel, settings, endpoint, 1)
+    await all_completed(events, warm, timeout=10)
+    endpoint.black_hole()
+    started = time.monotonic()
+    task_ids = await submit_through(channel, settings, endpoint, 10)
+    # Completing at all is the point: nothing waits on a silent endpoint past the timeout.
+    await all_completed(events, task_ids, timeout=RESPONSE_TIMEOUT + 10)
+    took = time.monotonic() - started
+    held = endpoint.connections
+    endpoint.lift()
+    after = await submit_through(channel, settings, endpoint, 1)
+    await all_completed(events, after, timeout=10)
+
+    figures = tally(
+        "endpoint black-holed",
+        task_ids,
+        events,
+        seconds_to_complete_all=f"{took:.1f}",
+        connections_held=held,
+    )
+    assert (figures.lost, figures.duplicate_results) == (0, 0)
+    reason = f"no complete response within {RESPONSE_TIMEOUT} s"
+    rows = await rows_of(db, [*warm, *task_ids, *after])
+    assert [rows[t]["result"] for t in (*warm, *after)] == ["succeeded", "succeeded"]
+    assert {(rows[t]["state"], rows[t]["result"], rows[t]["reason"]) for t in task_ids} == {
+        ("completed", "failed", reason)
+    }
+    assert held >= 1
