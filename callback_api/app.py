@@ -14,6 +14,7 @@ from aiohttp import web
 from callback_api.guard import Guard, check_exposure, guard_key
 from callback_api.problems import problem_middleware
 from callback_api.routes import Handler, add_routes
+from callback_api.server import Deadlines, deadlines_key
 from callback_api.services import Services, services, services_key
 from worker.broker import Broker
 from worker.metrics import Metrics
@@ -102,11 +103,15 @@ def standalone(settings: Settings) -> Callable[[web.Application], AsyncIterator[
     return context
 
 
-def create_app(settings: Settings, *, worker: bool) -> web.Application:
-    """The API; with `worker`, a worker runs in the same process."""
+def create_app(
+    settings: Settings, *, worker: bool, deadlines: Deadlines | None = None
+) -> web.Application:
+    """The API; with `worker`, a worker runs in the same process. Serve it with
+    `app[deadlines_key].server_options()`."""
     check_exposure(settings)
     app = web.Application(middlewares=[count_callbacks, problem_middleware])
     app[failed_key] = []
+    app[deadlines_key] = deadlines or Deadlines()
     app[guard_key] = Guard(settings)
     app.cleanup_ctx.append(with_worker(settings) if worker else standalone(settings))
     add_routes(app)

@@ -13,6 +13,7 @@ from pydantic.alias_generators import to_camel
 
 from callback_api import events, openapi, ops, ops_page, tasks
 from callback_api.openapi import Text
+from callback_api.server import Deadlines
 from callback_api.services import services_key
 from worker.models import Result, State, TaskMessage
 from worker.queries import ORDER_COLUMNS
@@ -111,9 +112,11 @@ _LOG_TEXT = (
     LogLines,
     Text("text/plain", "UTF-8 text, one line per line"),
 )
+_LATE_BODY = f"the body did not arrive whole within {Deadlines().body_seconds:g} s of its headers"
 _CALLBACK_ERRORS: dict[int, type[BaseModel] | Text | str] = {
     403: "a valid token for another task or plan",
     404: "no such task in that plan",
+    408: _LATE_BODY,
     413: "the body is over the size limit",
 }
 _LOG_ANSWERS: dict[int, type[BaseModel] | Text | str] = {
@@ -226,6 +229,7 @@ ROUTES: tuple[Route, ...] = (
         responses={
             202: Submitted,
             400: "the task is not valid: `errors` names each field to fix",
+            408: _LATE_BODY,
             409: "the taskId already belongs to a task with another body",
             413: "the body is over 1 MiB",
         },

@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestServer
 from pydantic import AnyUrl
 
 from callback_api.app import create_app, worker_key
+from callback_api.server import Deadlines
 from worker.broker import declare_topology
 from worker.models import REASON_HEADER, Names
 from worker.service import Worker, running_worker
@@ -288,15 +289,22 @@ class Api:
     worker: Worker
 
 
+@pytest.fixture
+def deadlines() -> Deadlines:
+    """The API's deadlines for slow clients; a test may parametrize `deadlines` to change them."""
+    return Deadlines()
+
+
 @pytest_asyncio.fixture
 async def api(
-    settings: Settings, channel: AbstractChannel, db: asyncpg.Connection
+    settings: Settings, channel: AbstractChannel, db: asyncpg.Connection, deadlines: Deadlines
 ) -> AsyncIterator[Api]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     served = settings.model_copy(update={"api_port": port, "public_url": AnyUrl(url)})
-    app = create_app(served, worker=True)
-    runner = web.AppRunner(app, access_log=None)
+    app = create_app(served, worker=True, deadlines=deadlines)
+    # Served as `agentless run` serves it.
+    runner = web.AppRunner(app, access_log=None, **deadlines.server_options())
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
