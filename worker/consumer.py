@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from contextlib import suppress
+from typing import Any
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
@@ -14,7 +15,7 @@ from worker.broker import BROKER_ERRORS, Broker, tasks_queue_arguments
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+Handler = Callable[[AbstractIncomingMessage], Coroutine[Any, Any, None]]
 
 # How often the consumer checks that the broker still delivers to it.
 WATCH_INTERVAL = 2.0
@@ -133,15 +134,19 @@ class Consumer:
                 raise _Renew
 
     async def _deliver(self, message: AbstractIncomingMessage) -> None:
-        # aiormq already runs each delivery in a task of its own: track that one.
-        task = asyncio.current_task()
-        assert task is not None
+        # The handler runs in a task of the consumer's own, not in the one aiormq runs each
+        # delivery in: aiormq cancels those when their channel closes, and a task whose broker
+        # connection is lost must still finish its attempt (record its result, publish its event
+        # once reconnected). Only its ack is lost; the redelivery finds the recorded result.
         self.deliveries += 1
+        task = asyncio.create_task(self._handler(message))
         self._in_flight.add(task)
-        try:
-            await self._handler(message)
-        finally:
-            self._in_flight.discard(task)
+        task.add_done_callback(self._handled)
+
+    def _handled(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("task handler failed", exc_info=error)
 
     async def stop(self, grace: float) -> None:
         """Stop taking messages; let in-flight tasks finish within `grace` seconds, then cancel the

@@ -1,14 +1,16 @@
-"""Network faults, made by a TCP proxy (tests/proxy.py) between the worker and its endpoint:
-latency, connections reset mid-response, black holes. A task fails with a reason that says what
-happened, or completes once; nothing waits past its timeout."""
+"""Network faults, made by a TCP proxy (tests/proxy.py) between the worker and its endpoint, and
+between the worker and RabbitMQ: latency, connections reset mid-response, black holes. A task
+fails with a reason that says what happened, or completes once; nothing waits past its timeout;
+and a worker cut off from its broker reconnects and consumes again by itself."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import asyncpg
@@ -17,12 +19,19 @@ import pytest_asyncio
 from aio_pika.abc import AbstractChannel
 from yarl import URL
 
-from tests.conftest import Events, Target, publish
+from tests import processes
+from tests.conftest import Events, Target, free_port, publish, task_message
 from tests.proxy import Proxy
+from tests.test_serve import wait_until_ready
 from worker.service import Worker
 from worker.settings import Settings
 
 RESPONSE_TIMEOUT = 2
+# The AMQP heartbeat of a worker behind the broker proxy, in seconds: short, so that a black hole
+# is noticed within the test's time (aiormq gives up on a connection after about three times it).
+HEARTBEAT = 1
+# Tasks queued to a worker whose broker connections fail in the middle of the run.
+BROKER_TASKS = 300
 
 
 @pytest.fixture
@@ -210,3 +219,90 @@ async def test_black_holed_endpoint_fails_the_task_at_the_response_timeout(
         ("completed", "failed", reason)
     }
     assert held >= 1
+
+
+# Worker ↔ broker: a worker process whose AMQP connection goes through the proxy.
+
+Fault = Callable[[Proxy, processes.Child], Awaitable[str]]
+
+
+async def run_through_broker_fault(
+    scenario: str,
+    settings: Settings,
+    channel: AbstractChannel,
+    db: asyncpg.Connection,
+    events: Events,
+    target: Target,
+    fault: Fault,
+) -> None:
+    """Queue BROKER_TASKS tasks to a worker process behind a broker proxy; apply `fault` once a
+    third of them have completed; then every task must complete once, with its event, and the
+    same process must take new tasks."""
+    amqp = URL(settings.amqp_url)
+    assert amqp.host is not None
+    assert amqp.port is not None
+    async with Proxy(amqp.host, amqp.port) as broker:
+        proxied_url = amqp.with_host(broker.host).with_port(broker.port)
+        proxied = settings.model_copy(
+            update={"amqp_url": str(proxied_url.update_query(heartbeat=HEARTBEAT))}
+        )
+        port = free_port()
+        child = await processes.start(proxied, "worker", AGENTLESS_WORKER_PORT=str(port))
+        try:
+            await wait_until_ready(f"http://127.0.0.1:{port}/readyz", child)
+            run = uuid.uuid4().hex[:6]
+            task_ids = [f"b-{run}-{i}" for i in range(BROKER_TASKS)]
+            for task_id in task_ids:
+                # 50 ms at the endpoint: at the worker's concurrency, the run lasts a while.
+                await publish(
+                    channel, settings, task_message(target, taskId=task_id, query="&delay=0.05")
+                )
+            await events.completed_count(BROKER_TASKS // 3, timeout=30)
+            what = await fault(broker, child)
+            await all_completed(events, task_ids, timeout=30)
+            # The same process consumes again: new tasks complete.
+            later = [f"b-{run}-later-{i}" for i in range(10)]
+            for task_id in later:
+                await publish(channel, settings, task_message(target, taskId=task_id))
+            await all_completed(events, later, timeout=15)
+            assert child.process.returncode is None
+        finally:
+            child.process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(child.process.wait(), 30)
+        logs = child.logs()
+
+    submitted = [*task_ids, *later]
+    figures = tally(
+        scenario,
+        submitted,
+        events,
+        fault=what,
+        broker_connections_made=broker.accepted,
+        reconnects_logged=logs.count("broker connection re-established"),
+    )
+    rows = await rows_of(db, submitted)
+    assert len(rows) == len(submitted)
+    assert {(r["state"], r["result"]) for r in rows.values()} == {("completed", "succeeded")}
+    assert (figures.lost, figures.duplicate_results) == (0, 0)
+    assert child.process.returncode == 0, logs[-3000:]
+    assert "broker connection re-established" in logs
+
+
+async def test_broker_connections_reset_mid_run(
+    settings: Settings,
+    channel: AbstractChannel,
+    db: asyncpg.Connection,
+    events: Events,
+    target: Target,
+) -> None:
+    async def reset_all(broker: Proxy, _: processes.Child) -> str:
+        made = broker.accepted
+        cut = broker.cut()
+        # Noticed at once: the worker opens a new connection.
+        async with asyncio.timeout(10):
+            await broker.accepted_at_least(made + 1)
+        return f"{cut} connections reset"
+
+    await run_through_broker_fault(
+        "broker connections reset", settings, channel, db, events, target, reset_all
+    )
