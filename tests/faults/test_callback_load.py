@@ -6,7 +6,6 @@ valid callbacks' figures, quiet and under load; speed is never asserted."""
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 from callback_api.server import Deadlines
+from tests.abusers import SLOW_KINDS, Crowd, SlowClients
 from tests.conftest import Api, Events, Target, publish
 from tests.test_callbacks import callback_task
 from worker.tokens import Signer, new_key
@@ -26,13 +26,12 @@ QUIET = 100  # valid callbacks with nobody else connected
 LOADED = 200  # valid callbacks under load
 LANES = 8  # valid callbacks in flight at once
 ROUNDS = 4  # the callbacks under load are posted in rounds, a wave of abuse before each
-SLOW_PER_KIND = 75  # four kinds of slow client: 300 of them
+SLOW_PER_KIND = 75  # four kinds of slow client (tests/abusers.py): 300 of them
 CONNECTIONS = 1000
 # Short deadlines, so that the slow clients are cut off (and come back) many times in one test.
 SHORT = Deadlines(idle_seconds=1, body_seconds=1)
 # Far beyond either deadline: a slow connection still open this long after it opened was not cut.
 CUT_OFF_SECONDS = 15
-DRIP_SECONDS = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,91 +138,6 @@ def forged_token(task_id: str) -> str:
     return Signer(new_key()).issue(task_id, "plan-1", time.time() + 3600)
 
 
-def event_request(host: str, token: str, *, length: int, body: bytes = b"") -> bytes:
-    return (
-        f"POST /plans/plan-1/events HTTP/1.1\r\nHost: {host}\r\n"
-        f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {length}\r\n\r\n"
-    ).encode() + body
-
-
-def answered(data: bytes) -> str:
-    """What the server said before it closed the connection: `closed`, or `HTTP 408, closed`."""
-    if not data:
-        return "closed"
-    return f"HTTP {data.split(b' ', 2)[1].decode()}, closed"
-
-
-async def drip(writer: asyncio.StreamWriter, request: bytes, closed: asyncio.Task[bytes]) -> None:
-    """Headers one byte at a time, never finished, until the server closes the connection."""
-    for byte in request:
-        if closed.done():
-            return
-        writer.write(bytes([byte]))
-        try:
-            await writer.drain()
-        except ConnectionError:
-            return
-        await asyncio.sleep(DRIP_SECONDS)
-
-
-@dataclass
-class SlowClients:
-    """Slow-loris clients of four kinds, each reconnecting as soon as the server cuts it off."""
-
-    host: str
-    port: int
-    token: str  # a real task's token: its body is read, and never comes
-    forged: str  # a forged token: refused at once, its announced body never comes either
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    opened: int = 0
-    everyone_connected: asyncio.Event = field(default_factory=asyncio.Event)
-    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-
-    async def cut_off(self, count: int) -> None:
-        """Wait until the server has cut off `count` slow connections in all."""
-        async with asyncio.timeout(CUT_OFF_SECONDS), self.changed:
-            await self.changed.wait_for(lambda: sum(self.outcomes.values()) >= count)
-
-    async def client(self, kind: str) -> None:
-        host = f"{self.host}:{self.port}"
-        dripped = event_request(host, self.token, length=100)[:-2] + b"X-Slow: " + b"x" * 8000
-        requests = {
-            "stalled body": event_request(host, self.token, length=100),
-            "stalled body, refused": event_request(host, self.forged, length=100),
-        }
-        while not self.stop.is_set():
-            reader, writer = await asyncio.open_connection(self.host, self.port)
-            self.opened += 1
-            if self.opened >= 4 * SLOW_PER_KIND:
-                self.everyone_connected.set()
-            closed = asyncio.create_task(reader.read())
-            try:
-                if kind == "dripped headers":
-                    await drip(writer, dripped, closed)
-                elif kind in requests:
-                    writer.write(requests[kind])
-                    await writer.drain()
-                outcome = answered(await asyncio.wait_for(closed, CUT_OFF_SECONDS))
-            except ConnectionResetError:
-                # Closed while a dripped byte was on its way: the server's side answers it with RST.
-                outcome = "reset"
-            except TimeoutError:
-                outcome = f"still open after {CUT_OFF_SECONDS} s"
-            finally:
-                writer.close()
-                closed.cancel()
-                await asyncio.gather(closed, return_exceptions=True)
-            async with self.changed:
-                self.outcomes[kind, outcome] += 1
-                self.changed.notify_all()
-
-    async def run(self) -> None:
-        kinds = ("idle", "dripped headers", "stalled body", "stalled body, refused")
-        await asyncio.gather(*(self.client(kind) for kind in kinds for _ in range(SLOW_PER_KIND)))
-
-
 @pytest.mark.parametrize("deadlines", [SHORT])
 async def test_slow_loris_clients_are_cut_off_while_valid_callbacks_complete(
     api: Api, channel: AbstractChannel, events: Events, target: Target
@@ -235,13 +149,20 @@ async def test_slow_loris_clients_are_cut_off_while_valid_callbacks_complete(
     address = urlsplit(api.url)
     assert address.hostname is not None
     assert address.port is not None
-    slow = SlowClients(address.hostname, address.port, victim.token, forged_token(victim.task_id))
+    slow = SlowClients(
+        address.hostname,
+        address.port,
+        victim.token,
+        forged_token(victim.task_id),
+        per_kind=SLOW_PER_KIND,
+        give_up_seconds=CUT_OFF_SECONDS,
+    )
     running = asyncio.create_task(slow.run())
     async with asyncio.timeout(15):
         await slow.everyone_connected.wait()
     # Before each round, every slow client is cut off once more (and comes back).
     loaded = await post_in_rounds(
-        api, loaded_tasks, lambda number: slow.cut_off(number * 4 * SLOW_PER_KIND)
+        api, loaded_tasks, lambda number: slow.cut_off(number * len(SLOW_KINDS) * SLOW_PER_KIND)
     )
     slow.stop.set()
     async with asyncio.timeout(CUT_OFF_SECONDS + 5):
@@ -252,7 +173,7 @@ async def test_slow_loris_clients_are_cut_off_while_valid_callbacks_complete(
     cut = ", ".join(
         f"{kind}: {n} x {outcome}" for (kind, outcome), n in sorted(slow.outcomes.items())
     )
-    under = f"{4 * SLOW_PER_KIND} slow-loris clients"
+    under = f"{len(SLOW_KINDS) * SLOW_PER_KIND} slow-loris clients"
     print(
         f"\n{report('quiet', quiet_tasks, quiet, completed_quiet)}"
         f"\n{report(under, loaded_tasks, loaded, completed_loaded)}"
@@ -274,71 +195,6 @@ async def test_slow_loris_clients_are_cut_off_while_valid_callbacks_complete(
     assert sum(slow.outcomes.values()) == slow.opened
 
 
-async def read_answer(reader: asyncio.StreamReader) -> int:
-    """One whole response off a keep-alive connection: its status."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    length = next(
-        int(line.partition(":")[2]) for line in lines if line.lower().startswith("content-length:")
-    )
-    await reader.readexactly(length)
-    return int(lines[0].split(" ", 2)[1])
-
-
-@dataclass
-class Crowd:
-    """CONNECTIONS keep-alive clients, each asking something about once a second over its own
-    connection until told to stop: half post forged TaskCompleted events, half ask /healthz."""
-
-    host: str
-    port: int
-    forged: str
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    connected: int = 0
-    everyone_connected: asyncio.Event = field(default_factory=asyncio.Event)
-    answers: Counter[int] = field(default_factory=Counter)
-    broken: Counter[str] = field(default_factory=Counter)
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-
-    async def answered(self, count: int) -> None:
-        """Wait until the connections have been answered `count` times in all."""
-        async with asyncio.timeout(30), self.changed:
-            await self.changed.wait_for(lambda: sum(self.answers.values()) >= count)
-
-    async def client(self, number: int) -> None:
-        host = f"{self.host}:{self.port}"
-        body = b'{"name": "TaskCompleted", "taskId": "t", "result": "succeeded"}'
-        request = (
-            event_request(host, self.forged, length=len(body), body=body)
-            if number % 2
-            else f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
-        )
-        reader, writer = await asyncio.open_connection(self.host, self.port)
-        counted = False
-        try:
-            while True:
-                writer.write(request)
-                status = await read_answer(reader)
-                async with self.changed:
-                    self.answers[status] += 1
-                    self.changed.notify_all()
-                if not counted:
-                    counted = True
-                    self.connected += 1
-                    if self.connected == CONNECTIONS:
-                        self.everyone_connected.set()
-                if self.stop.is_set():
-                    return
-                await asyncio.sleep(random.uniform(0.5, 1.5))
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            self.broken[type(exc).__name__] += 1
-        finally:
-            writer.close()
-
-    async def run(self) -> None:
-        await asyncio.gather(*(self.client(number) for number in range(CONNECTIONS)))
-
-
 async def test_1000_concurrent_connections_while_valid_callbacks_complete(
     api: Api, channel: AbstractChannel, events: Events, target: Target
 ) -> None:
@@ -349,7 +205,7 @@ async def test_1000_concurrent_connections_while_valid_callbacks_complete(
     address = urlsplit(api.url)
     assert address.hostname is not None
     assert address.port is not None
-    crowd = Crowd(address.hostname, address.port, forged_token(quiet_tasks[0].task_id))
+    crowd = Crowd(address.hostname, address.port, forged_token(quiet_tasks[0].task_id), CONNECTIONS)
     running = asyncio.create_task(crowd.run())
     async with asyncio.timeout(30):
         await crowd.everyone_connected.wait()
