@@ -1,7 +1,11 @@
 """RabbitMQ: topology, one supervised connection, publishing with confirms.
 
 The connection is a plain one that this module watches and re-opens itself, rather than aio-pika's
-robust connection, whose consumers do not always come back after a broker restart.
+robust connection, whose consumers do not always come back after a broker restart. It is re-opened
+when it is lost, and when it falls silent: a black-holed network path shows nothing at all, so
+the broker is asked something every half heartbeat, and a question left unanswered for a whole
+heartbeat (`?heartbeat=N` in the URL, DEFAULT_HEARTBEAT seconds if it names none) drops the
+connection.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -24,6 +29,7 @@ from aio_pika.abc import (
     HeadersType,
 )
 from pamqp.common import FieldTable
+from yarl import URL
 
 from worker.errors import ConfigError
 from worker.models import REASON_HEADER, Names, TaskEvent
@@ -43,6 +49,33 @@ BROKER_ERRORS = (
     asyncio.TimeoutError,
     RuntimeError,
 )
+
+# The AMQP heartbeat in seconds when the URL names none. RabbitMQ advises 5 to 20 s; aiormq's own
+# default of 60 s would leave a silent connection unnoticed for three minutes.
+DEFAULT_HEARTBEAT = 10
+
+
+def cancelled_by_the_broker() -> bool:
+    """Whether the CancelledError being handled means a lost connection rather than a cancelled
+    task: aiormq fails whatever waits on a channel that it closes (because its connection closed,
+    or went silent past the heartbeat) with a CancelledError, though nothing cancelled the task
+    that waits."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
+def with_heartbeat(amqp_url: str) -> tuple[str, int]:
+    """`amqp_url` with DEFAULT_HEARTBEAT unless it names a heartbeat, and the heartbeat in force
+    (0 when it is off: aiormq reads anything but a number from 0 to 65534 as off)."""
+    url = URL(amqp_url)
+    given = url.query.get("heartbeat")
+    if given is None:
+        return str(url.update_query(heartbeat=DEFAULT_HEARTBEAT)), DEFAULT_HEARTBEAT
+    try:
+        heartbeat = int(given)
+    except ValueError:
+        heartbeat = 0
+    return amqp_url, heartbeat if 0 <= heartbeat < 65535 else 0
 
 
 def tasks_queue_arguments(names: Names) -> FieldTable:
@@ -89,10 +122,15 @@ class Broker:
 
     def __init__(self, amqp_url: str, names: Names, *, connection_name: str) -> None:
         self.names = names
-        self._url = amqp_url
+        self._url, heartbeat = with_heartbeat(amqp_url)
+        self._shown_url = redact_url(amqp_url)
+        # Seconds between probes; a probe unanswered for twice that means a silent broker. With
+        # the heartbeat off, the probe still runs, at the default's pace.
+        self._probe_interval = (heartbeat or DEFAULT_HEARTBEAT) / 2
         self._connection_name = connection_name
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
+        self._probe: AbstractChannel | None = None
         self._events: AbstractExchange | None = None
         self._ready = asyncio.Event()
         self._lost = asyncio.Event()
@@ -103,7 +141,7 @@ class Broker:
         try:
             await self._open()
         except BROKER_ERRORS as exc:
-            raise ConfigError(f"cannot reach RabbitMQ at {redact_url(self._url)}: {exc}") from exc
+            raise ConfigError(f"cannot reach RabbitMQ at {self._shown_url}: {exc}") from exc
         self._supervisor = asyncio.create_task(self._supervise(), name="broker-supervisor")
         return self
 
@@ -138,6 +176,11 @@ class Broker:
             self._ready.clear()
             self._lost.set()
 
+    def _lost_connection(self, connection: AbstractConnection) -> None:
+        # A late close callback of a connection already replaced says nothing about the new one.
+        if connection is self._connection:
+            self.connection_lost()
+
     async def _open(self) -> None:
         connection = await aio_pika.connect(
             self._url,
@@ -148,38 +191,91 @@ class Broker:
             channel = await connection.channel(publisher_confirms=True)
             await declare_topology(channel, self.names)
             self._events = await channel.get_exchange(self.names.events, ensure=False)
+            # The probe's own channel: aiormq closes a channel whose call times out.
+            probe = await connection.channel()
         except BaseException:
-            await connection.close()
+            await asyncio.gather(connection.close(), return_exceptions=True)
             raise
-        connection.close_callbacks.add(lambda *_: self.connection_lost())
-        channel.close_callbacks.add(lambda *_: self.connection_lost())
-        self._connection, self._channel = connection, channel
+        for resource in (connection, channel, probe):
+            resource.close_callbacks.add(lambda *_: self._lost_connection(connection))
+        self._connection, self._channel, self._probe = connection, channel, probe
         self._lost.clear()
         self._ready.set()
 
     async def _supervise(self) -> None:
+        while True:
+            await self._watch()
+            log.warning("broker connection lost; reconnecting")
+            await self._close_lost()
+            await self._reopen()
+
+    async def _watch(self) -> None:
+        """Return once the connection is lost, or silent: a probe (a passive declare, which the
+        broker answers at once) left unanswered for twice the probe interval."""
+        while True:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), self._probe_interval)
+            if self._lost.is_set():
+                return
+            assert self._probe is not None
+            try:
+                async with asyncio.timeout(self._probe_interval * 2):
+                    await self._probe.get_exchange(self.names.events)
+            except TimeoutError:
+                log.warning(
+                    "broker silent for %g s; dropping the connection", self._probe_interval * 2
+                )
+            except BROKER_ERRORS:
+                pass
+            except asyncio.CancelledError:
+                if not cancelled_by_the_broker():
+                    raise
+            else:
+                continue
+            self.connection_lost()
+            return
+
+    async def _close_lost(self) -> None:
+        """Close the lost connection, its channels first, with a ConnectionError: whatever waits
+        on them (a publish's confirm) fails with it and is retried on the next connection.
+        Closed along with their connection, they would fail their waiters with a CancelledError,
+        which ends the task that waits instead."""
+        lost = ConnectionError("the broker connection was lost")
+
+        async def close(channel: AbstractChannel | None) -> None:
+            if channel is None or channel.is_closed:
+                return
+            underlay = await channel.get_underlay_channel()
+            # A silent broker never confirms the close: aiormq gives up after a heartbeat.
+            await asyncio.wait_for(underlay.close(lost), self._probe_interval * 4)
+
+        await asyncio.gather(close(self._probe), close(self._channel), return_exceptions=True)
+        if self._connection is not None:
+            await asyncio.gather(self._connection.close(), return_exceptions=True)
+
+    async def _reopen(self) -> None:
+        """Open a new connection, trying again with a growing delay until one opens."""
         delay = 0.5
         while True:
-            await self._lost.wait()
-            if self._connection is not None:
-                await asyncio.gather(self._connection.close(), return_exceptions=True)
-            log.warning("broker connection lost; reconnecting")
-            while True:
-                try:
-                    await self._open()
-                except BROKER_ERRORS as exc:
-                    log.warning(
-                        "broker reconnect failed: %s; retrying in %.1f s",
-                        exc,
-                        delay,
-                        extra={"amqpUrl": redact_url(self._url)},
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 10)
-                else:
-                    log.info("broker connection re-established")
-                    delay = 0.5
-                    break
+            try:
+                await self._open()
+            except BROKER_ERRORS as exc:
+                failure = str(exc) or type(exc).__name__
+            except asyncio.CancelledError:
+                if not cancelled_by_the_broker():
+                    raise
+                failure = "the connection closed while it was being set up"
+            else:
+                log.info("broker connection re-established")
+                return
+            log.warning(
+                "broker reconnect failed: %s; retrying in %.1f s",
+                failure,
+                delay,
+                extra={"amqpUrl": self._shown_url},
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10)
 
     async def publish(
         self,

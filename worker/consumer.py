@@ -11,7 +11,7 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from worker.broker import BROKER_ERRORS, Broker, tasks_queue_arguments
+from worker.broker import BROKER_ERRORS, Broker, cancelled_by_the_broker, tasks_queue_arguments
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +66,19 @@ class Consumer:
                 except _Renew:
                     await self._close_channel()
                 except BROKER_ERRORS as exc:
-                    log.warning("consumer lost its channel: %s", exc)
-                    await self._close_channel()
-                    await asyncio.sleep(0.5)
+                    await self._lost_channel(str(exc))
+                except asyncio.CancelledError:
+                    if not cancelled_by_the_broker():
+                        raise
+                    await self._lost_channel("its connection was closed")
         finally:
             self.consuming.clear()
             self._finished.set()
+
+    async def _lost_channel(self, why: str) -> None:
+        log.warning("consumer lost its channel: %s", why)
+        await self._close_channel()
+        await asyncio.sleep(0.5)
 
     async def _close_channel(self) -> None:
         self.consuming.clear()
