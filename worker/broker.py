@@ -64,6 +64,11 @@ def cancelled_by_the_broker() -> bool:
     return task is not None and task.cancelling() == 0
 
 
+def _lost_connection(exc: BaseException) -> bool:
+    """Whether `exc`, raised by a broker call, means that the connection or channel was lost."""
+    return not isinstance(exc, asyncio.CancelledError) or cancelled_by_the_broker()
+
+
 def with_heartbeat(amqp_url: str) -> tuple[str, int]:
     """`amqp_url` with DEFAULT_HEARTBEAT unless it names a heartbeat, and the heartbeat in force
     (0 when it is off: aiormq reads anything but a number from 0 to 65534 as off)."""
@@ -310,8 +315,8 @@ class Broker:
                 # Not mandatory: an event nobody is bound to is dropped by the broker rather
                 # than returned whole, to be read and discarded here.
                 await exchange.publish(message, routing_key, mandatory=False, timeout=30)
-            except BROKER_ERRORS as exc:
-                if self._closing:
+            except (*BROKER_ERRORS, asyncio.CancelledError) as exc:
+                if self._closing or not _lost_connection(exc):
                     raise
                 log.warning("publish to %r failed: %s; retrying", routing_key, exc)
                 if not isinstance(exc, aio_pika.exceptions.DeliveryError):
@@ -374,8 +379,8 @@ class Broker:
                 await channel.declare_queue(
                     queue, durable=True, arguments=delay_queue_arguments(self.names, seconds)
                 )
-            except BROKER_ERRORS as exc:
-                if self._closing:
+            except (*BROKER_ERRORS, asyncio.CancelledError) as exc:
+                if self._closing or not _lost_connection(exc):
                     raise
                 log.warning("declaring %r failed: %s; retrying", queue, exc)
                 self.connection_lost()

@@ -338,4 +338,7 @@ async def _settle(call: Awaitable[None]) -> None:
     try:
         await call
     except BROKER_ERRORS as exc:
-        log.warning("could not settle the message (%s); it will be redelivered", exc)
+        log.warning(
+            "could not settle the message (%s); it will be redelivered",
+            str(exc) or type(exc).__name__,
+        )

@@ -101,6 +101,7 @@ async def submit_through(
     proxy: Proxy,
     count: int,
     body: str | None = None,
+    retry: dict[str, object] | None = None,
 ) -> list[str]:
     """Queue `count` tasks whose endpoint is the test target behind `proxy`; their ids."""
     run = uuid.uuid4().hex[:6]
@@ -109,9 +110,10 @@ async def submit_through(
         request: dict[str, object] = {"url": f"http://{proxy.address}/hook?key={task_id}"}
         if body is not None:
             request["body"] = body
-        await publish(
-            channel, settings, {"taskId": task_id, "planId": "plan-net", "request": request}
-        )
+        task: dict[str, object] = {"taskId": task_id, "planId": "plan-net", "request": request}
+        if retry is not None:
+            task["retry"] = retry
+        await publish(channel, settings, task)
     return task_ids
 
 
@@ -176,6 +178,33 @@ async def test_endpoint_reset_mid_body_fails_the_task_with_the_reset(
     assert {e["reason"] for e in events.named("TaskCompleted")} == {reason}
     assert all(target.calls[task_id] == 1 for task_id in task_ids)
     assert endpoint.resets == len(task_ids)
+
+
+async def test_a_task_with_retries_survives_a_reset_mid_body(
+    worker: Worker,
+    channel: AbstractChannel,
+    settings: Settings,
+    events: Events,
+    db: asyncpg.Connection,
+    endpoint: Proxy,
+    target: Target,
+) -> None:
+    endpoint.reset_after = 1000
+    task_ids = await submit_through(
+        channel, settings, endpoint, 20, body="x" * 4096, retry={"attempts": 3, "delaySeconds": 1}
+    )
+    async with asyncio.timeout(10):
+        while endpoint.resets < len(task_ids):
+            await asyncio.sleep(0.05)
+    # The path heals before the retries are due.
+    endpoint.reset_after = None
+    await all_completed(events, task_ids, timeout=15)
+
+    figures = tally("endpoint reset mid-body, tasks with retry", task_ids, events)
+    assert (figures.lost, figures.duplicate_results) == (0, 0)
+    rows = await rows_of(db, task_ids)
+    assert {(r["result"], r["attempts"]) for r in rows.values()} == {("succeeded", 2)}
+    assert all(target.calls[task_id] == 2 for task_id in task_ids)
 
 
 async def test_black_holed_endpoint_fails_the_task_at_the_response_timeout(
