@@ -11,6 +11,7 @@ import orjson
 from aiohttp import web
 
 from callback_api.server import deadlines_key
+from worker.store import DB_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,15 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         if exc.status_code < 400:
             raise
         return _from_http_exception(request, exc)
+    except DB_UNAVAILABLE as exc:
+        # The request can be sent again as it is, as services do on a 503: whatever it did
+        # before the database went away is found then, never done twice.
+        log.warning("database unavailable answering %s %s: %s", request.method, request.path, exc)
+        return problem_response(
+            503,
+            "the database is unavailable for a moment; send the request again",
+            headers={"Retry-After": "1"},
+        )
     except Exception:
         log.exception("unexpected error answering %s %s", request.method, request.path)
         return problem_response(500, "the server failed to answer; the error is in its log")

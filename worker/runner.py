@@ -150,7 +150,7 @@ class Runner:
         recorded = await self._db(
             lambda: self._store.retry(task.task_id, claimed.attempts, outcome, delay)
         )
-        if isinstance(recorded, TaskRecord):
+        if isinstance(recorded, TaskRecord) and not _retry_recorded(recorded, claimed):
             await self._superseded(message, recorded)
             return
         log.info(
@@ -330,6 +330,16 @@ class Runner:
         except TimeoutError:
             return
         raise Stopping
+
+
+def _retry_recorded(record: TaskRecord, claimed: Claimed) -> bool:
+    """Whether `record` is the retry of `claimed`'s attempt, recorded by a statement whose answer
+    was lost (and so is found when it is run again)."""
+    return (
+        record.state is State.QUEUED
+        and record.attempts == claimed.attempts
+        and record.retries == claimed.retries + 1
+    )
 
 
 async def _settle(call: Awaitable[None]) -> None:

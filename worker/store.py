@@ -43,6 +43,9 @@ DB_UNAVAILABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,
+    # A pooled connection that a server shutdown left half-way through its protocol (the pool
+    # does not run a reset query: see _keep_session) until its socket is seen closed.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
