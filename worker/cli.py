@@ -22,7 +22,7 @@ from worker.reports import (
     cmd_status,
     cmd_tasks,
 )
-from worker.service import running_worker
+from worker.service import running_worker, settle_heap
 from worker.settings import Settings, load_settings
 from worker.submit import cmd_submit
 
@@ -247,6 +247,7 @@ async def _worker(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with running_worker(settings) as worker:
+        settle_heap()
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({stopped, worker.consuming}, return_when=asyncio.FIRST_COMPLETED)
         if not stop.is_set():
@@ -265,6 +266,10 @@ def cmd_api(settings: Settings, _: argparse.Namespace) -> int:
     return _serve(settings, worker=False)
 
 
+async def _settle_heap(_: object) -> None:
+    settle_heap()
+
+
 def _serve(settings: Settings, *, worker: bool) -> int:
     # Only `run` serves HTTP: the other commands need not load the API at all.
     from aiohttp import web  # noqa: PLC0415
@@ -274,6 +279,7 @@ def _serve(settings: Settings, *, worker: bool) -> int:
 
     raise_open_files_limit()
     app = create_app(settings, worker=worker)
+    app.on_startup.append(_settle_heap)
     web.run_app(
         app,
         host=settings.api_host,
