@@ -10,6 +10,16 @@ def _worker_alive(namespace_param: str) -> str:
           AND l.objid::bigint = t.worker_id AND l.objsubid = 2 AND l.granted)"""
 
 
+def _state_in(*states: str) -> str:
+    """`t.state` is one of `states`, written so that no index on state can serve it: statements
+    that join a batch of task ids must find their rows by primary key and only then check the
+    state. Given an indexable state condition, the planner picks an index on state whenever the
+    statistics make that state look rare (after a burst of new waiting tasks, before autoanalyze
+    has run), and then reads every unfinished task for each batch: 100 ms instead of 1."""
+    listed = ", ".join(f"'{state}'" for state in states)
+    return f"(t.state || '') IN ({listed})"
+
+
 # Every column a TaskRecord holds, of the row `t`.
 RECORD = """t.task_id, t.plan_id, t.job_id, t.hub_name, t.state, t.result, t.reason, t.attempts,
     t.digest, t.message::text AS message, t.response::text AS response, t.outputs::text AS outputs,
@@ -49,13 +59,13 @@ RETURNING t.task_id, t.attempts, t.retries, t.queued_at, t.started_at
 """
 
 # Only the attempt that holds the task records its result: a late, superseded attempt is fenced.
-COMPLETE = """
+COMPLETE = f"""
 UPDATE tasks AS t
 SET state = 'completed', result = i.result, reason = i.reason, response = i.response::jsonb,
     completed_at = now(), completed_by = 'worker', lease_until = NULL, updated_at = now()
 FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[])
      AS i(task_id, attempts, result, reason, response)
-WHERE t.task_id = i.task_id AND t.state = 'running' AND t.attempts = i.attempts
+WHERE t.task_id = i.task_id AND {_state_in("running")} AND t.attempts = i.attempts
 RETURNING t.task_id, t.completed_at
 """
 
@@ -92,7 +102,7 @@ SET state = 'completed', result = i.result, reason = i.reason, completed_at = no
     completed_by = 'callback', event_pending = true, lease_until = NULL, updated_at = now()
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS i(task_id, plan_id, result, reason)
 WHERE t.task_id = i.task_id AND t.plan_id = i.plan_id AND t.mode = 'callback'
-  AND t.state IN ('running', 'waiting')
+  AND {_state_in("running", "waiting")}
 RETURNING {RECORD}
 """
 
