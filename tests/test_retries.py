@@ -4,6 +4,7 @@ recorded, and that a waiting retry holds nothing and survives its worker."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,10 +16,11 @@ from tests.conftest import Api, Dead, Events, Target, free_port, publish, task_m
 from tests.test_callbacks import post, waiting
 from tests.test_tasks_api import call
 from worker import retries
-from worker.models import HttpResponse, Names, Outcome, Result, RetryPolicy
-from worker.runner import MAX_ATTEMPTS
+from worker.models import HttpResponse, Mode, Names, Outcome, Result, RetryPolicy, State
+from worker.runner import MAX_ATTEMPTS, _retry_recorded
 from worker.service import running_worker
 from worker.settings import Settings
+from worker.store import Claimed, TaskRecord
 
 POLICY = RetryPolicy(attempts=3, delay_seconds=2, backoff=3)
 
@@ -84,6 +86,44 @@ def test_delays_share_a_few_queues() -> None:
         1300,
         3600,
     ]
+
+
+def test_a_retry_recorded_by_a_statement_whose_answer_was_lost_is_recognised() -> None:
+    now = datetime.now(UTC)
+    claimed = Claimed(attempts=2, retries=1, queued_at=now, started_at=now)
+    record = TaskRecord(
+        task_id="t",
+        plan_id="p",
+        job_id="p",
+        hub_name="build",
+        state=State.QUEUED,
+        result=None,
+        reason="HTTP 503",
+        attempts=2,
+        digest=b"",
+        message="{}",
+        response=None,
+        outputs="{}",
+        worker_id=None,
+        lease_until=None,
+        queued_at=now,
+        started_at=now,
+        completed_at=None,
+        mode=Mode.API_RESPONSE,
+        completed_by=None,
+        deadline=None,
+        reply_to=None,
+        correlation_id=None,
+        event_pending=False,
+        external_started_at=None,
+        variables=None,
+        retries=2,
+    )
+    assert _retry_recorded(record, claimed)
+    # A newer attempt took the task, or it completed: this attempt's retry is not the record's.
+    assert not _retry_recorded(replace(record, attempts=3), claimed)
+    assert not _retry_recorded(replace(record, state=State.COMPLETED), claimed)
+    assert not _retry_recorded(replace(record, retries=1), claimed)
 
 
 def test_backoff_is_capped() -> None:
