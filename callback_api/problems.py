@@ -11,6 +11,7 @@ import orjson
 from aiohttp import web
 
 from callback_api.server import deadlines_key
+from worker.broker import BrokerUnavailable
 from worker.store import DB_UNAVAILABLE
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,9 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         if exc.status_code < 400:
             raise
         return _from_http_exception(request, exc)
+    except BrokerUnavailable as exc:
+        log.warning("%s answering %s %s", exc, request.method, request.path)
+        return problem_response(503, f"{exc}; ask again", headers={"Retry-After": "1"})
     except DB_UNAVAILABLE as exc:
         # The request can be sent again as it is, as services do on a 503: whatever it did
         # before the database went away is found then, never done twice.

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from multidict import CIMultiDictProxy
 
-from tests.conftest import Api, Events, Target, task_message
+from tests.conftest import Api, Events, Target, free_port, task_message
 from worker import queries
 
 
@@ -204,3 +204,21 @@ async def test_queue_workers_and_metrics(api: Api, events: Events, target: Targe
         "agentless_tasks_waiting 0.0",
     ):
         assert line in metrics, line
+
+
+async def test_queue_without_a_broker_is_a_503_not_a_wait(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = api.worker.broker
+    # The broker goes away and cannot be reached again until the test lets it.
+    monkeypatch.setattr(broker, "_url", f"amqp://guest:guest@127.0.0.1:{free_port()}/")
+    broker.connection_lost()
+    status, problem, headers = await call("GET", f"{api.url}/queue")
+    assert status == 503
+    assert "is not reachable right now" in problem["detail"]
+    assert headers["Retry-After"] == "1"
+    monkeypatch.undo()
+    async with asyncio.timeout(20):
+        while not broker.is_ready:
+            await asyncio.sleep(0.1)
+    assert (await call("GET", f"{api.url}/queue"))[0] == 200

@@ -115,6 +115,10 @@ async def declare_topology(channel: AbstractChannel, names: Names) -> None:
     await channel.declare_exchange(names.events, aio_pika.ExchangeType.TOPIC, durable=True)
 
 
+class BrokerUnavailable(ConnectionError):
+    """The broker cannot be asked now; the connection is being re-opened."""
+
+
 @dataclass(frozen=True, slots=True)
 class QueueDepths:
     ready: int
@@ -326,11 +330,21 @@ class Broker:
                 return
 
     async def queue_depths(self) -> QueueDepths:
-        """Ready messages and consumers of the task queue, and the dead-letter queue's depth."""
+        """Ready messages and consumers of the task queue, and the dead-letter queue's depth;
+        BrokerUnavailable rather than a wait while there is no connection."""
+        if not self.is_ready:
+            raise BrokerUnavailable(f"RabbitMQ at {self._shown_url} is not reachable right now")
         connection = await self.connection()
-        async with connection.channel() as channel:
-            tasks = await channel.declare_queue(self.names.tasks, passive=True)
-            dead = await channel.declare_queue(self.names.dead, passive=True)
+        try:
+            async with asyncio.timeout(10), connection.channel() as channel:
+                tasks = await channel.declare_queue(self.names.tasks, passive=True)
+                dead = await channel.declare_queue(self.names.dead, passive=True)
+        except (*BROKER_ERRORS, asyncio.CancelledError) as exc:
+            if not _lost_connection(exc):
+                raise
+            raise BrokerUnavailable(
+                f"RabbitMQ at {self._shown_url} did not answer: {str(exc) or type(exc).__name__}"
+            ) from exc
         return QueueDepths(
             ready=tasks.declaration_result.message_count or 0,
             consumers=tasks.declaration_result.consumer_count or 0,
