@@ -329,10 +329,11 @@ async def test_a_task_whose_worker_dies_every_time_ends_abandoned(
 ) -> None:
     """A poison task (here: one whose call never ends, its worker killed each time) is not handed
     from worker to worker forever: after MAX_ATTEMPTS it completes `abandoned`, once."""
-    hung = asyncio.Event()
+    calls = 0
 
     async def never_answers(_: web.Request) -> web.Response:
-        hung.set()
+        nonlocal calls
+        calls += 1
         await asyncio.sleep(3600)
         return web.json_response({})
 
@@ -348,6 +349,10 @@ async def test_a_task_whose_worker_dies_every_time_ends_abandoned(
             worker = await processes.start(settings, "worker", AGENTLESS_RESPONSE_TIMEOUT="60")
             async with asyncio.timeout(20), events.changed:
                 await events.changed.wait_for(partial(started, events, attempt))
+            # Killed in the middle of its call, not between its TaskStarted and the call.
+            async with asyncio.timeout(20):
+                while calls < attempt:
+                    await asyncio.sleep(0.01)
             worker.process.kill()
             await worker.process.wait()
         survivor = await processes.start(settings, "worker")
@@ -361,7 +366,7 @@ async def test_a_task_whose_worker_dies_every_time_ends_abandoned(
     assert (event["result"], event["attempts"]) == ("abandoned", MAX_ATTEMPTS + 1)
     assert str(event["reason"]).startswith(f"abandoned after {MAX_ATTEMPTS} attempts")
     assert len(events.named("TaskCompleted", "poison-1")) == 1
-    assert hung.is_set()
+    assert calls == MAX_ATTEMPTS
 
 
 async def test_a_message_that_kills_every_worker_before_it_is_read_is_dead_lettered(
