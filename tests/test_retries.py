@@ -13,7 +13,7 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 from tests.conftest import Api, Dead, Events, Target, free_port, publish, task_message
-from tests.test_callbacks import post, waiting
+from tests.test_callbacks import callback_task, post, waiting
 from tests.test_tasks_api import call
 from worker import retries
 from worker.models import HttpResponse, Mode, Names, Outcome, Result, RetryPolicy, State
@@ -175,6 +175,30 @@ async def test_a_callback_tasks_invocation_is_retried_and_then_it_waits(
     assert (completed["result"], completed["attempts"]) == ("succeeded", 2)
     # Each attempt had a token of its own.
     assert target.calls[str(task["taskId"])] == 2
+
+
+async def test_a_callback_that_comes_while_a_retry_waits_completes_the_task(
+    api: Api, channel: AbstractChannel, events: Events, target: Target, db: asyncpg.Connection
+) -> None:
+    # The first call fails (on its way back, as far as the worker can tell), but the service got
+    # its token and reports the task done before the retry is due.
+    task = callback_task(target, query="&fail=1", retry={"attempts": 2, "delaySeconds": 3})
+    task_id = str(task["taskId"])
+    await publish(channel, api.settings, task)
+    async with asyncio.timeout(10):
+        while await queued_for_retry(db, task_id) is None:
+            await asyncio.sleep(0.05)
+    token = target.headers[task_id][0]["AuthToken"]
+    body = {"name": "TaskCompleted", "taskId": task_id, "result": "succeeded"}
+    status, _, _ = await post(f"{api.url}/plans/plan-1/events", body, token)
+    assert status == 200
+    completed = await events.completed(task_id)
+    assert completed["result"] == "succeeded"
+    # The retry, when due, finds the task completed and calls nobody.
+    async with asyncio.timeout(10), events.changed:
+        await events.changed.wait_for(lambda: len(events.named("TaskCompleted", task_id)) > 1)
+    assert target.calls[task_id] == 1
+    assert await db.fetchval("SELECT attempts FROM tasks WHERE task_id = $1", task_id) == 1
 
 
 async def test_retry_after_is_honoured(api: Api, events: Events, target: Target) -> None:

@@ -95,14 +95,16 @@ RETURNING t.updated_at
 _HAS_CANCEL_REQUEST = "coalesce(jsonb_typeof(t.message -> 'cancelRequest'), 'null') <> 'null'"
 
 # The external service's TaskCompleted: accepted while the task runs or waits, whichever came
-# first of the invocation's response and the callback.
+# first of the invocation's response and the callback; and while it is queued for a retry, since
+# a valid token means that an earlier invocation reached the service (it may have timed out on
+# the way back). The retry then finds the task completed.
 COMPLETE_BY_CALLBACK = f"""
 UPDATE tasks AS t
 SET state = 'completed', result = i.result, reason = i.reason, completed_at = now(),
     completed_by = 'callback', event_pending = true, lease_until = NULL, updated_at = now()
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS i(task_id, plan_id, result, reason)
 WHERE t.task_id = i.task_id AND t.plan_id = i.plan_id AND t.mode = 'callback'
-  AND {_state_in("running", "waiting")}
+  AND ({_state_in("running", "waiting")} OR ({_state_in("queued")} AND t.retries > 0))
 RETURNING {RECORD}
 """
 
@@ -144,12 +146,14 @@ WHERE t.task_id = due.task_id
 RETURNING {RECORD}
 """
 
-# An invoked task's cancelRequest is due when it is cancelled; a queued one was never invoked.
+# An invoked task's cancelRequest is due when it is cancelled; a queued one was never invoked,
+# unless it is queued for a retry.
 CANCEL = f"""
 UPDATE tasks AS t
 SET state = 'completed', result = 'canceled', reason = $2, completed_at = now(),
     completed_by = 'cancel', event_pending = true, lease_until = NULL, updated_at = now(),
-    cancel_state = CASE WHEN t.state IN ('running', 'waiting') AND {_HAS_CANCEL_REQUEST}
+    cancel_state = CASE WHEN (t.state IN ('running', 'waiting') OR t.retries > 0)
+                             AND {_HAS_CANCEL_REQUEST}
                         THEN 'pending' END
 WHERE t.task_id = $1 AND t.state <> 'completed'
 RETURNING {RECORD}
