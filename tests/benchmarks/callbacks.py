@@ -476,11 +476,17 @@ async def check_ends(setting: Setting, run: Run) -> None:
     run.end_states = await count_states(setting.database_url, task_ids)
     conn = await asyncpg.connect(setting.database_url)
     try:
-        # The API publishes each TaskCompleted before it answers; a pending one was not confirmed.
-        run.events_unconfirmed = await conn.fetchval(
-            "SELECT count(*) FROM tasks WHERE task_id = ANY($1::text[]) AND event_pending",
-            task_ids,
-        )
+        # The API publishes each TaskCompleted right after it answers, and marks it published once
+        # confirmed: the last ones of the run are given a few seconds before they count as lost.
+        deadline = time.monotonic() + 10
+        while True:
+            run.events_unconfirmed = await conn.fetchval(
+                "SELECT count(*) FROM tasks WHERE task_id = ANY($1::text[]) AND event_pending",
+                task_ids,
+            )
+            if not run.events_unconfirmed or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
     finally:
         await conn.close()
 
