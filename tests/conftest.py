@@ -8,7 +8,9 @@ import socket
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
 
 import aio_pika
 import asyncpg
@@ -23,9 +25,10 @@ from pydantic import AnyUrl
 from callback_api.app import create_app, worker_key
 from callback_api.server import Deadlines
 from worker.broker import declare_topology
-from worker.models import REASON_HEADER, Names
+from worker.models import REASON_HEADER, Mode, Names, State
 from worker.service import Worker, running_worker
 from worker.settings import Settings
+from worker.store import TaskRecord
 
 AMQP_URL = os.environ.get("AGENTLESS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 DATABASE_URL = os.environ.get(
@@ -323,3 +326,37 @@ async def worker(
     async with running_worker(settings) as running:
         await asyncio.wait_for(running.consumer.consuming.wait(), 10)
         yield running
+
+
+_RECORD = TaskRecord(
+    task_id="t-1",
+    plan_id="p",
+    job_id="p",
+    hub_name="build",
+    state=State.QUEUED,
+    result=None,
+    reason=None,
+    attempts=1,
+    digest=b"",
+    message="{}",
+    response=None,
+    outputs="{}",
+    worker_id=None,
+    lease_until=None,
+    queued_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+    started_at=None,
+    completed_at=None,
+    mode=Mode.API_RESPONSE,
+    completed_by=None,
+    deadline=None,
+    reply_to=None,
+    correlation_id=None,
+    event_pending=False,
+    external_started_at=None,
+    variables=None,
+)
+
+
+def task_record(**fields: Any) -> TaskRecord:
+    """A task's row as the store reads it: `fields` over a queued apiResponse task's."""
+    return replace(_RECORD, **fields)

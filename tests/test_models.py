@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pytest
 
+from tests.conftest import task_record
 from worker.errors import ConfigError, InvalidTask
 from worker.models import (
     EventName,
@@ -21,7 +22,6 @@ from worker.models import (
 )
 from worker.settings import Settings, load_settings
 from worker.states import completed_event, judge
-from worker.store import TaskRecord
 
 
 @pytest.mark.parametrize(
@@ -161,31 +161,21 @@ def test_settings_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> N
 def test_completed_event_from_a_record_is_the_task_event(
     response: str | None, completed: datetime
 ) -> None:
-    record = TaskRecord(
-        task_id="t-1",
-        plan_id="p",
+    record = task_record(
         job_id="j",
         hub_name="release",
         state=State.COMPLETED,
         result=Result.FAILED,
         reason="HTTP 500",
         attempts=2,
-        digest=b"",
-        message="{}",
         response=response,
         outputs='{"out": 1}',
-        worker_id=None,
-        lease_until=None,
         queued_at=completed - timedelta(seconds=3),
         started_at=completed - timedelta(seconds=1),
         completed_at=completed,
         mode=Mode.CALLBACK,
         completed_by="callback",
-        deadline=None,
-        reply_to=None,
-        correlation_id=None,
         event_pending=True,
-        external_started_at=None,
         variables='{"v": [1, "two"]}',
     )
     expected = TaskEvent(

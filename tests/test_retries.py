@@ -12,15 +12,24 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from tests.conftest import Api, Dead, Events, Target, free_port, publish, task_message
+from tests.conftest import (
+    Api,
+    Dead,
+    Events,
+    Target,
+    free_port,
+    publish,
+    task_message,
+    task_record,
+)
 from tests.test_callbacks import callback_task, post, waiting
 from tests.test_tasks_api import call
 from worker import retries
-from worker.models import HttpResponse, Mode, Names, Outcome, Result, RetryPolicy, State
+from worker.models import HttpResponse, Names, Outcome, Result, RetryPolicy, State
 from worker.runner import MAX_ATTEMPTS, _retry_recorded
 from worker.service import running_worker
 from worker.settings import Settings
-from worker.store import Claimed, TaskRecord
+from worker.store import Claimed
 
 POLICY = RetryPolicy(attempts=3, delay_seconds=2, backoff=3)
 
@@ -91,34 +100,7 @@ def test_delays_share_a_few_queues() -> None:
 def test_a_retry_recorded_by_a_statement_whose_answer_was_lost_is_recognised() -> None:
     now = datetime.now(UTC)
     claimed = Claimed(attempts=2, retries=1, queued_at=now, started_at=now)
-    record = TaskRecord(
-        task_id="t",
-        plan_id="p",
-        job_id="p",
-        hub_name="build",
-        state=State.QUEUED,
-        result=None,
-        reason="HTTP 503",
-        attempts=2,
-        digest=b"",
-        message="{}",
-        response=None,
-        outputs="{}",
-        worker_id=None,
-        lease_until=None,
-        queued_at=now,
-        started_at=now,
-        completed_at=None,
-        mode=Mode.API_RESPONSE,
-        completed_by=None,
-        deadline=None,
-        reply_to=None,
-        correlation_id=None,
-        event_pending=False,
-        external_started_at=None,
-        variables=None,
-        retries=2,
-    )
+    record = task_record(reason="HTTP 503", attempts=2, started_at=now, retries=2)
     assert _retry_recorded(record, claimed)
     # A newer attempt took the task, or it completed: this attempt's retry is not the record's.
     assert not _retry_recorded(replace(record, attempts=3), claimed)
@@ -278,7 +260,7 @@ async def test_a_waiting_retry_holds_nothing_and_outlives_its_worker(
 
 async def queued_for_retry(db: asyncpg.Connection, task_id: str) -> Any:
     return await db.fetchval(
-        "SELECT retry_at FROM tasks WHERE task_id = $1 AND state = 'queued'", task_id
+        "SELECT history FROM tasks WHERE task_id = $1 AND state = 'queued'", task_id
     )
 
 

@@ -64,7 +64,7 @@ def cancelled_by_the_broker() -> bool:
     return task is not None and task.cancelling() == 0
 
 
-def _lost_connection(exc: BaseException) -> bool:
+def _connection_failed(exc: BaseException) -> bool:
     """Whether `exc`, raised by a broker call, means that the connection or channel was lost."""
     return not isinstance(exc, asyncio.CancelledError) or cancelled_by_the_broker()
 
@@ -297,8 +297,11 @@ class Broker:
         correlation_id: str | None = None,
         reply_to: str | None = None,
         timestamp: datetime | None = None,
+        declare: FieldTable | None = None,
     ) -> None:
-        """Publish persistently and wait for the broker's confirm, across reconnects if need be."""
+        """Publish persistently and wait for the broker's confirm, across reconnects if need be;
+        with `declare`, the queue `routing_key` is declared with those arguments first, each time
+        (it may have expired since it was last used)."""
         message = aio_pika.Message(
             body,
             content_type="application/json",
@@ -316,11 +319,13 @@ class Broker:
             assert events is not None
             exchange = events if to_events else channel.default_exchange
             try:
+                if declare is not None:
+                    await channel.declare_queue(routing_key, durable=True, arguments=declare)
                 # Not mandatory: an event nobody is bound to is dropped by the broker rather
                 # than returned whole, to be read and discarded here.
                 await exchange.publish(message, routing_key, mandatory=False, timeout=30)
             except (*BROKER_ERRORS, asyncio.CancelledError) as exc:
-                if self._closing or not _lost_connection(exc):
+                if self._closing or not _connection_failed(exc):
                     raise
                 log.warning("publish to %r failed: %s; retrying", routing_key, exc)
                 if not isinstance(exc, aio_pika.exceptions.DeliveryError):
@@ -340,7 +345,7 @@ class Broker:
                 tasks = await channel.declare_queue(self.names.tasks, passive=True)
                 dead = await channel.declare_queue(self.names.dead, passive=True)
         except (*BROKER_ERRORS, asyncio.CancelledError) as exc:
-            if not _lost_connection(exc):
+            if not _connection_failed(exc):
                 raise
             raise BrokerUnavailable(
                 f"RabbitMQ at {self._shown_url} did not answer: {str(exc) or type(exc).__name__}"
@@ -380,33 +385,14 @@ class Broker:
         """A copy of `message` back on the task queue in `seconds`, its properties kept: it waits
         in a delay queue (one per delay, every message with the same TTL, so that none waits
         behind a longer one), which dead-letters it to the task queue when its time is up."""
-        if seconds <= 0:
-            await self._republish(message, self.names.tasks)
-            return
-        queue = self.names.delay(seconds)
-        while True:
-            await self.connection()
-            channel = self._channel
-            assert channel is not None
-            try:
-                # Declared before every use: it may have expired since the last one.
-                await channel.declare_queue(
-                    queue, durable=True, arguments=delay_queue_arguments(self.names, seconds)
-                )
-            except (*BROKER_ERRORS, asyncio.CancelledError) as exc:
-                if self._closing or not _lost_connection(exc):
-                    raise
-                log.warning("declaring %r failed: %s; retrying", queue, exc)
-                self.connection_lost()
-                await asyncio.sleep(0.2)
-            else:
-                break
-        await self._republish(message, queue)
-
-    async def _republish(self, message: AbstractIncomingMessage, routing_key: str) -> None:
+        if seconds > 0:
+            queue, arguments = self.names.delay(seconds), delay_queue_arguments(self.names, seconds)
+        else:
+            queue, arguments = self.names.tasks, None
         await self.publish(
             message.body,
-            routing_key,
+            queue,
+            declare=arguments,
             headers=message.headers,
             message_id=message.message_id,
             correlation_id=message.correlation_id,

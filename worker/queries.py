@@ -20,12 +20,16 @@ def _state_in(*states: str) -> str:
     return f"(t.state || '') IN ({listed})"
 
 
+# How many retries the task `t` has had: one history entry each.
+_RETRIES = "jsonb_array_length(t.history)"
+
 # Every column a TaskRecord holds, of the row `t`.
-RECORD = """t.task_id, t.plan_id, t.job_id, t.hub_name, t.state, t.result, t.reason, t.attempts,
+RECORD = f"""t.task_id, t.plan_id, t.job_id, t.hub_name, t.state, t.result, t.reason, t.attempts,
     t.digest, t.message::text AS message, t.response::text AS response, t.outputs::text AS outputs,
     t.worker_id, t.lease_until, t.queued_at, t.started_at, t.completed_at, t.mode, t.completed_by,
     t.deadline, t.reply_to, t.correlation_id, t.event_pending, t.external_started_at,
-    (t.message -> 'variables')::text AS variables, t.retries, t.retry_at,
+    (t.message -> 'variables')::text AS variables, {_RETRIES} AS retries,
+    CASE WHEN t.state = 'queued' THEN (t.history -> -1 ->> 'retryAt')::timestamptz END AS retry_at,
     t.history::text AS history"""
 
 SELECT_TASKS = f"""
@@ -48,14 +52,14 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text
           lease, reply_to, correlation_id)
 ON CONFLICT (task_id) DO UPDATE
 SET state = 'running', attempts = t.attempts + 1, worker_id = EXCLUDED.worker_id,
-    lease_until = EXCLUDED.lease_until, started_at = now(), updated_at = now(), retry_at = NULL,
+    lease_until = EXCLUDED.lease_until, started_at = now(), updated_at = now(),
     reply_to = coalesce(EXCLUDED.reply_to, t.reply_to),
     correlation_id = coalesce(EXCLUDED.correlation_id, t.correlation_id)
 WHERE t.digest = EXCLUDED.digest
   AND (t.state = 'queued'
        OR (t.state = 'running'
            AND (t.lease_until < now() OR NOT {_worker_alive("$15")})))
-RETURNING t.task_id, t.attempts, t.retries, t.queued_at, t.started_at
+RETURNING t.task_id, t.attempts, {_RETRIES} AS retries, t.queued_at, t.started_at
 """
 
 # Only the attempt that holds the task records its result: a late, superseded attempt is fenced.
@@ -73,13 +77,14 @@ RETURNING t.task_id, t.completed_at
 # the attempt joins the task's history.
 RETRY = """
 UPDATE tasks AS t
-SET state = 'queued', retries = t.retries + 1, retry_at = now() + make_interval(secs => $3),
-    reason = $4::text, response = $5::jsonb, lease_until = NULL, updated_at = now(),
+SET state = 'queued', reason = $4::text, response = $5::jsonb, lease_until = NULL,
+    updated_at = now(),
     history = t.history || jsonb_build_array(jsonb_build_object(
         'attempt', t.attempts, 'startedAt', t.started_at, 'endedAt', now(), 'reason', $4::text,
-        'statusCode', ($5::jsonb -> 'statusCode'), 'retryAt', now() + make_interval(secs => $3)))
+        'statusCode', ($5::jsonb -> 'statusCode'), 'retryAt', due.at))
+FROM (SELECT now() + make_interval(secs => $3) AS at) AS due
 WHERE t.task_id = $1 AND t.state = 'running' AND t.attempts = $2
-RETURNING t.retry_at
+RETURNING due.at
 """
 
 # A callback task whose invocation was accepted waits; fenced like COMPLETE. A callback that came
@@ -104,7 +109,7 @@ SET state = 'completed', result = i.result, reason = i.reason, completed_at = no
     completed_by = 'callback', event_pending = true, lease_until = NULL, updated_at = now()
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS i(task_id, plan_id, result, reason)
 WHERE t.task_id = i.task_id AND t.plan_id = i.plan_id AND t.mode = 'callback'
-  AND ({_state_in("running", "waiting")} OR ({_state_in("queued")} AND t.retries > 0))
+  AND ({_state_in("running", "waiting")} OR ({_state_in("queued")} AND {_RETRIES} > 0))
 RETURNING {RECORD}
 """
 
@@ -152,7 +157,7 @@ CANCEL = f"""
 UPDATE tasks AS t
 SET state = 'completed', result = 'canceled', reason = $2, completed_at = now(),
     completed_by = 'cancel', event_pending = true, lease_until = NULL, updated_at = now(),
-    cancel_state = CASE WHEN (t.state IN ('running', 'waiting') OR t.retries > 0)
+    cancel_state = CASE WHEN (t.state IN ('running', 'waiting') OR {_RETRIES} > 0)
                              AND {_HAS_CANCEL_REQUEST}
                         THEN 'pending' END
 WHERE t.task_id = $1 AND t.state <> 'completed'

@@ -132,10 +132,10 @@ class TaskRecord:
     external_started_at: datetime | None
     # The task's variables, as JSON text.
     variables: str | None
+    # The attempts that were retried, as a JSON array; how many; when a queued task's next is due.
+    history: str = "[]"
     retries: int = 0
     retry_at: datetime | None = None
-    # The attempts that were retried, as a JSON array.
-    history: str = "[]"
     # Only where the record was read with the liveness check (queries.SELECT_TASKS).
     worker_alive: bool = False
 
@@ -167,9 +167,9 @@ class TaskRecord:
             event_pending=row["event_pending"],
             external_started_at=row["external_started_at"],
             variables=row["variables"],
+            history=row["history"],
             retries=row["retries"],
             retry_at=row["retry_at"],
-            history=row["history"],
             worker_alive=row.get("worker_alive", False),
         )
 

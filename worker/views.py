@@ -108,7 +108,7 @@ class TaskDetail(TaskSummary):
                 else HttpResponse.model_validate_json(record.response)
             ),
             retries=record.retries,
-            retry_at=record.retry_at if record.state is State.QUEUED else None,
+            retry_at=record.retry_at,
             history=orjson.loads(record.history),
             variables=message.get("variables") or {},
             outputs=orjson.loads(record.outputs),

@@ -58,6 +58,7 @@ from tests.benchmarks.callbacks import (  # noqa: E402
     check_ends,
     free_port,
     new_setting,
+    positive,
     post_round,
     remove_topology,
     seed,
@@ -315,13 +316,6 @@ def table(
     lines += [f"  {what}: {n:,}" for what, n in sorted(seen.items()) if what not in ABUSE_FIGURES]
     passed = all(run.valid for run in runs) and loaded.percentile(0.99) < P99_LIMIT_MS
     return "\n".join(lines), passed and not seen["crowd connections broken"]
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("at least 1")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

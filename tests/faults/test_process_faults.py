@@ -165,7 +165,8 @@ async def completed_in_database(
                 conn = await asyncpg.connect(settings.database_url)
                 try:
                     rows = await conn.fetch(
-                        "SELECT task_id, state, result, attempts, retries FROM tasks"
+                        "SELECT task_id, state, result, attempts,"
+                        " jsonb_array_length(history) AS retries FROM tasks"
                     )
                 finally:
                     await conn.close()

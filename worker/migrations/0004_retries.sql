@@ -1,5 +1,3 @@
--- Opt-in retries: how many a task has had, when the next is due, and each retried attempt.
-ALTER TABLE tasks
-    ADD COLUMN retries integer NOT NULL DEFAULT 0,
-    ADD COLUMN retry_at timestamptz,
-    ADD COLUMN history jsonb NOT NULL DEFAULT '[]';
+-- Opt-in retries: each retried attempt, oldest first. How many there were, and when a queued
+-- task's next one is due, are read off it.
+ALTER TABLE tasks ADD COLUMN history jsonb NOT NULL DEFAULT '[]';
