@@ -38,7 +38,7 @@ class Consumer:
     silently stopped delivering to."""
 
     def __init__(self, broker: Broker, handler: Handler, *, prefetch: int) -> None:
-        self._broker = broker
+        self.broker = broker
         self._handler = handler
         self._prefetch = prefetch
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -87,8 +87,8 @@ class Consumer:
             self._channel = None
 
     async def _subscribe_on_new_channel(self) -> None:
-        connection = await self._broker.connection()
-        names = self._broker.names
+        connection = await self.broker.connection()
+        names = self.broker.names
         channel = self._channel = await connection.channel()
         await channel.set_qos(prefetch_count=self._prefetch)
         # Declared, not just looked up: an operator may have deleted the queue.
@@ -171,4 +171,4 @@ class Consumer:
                 await asyncio.gather(*pending, return_exceptions=True)
         if self._channel is not None:
             await asyncio.gather(self._channel.close(), return_exceptions=True)
-        log.info("stopped consuming", extra={"queue": self._broker.names.tasks})
+        log.info("stopped consuming", extra={"queue": self.broker.names.tasks})

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from worker.broker import Broker
+from worker.broker import PUBLISH_CHANNELS, Broker
 from worker.consumer import Consumer
 from worker.invoke import Invoker
 from worker.metrics import Metrics
@@ -62,7 +62,12 @@ class Worker:
     consuming: asyncio.Task[None]
 
     async def ready(self) -> bool:
-        return self.broker.is_ready and self.consumer.consuming.is_set() and await self.store.ping()
+        return (
+            self.broker.is_ready
+            and self.consumer.broker.is_ready
+            and self.consumer.consuming.is_set()
+            and await self.store.ping()
+        )
 
 
 @asynccontextmanager
@@ -72,21 +77,27 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
     metrics = Metrics()
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(Store.open(settings.database_url))
+        name = f"agentless worker {settings.prefix} {socket.gethostname()}:{os.getpid()}"
+        # Consuming and publishing on connections of their own: the broker throttles a
+        # connection as a whole when its publishes back up, and on a shared one that would
+        # hold up the acks that make room for the next deliveries.
         broker = await stack.enter_async_context(
             Broker(
                 settings.amqp_url,
                 Names(settings.prefix),
-                connection_name=(
-                    f"agentless worker {settings.prefix} {socket.gethostname()}:{os.getpid()}"
-                ),
+                connection_name=f"{name} publishing",
+                publish_channels=PUBLISH_CHANNELS,
             )
+        )
+        consuming_broker = await stack.enter_async_context(
+            Broker(settings.amqp_url, Names(settings.prefix), connection_name=f"{name} consuming")
         )
         invoker = await stack.enter_async_context(Invoker(settings, connections))
         signer = await open_signer(settings, store)
         runner = Runner(
             settings, store=store, broker=broker, invoker=invoker, signer=signer, metrics=metrics
         )
-        consumer = Consumer(broker, runner.handle, prefetch=settings.concurrency)
+        consumer = Consumer(consuming_broker, runner.handle, prefetch=settings.concurrency)
         worker_id = await stack.enter_async_context(
             registered_worker(store, settings.database_url, lambda: consumer.in_flight)
         )
