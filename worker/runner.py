@@ -112,21 +112,31 @@ class Runner:
             )
             await self._complete(message, task, claimed, Outcome(Result.ABANDONED, reason))
             return
-        await self._broker.publish_event(
-            task_event(
-                EventName.STARTED,
-                task,
-                attempts=claimed.attempts,
-                queued_at=claimed.queued_at,
-                started_at=claimed.started_at,
+        started = asyncio.ensure_future(
+            self._broker.publish_event(
+                task_event(
+                    EventName.STARTED,
+                    task,
+                    attempts=claimed.attempts,
+                    queued_at=claimed.queued_at,
+                    started_at=claimed.started_at,
+                )
             )
         )
         if task.wait_for_completion is Mode.CALLBACK:
+            # Confirmed before the call: the service may report back at once, and the API's
+            # events must not overtake this one.
+            await started
             outcome = await self._invoke_callback_task(message, task, claimed)
             if outcome is None:
                 return
         else:
-            outcome = await self._invoke(task, build_macros(task, self._public_url, None))
+            # The confirm comes while the endpoint answers; TaskCompleted, published only after
+            # it, still follows TaskStarted.
+            try:
+                outcome = await self._invoke(task, build_macros(task, self._public_url, None))
+            finally:
+                await started
         match retries.plan(task.retry, outcome, claimed.retries):
             case retries.Retry() as retry:
                 await self._retry(message, task, claimed, outcome, retry)
