@@ -74,6 +74,18 @@ def cancelled_by_the_broker() -> bool:
     return task is not None and task.cancelling() == 0
 
 
+async def unbounded_frames(channel: AbstractChannel) -> None:
+    """Let `channel` take in every frame that arrives for it at once. aiormq queues at most 10
+    frames per channel (aio-pika offers no way to ask for more) and its connection's reader stops
+    for the channel's each time that queue fills: with 3 frames to a delivery, a busy process took
+    in only a few deliveries per turn of its event loop, and the prefetch window sat half empty
+    in the socket. The broker still bounds the frames: deliveries by the prefetch, confirms by
+    the publishes waiting for them."""
+    underlay = await channel.get_underlay_channel()
+    # asyncio.Queue reads its bound from this attribute on every put; 0 means none.
+    underlay.frames._maxsize = 0  # type: ignore[attr-defined]
+
+
 def _connection_failed(exc: BaseException) -> bool:
     """Whether `exc`, raised by a broker call, means that the connection or channel was lost."""
     return not isinstance(exc, asyncio.CancelledError) or cancelled_by_the_broker()
@@ -214,6 +226,8 @@ class Broker:
                 await connection.channel(publisher_confirms=True)
                 for _ in range(self._publish_channels)
             ]
+            for channel in channels:
+                await unbounded_frames(channel)
             await declare_topology(channels[0], self.names)
             # The probe's own channel: aiormq closes a channel whose call times out.
             probe = await connection.channel()

@@ -11,7 +11,13 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from worker.broker import BROKER_ERRORS, Broker, cancelled_by_the_broker, tasks_queue_arguments
+from worker.broker import (
+    BROKER_ERRORS,
+    Broker,
+    cancelled_by_the_broker,
+    tasks_queue_arguments,
+    unbounded_frames,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +96,7 @@ class Consumer:
         connection = await self.broker.connection()
         names = self.broker.names
         channel = self._channel = await connection.channel()
+        await unbounded_frames(channel)
         await channel.set_qos(prefetch_count=self._prefetch)
         # Declared, not just looked up: an operator may have deleted the queue.
         queue = await channel.declare_queue(
