@@ -22,7 +22,7 @@ from worker.reports import (
     cmd_status,
     cmd_tasks,
 )
-from worker.service import running_worker, settle_heap
+from worker.service import new_event_loop, running_worker, settle_heap
 from worker.settings import Settings, load_settings
 from worker.submit import cmd_submit
 
@@ -238,7 +238,8 @@ def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 
 
 def cmd_worker(settings: Settings, _: argparse.Namespace) -> int:
-    return asyncio.run(_worker(settings))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(_worker(settings))
 
 
 async def _worker(settings: Settings) -> int:
@@ -285,6 +286,7 @@ def _serve(settings: Settings, *, worker: bool) -> int:
         host=settings.api_host,
         port=settings.api_port,
         access_log=None,
+        loop=new_event_loop(),
         print=lambda text: log.info(text.strip().splitlines()[0]),
         **app[deadlines_key].server_options(),
     )

@@ -49,6 +49,18 @@ def settle_heap() -> None:
     gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, middle, old)
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """The event loop of a long-running process: uvloop's where it is installed (everywhere but
+    Windows). Every task passes through the loop a dozen times, and uvloop's turns cost a
+    fraction of asyncio's: in the throughput benchmark it took the worker from 88% to 92-97% of
+    the baseline's rate at 100 ms."""
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 @dataclass
 class Worker:
     settings: Settings
