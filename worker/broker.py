@@ -149,7 +149,8 @@ class QueueDepths:
 
 
 class Broker:
-    """One connection per process, re-opened whenever it is lost; publishes wait it out."""
+    """One connection, re-opened whenever it is lost; publishes wait it out. A worker holds two:
+    one it consumes on, one it publishes on."""
 
     def __init__(
         self, amqp_url: str, names: Names, *, connection_name: str, publish_channels: int = 1
