@@ -150,6 +150,28 @@ async def test_batcher_keeps_duplicate_keys_apart() -> None:
     assert batches == [["a", "b"], ["a"], ["a"]]
 
 
+@pytest.mark.parametrize(("gather_turns", "sizes"), [(0, [1, 1, 1]), (10, [3])])
+async def test_batcher_gathers_callers_that_come_within_its_turns(
+    gather_turns: int, sizes: list[int]
+) -> None:
+    flushed: list[int] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        flushed.append(len(items))
+        return items
+
+    batcher: Batcher[int, int] = Batcher(flush, key=lambda i: i, gather_turns=gather_turns)
+
+    async def submit_after(turns: int) -> int:
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        return await batcher.submit(turns)
+
+    # Callers a few turns of the loop apart, as tasks woken one after another by their responses.
+    assert await asyncio.gather(*(submit_after(t) for t in (0, 4, 8))) == [0, 4, 8]
+    assert flushed == sizes
+
+
 @pytest.mark.parametrize("parallel", [1, 3])
 async def test_batcher_fails_every_caller_when_the_database_is_gone(parallel: int) -> None:
     async def flush(items: list[int]) -> list[int]:

@@ -17,7 +17,10 @@ class Batcher(Generic[In, Out]):
     wait for the next one, so batches grow with load and a lone caller pays one round trip.
 
     `key` keeps two items with the same key out of one batch (one statement must not touch a row
-    twice); the later one goes in the next batch. When a batch fails in a way `isolate` accepts
+    twice); the later one goes in the next batch. With `gather_turns`, each flush first lets the
+    event loop turn that many times, so that callers already on their way (woken by a response,
+    a confirm) join it: an idle process loses a fraction of a millisecond to it, a busy one a few,
+    which is when fewer, larger batches matter. When a batch fails in a way `isolate` accepts
     (one bad item, not a lost connection), its items are flushed one by one so that only the bad
     item's caller sees the error.
     """
@@ -32,12 +35,14 @@ class Batcher(Generic[In, Out]):
         # One flush at a time: the next batch gathers everything that arrives meanwhile, which
         # under load means fewer, larger statements and less work for the database.
         parallel: int = 1,
+        gather_turns: int = 0,
     ) -> None:
         self._flush = flush
         self._isolate = isolate
         self._key = key
         self._max_size = max_size
         self._parallel = parallel
+        self._gather_turns = gather_turns
         self._pending: list[tuple[In, asyncio.Future[Out]]] = []
         self._running = 0
 
@@ -57,6 +62,8 @@ class Batcher(Generic[In, Out]):
     async def _drain(self) -> None:
         try:
             while self._pending:
+                for _ in range(self._gather_turns):
+                    await asyncio.sleep(0)
                 batch = self._take()
                 await self._run(batch)
         finally:

@@ -201,6 +201,13 @@ class Completion:
     response_json: str | None
 
 
+# Turns of the event loop a worker's batch waits for more callers: at concurrency 256 on two
+# cores, 4 took the throughput benchmark from about 90% of the baseline's rate to over 100%.
+# Fewer statements, and the tasks each one releases move on together, so the broker confirms
+# their events and takes their acks in fewer frames.
+GATHER_TURNS = 4
+
+
 class Store:
     def __init__(self, pool: asyncpg.Pool, schema: str) -> None:
         self._pool = pool
@@ -209,10 +216,13 @@ class Store:
         self.lock_namespace = zlib.crc32(schema.encode()) & 0x7FFF_FFFF
         self.worker_id = 0
         self._claims: Batcher[ClaimRequest, Claimed | TaskRecord] = Batcher(
-            self._flush_claims, key=lambda c: c.task_id, isolate=_refused
+            self._flush_claims, key=lambda c: c.task_id, isolate=_refused, gather_turns=GATHER_TURNS
         )
         self._completions: Batcher[Completion, datetime | TaskRecord] = Batcher(
-            self._flush_completions, key=lambda c: c.task_id, isolate=_refused
+            self._flush_completions,
+            key=lambda c: c.task_id,
+            isolate=_refused,
+            gather_turns=GATHER_TURNS,
         )
         # Callers wait on these with a person or a service at the other end: a second flush may
         # start while one is in flight, so that a slow commit does not hold up the next.
