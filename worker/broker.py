@@ -81,9 +81,11 @@ async def unbounded_frames(channel: AbstractChannel) -> None:
     in only a few deliveries per turn of its event loop, and the prefetch window sat half empty
     in the socket. The broker still bounds the frames: deliveries by the prefetch, confirms by
     the publishes waiting for them."""
-    underlay = await channel.get_underlay_channel()
-    # asyncio.Queue reads its bound from this attribute on every put; 0 means none.
-    underlay.frames._maxsize = 0  # type: ignore[attr-defined]
+    frames = getattr(await channel.get_underlay_channel(), "frames", None)
+    # asyncio.Queue reads its bound from this attribute on every put; 0 means none. Should a
+    # later aiormq keep its frames elsewhere, the channel keeps its bound: slower, not wrong.
+    if isinstance(frames, asyncio.Queue) and hasattr(frames, "_maxsize"):
+        frames._maxsize = 0
 
 
 def _connection_failed(exc: BaseException) -> bool:
