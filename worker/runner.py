@@ -112,31 +112,28 @@ class Runner:
             )
             await self._complete(message, task, claimed, Outcome(Result.ABANDONED, reason))
             return
-        started = asyncio.ensure_future(
-            self._broker.publish_event(
-                task_event(
-                    EventName.STARTED,
-                    task,
-                    attempts=claimed.attempts,
-                    queued_at=claimed.queued_at,
-                    started_at=claimed.started_at,
-                )
-            )
+        started = task_event(
+            EventName.STARTED,
+            task,
+            attempts=claimed.attempts,
+            queued_at=claimed.queued_at,
+            started_at=claimed.started_at,
         )
         if task.wait_for_completion is Mode.CALLBACK:
             # Confirmed before the call: the service may report back at once, and the API's
             # events must not overtake this one.
-            await started
+            await self._broker.publish_event(started)
             outcome = await self._invoke_callback_task(message, task, claimed)
             if outcome is None:
                 return
         else:
             # The confirm comes while the endpoint answers; TaskCompleted, published only after
             # it, still follows TaskStarted.
+            confirmed = asyncio.create_task(self._broker.publish_event(started))
             try:
                 outcome = await self._invoke(task, build_macros(task, self._public_url, None))
             finally:
-                await started
+                await confirmed
         match retries.plan(task.retry, outcome, claimed.retries):
             case retries.Retry() as retry:
                 await self._retry(message, task, claimed, outcome, retry)
