@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from callback_api.azure import azure_dialect
 from callback_api.guard import Guard, check_exposure, guard_key
 from callback_api.problems import problem_middleware
 from callback_api.routes import Handler, add_routes
@@ -109,7 +110,7 @@ def create_app(
     """The API; with `worker`, a worker runs in the same process. Serve it with
     `app[deadlines_key].server_options()`."""
     check_exposure(settings)
-    app = web.Application(middlewares=[count_callbacks, problem_middleware])
+    app = web.Application(middlewares=[count_callbacks, azure_dialect, problem_middleware])
     app[failed_key] = []
     app[deadlines_key] = deadlines or Deadlines()
     app[guard_key] = Guard(settings)

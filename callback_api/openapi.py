@@ -62,6 +62,15 @@ class Problem(BaseModel):
     )
     state: State | None = Field(default=None, description="a conflict (409): the task's state")
     result: Result | None = Field(default=None, description="a conflict (409): the task's result")
+    message: str | None = Field(
+        default=None,
+        description="on Azure-compatible routes: the detail again, where Azure's clients read it",
+    )
+    type_key: str | None = Field(
+        default=None,
+        alias="typeKey",
+        description="on Azure-compatible routes: the kind of error, as Azure's clients name it",
+    )
 
 
 class Document(RootModel[dict[str, JsonValue]]):
@@ -230,10 +239,26 @@ def _query_parameters(schema: dict[str, Any]) -> list[dict[str, Any]]:
     return parameters
 
 
+_API_VERSION: Final[dict[str, Any]] = {
+    "name": "api-version",
+    "in": "query",
+    "required": False,
+    "description": "the version Azure's clients negotiated from the resource location (also "
+    "read from `Accept: application/json;api-version=…`)",
+    "schema": {"type": "string", "examples": ["7.1-preview.1"]},
+}
+_UNSERVED_VERSION: Final = "an api-version the resource location does not serve"
+
+
 def _responses(route: Route, refs: Refs) -> dict[str, Any]:
     answers = dict(route.responses)
     if route.auth != "none":
         answers.setdefault(401, "no token, or not a valid one")
+    if route.location is not None:
+        said = answers.get(400)
+        answers[400] = (
+            f"{said}; or {_UNSERVED_VERSION}" if isinstance(said, str) else _UNSERVED_VERSION
+        )
     responses: dict[str, Any] = {}
     for status, answer in sorted(answers.items()):
         if isinstance(answer, Text):
@@ -296,6 +321,8 @@ def document(settings: Settings, routes: Sequence[Route]) -> dict[str, Any]:
             queries.add(name)
         if 206 in route.responses:
             parameters.append(_RANGE_HEADER)
+        if route.location is not None:
+            parameters.append(_API_VERSION)
         operation: dict[str, Any] = {
             "operationId": operation_id,
             "summary": route.summary,

@@ -11,7 +11,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from callback_api import events, openapi, ops, ops_page, tasks
+from callback_api import azure, events, openapi, ops, ops_page, tasks
 from callback_api.openapi import Text
 from callback_api.server import Deadlines
 from callback_api.services import services_key
@@ -53,6 +53,8 @@ class Route:
     body: tuple[type[BaseModel] | Text, ...] = ()
     body_required: bool = True
     query: type[BaseModel] | None = None
+    # The Azure resource location the route serves, which Azure's clients discover it by.
+    location: azure.ResourceLocation | None = None
 
 
 # Request bodies that the handlers read by hand, described for the OpenAPI document.
@@ -133,6 +135,20 @@ _EVENT_ERRORS = {
 
 
 ROUTES: tuple[Route, ...] = (
+    *(
+        Route(
+            "OPTIONS",
+            path,
+            azure.get_resource_locations,
+            "Where each Azure resource lives (Azure's resource-location discovery)",
+            "none",
+            "callbacks",
+            query=azure.DiscoveryQuery,
+            responses={200: azure.ResourceLocations, 400: "the query is not valid"},
+        )
+        # Microsoft's clients ask with and without the slash.
+        for path in ("/_apis", "/_apis/")
+    ),
     Route(
         "POST",
         "/plans/{planId}/events",
@@ -152,6 +168,7 @@ ROUTES: tuple[Route, ...] = (
         "callbacks",
         body=(events.PlanEvent,),
         responses={200: TaskStatus, **_EVENT_ERRORS},
+        location=azure.EVENTS,
     ),
     Route(
         "POST",
@@ -172,6 +189,7 @@ ROUTES: tuple[Route, ...] = (
         "callbacks",
         body=_LOG_TEXT,
         responses=_LOG_ANSWERS,
+        location=azure.FEED,
     ),
     Route(
         "POST",
@@ -183,6 +201,7 @@ ROUTES: tuple[Route, ...] = (
         body=(NewLog,),
         body_required=False,
         responses={200: TaskLog, 400: "the body is not JSON", **_CALLBACK_ERRORS},
+        location=azure.LOGS,
     ),
     Route(
         "POST",
@@ -193,6 +212,7 @@ ROUTES: tuple[Route, ...] = (
         "callbacks",
         body=_LOG_TEXT,
         responses=_LOG_ANSWERS,
+        location=azure.LOGS,
     ),
     Route(
         "GET",
@@ -202,6 +222,7 @@ ROUTES: tuple[Route, ...] = (
         "callback",
         "callbacks",
         responses={200: TimelineRecords, 403: _CALLBACK_ERRORS[403], 404: _CALLBACK_ERRORS[404]},
+        location=azure.RECORDS,
     ),
     Route(
         "PATCH",
@@ -217,6 +238,7 @@ ROUTES: tuple[Route, ...] = (
             409: "the task already completed: its output variables are final",
             **_CALLBACK_ERRORS,
         },
+        location=azure.RECORDS,
     ),
     Route(
         "POST",
@@ -343,10 +365,13 @@ ROUTES: tuple[Route, ...] = (
 
 
 def add_routes(app: web.Application) -> None:
+    app[azure.locations_key] = {}
     for number, route in enumerate(ROUTES):
         # The tag leads the name, so that middlewares can tell callback routes apart.
         name = f"{route.tag}:{route.handler.__name__}_{number}"
         app.router.add_route(route.method, route.path, route.handler, name=name)
+        if route.location is not None:
+            app[azure.locations_key][name] = route.location
     app.on_startup.append(_describe)
 
 
