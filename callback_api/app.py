@@ -18,11 +18,11 @@ from callback_api.routes import Handler, add_routes
 from callback_api.server import Deadlines, deadlines_key
 from callback_api.services import Services, services, services_key
 from worker.broker import Broker
+from worker.contract.models import Names
+from worker.contract.settings import Settings
 from worker.metrics import Metrics
-from worker.models import Names
 from worker.service import Worker, open_signer, running_worker
-from worker.settings import Settings
-from worker.store import Store
+from worker.store.database import Store
 from worker.sweeper import Announcer, Sweeper
 
 log = logging.getLogger(__name__)

@@ -21,11 +21,11 @@ from pydantic.alias_generators import to_camel
 
 from callback_api.problems import Problem, read_body
 from callback_api.services import services
+from worker.contract.models import EventName, Mode, Result, State, TaskEvent, event_id
+from worker.contract.settings import describe
+from worker.contract.tokens import Grant, TokenError
 from worker.logs import bind_task
-from worker.models import EventName, Mode, Result, State, TaskEvent, event_id
-from worker.settings import describe
-from worker.store import TaskRecord
-from worker.tokens import Grant, TokenError
+from worker.store.database import TaskRecord
 from worker.views import (
     LinesAccepted,
     TaskLog,

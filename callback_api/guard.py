@@ -11,8 +11,8 @@ import socket
 from aiohttp import web
 
 from callback_api.problems import Problem
-from worker.errors import ConfigError
-from worker.settings import Settings
+from worker.contract.errors import ConfigError
+from worker.contract.settings import Settings
 
 
 def is_loopback(host: str) -> bool:

@@ -8,7 +8,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from callback_api.problems import Problem
-from worker.settings import describe
+from worker.contract.settings import describe
 
 Query = TypeVar("Query", bound=BaseModel)
 

@@ -19,8 +19,8 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from callback_api.problems import PROBLEM_TYPE
 from worker import __version__
-from worker.models import Id, Result, State
-from worker.settings import Settings
+from worker.contract.models import Id, Result, State
+from worker.contract.settings import Settings
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from callback_api.guard import guard_key
 from callback_api.services import services
-from worker.models import State
+from worker.contract.models import State
 from worker.views import (
     Dashboard,
     Health,

@@ -15,8 +15,8 @@ from callback_api import azure, events, openapi, ops, ops_page, tasks
 from callback_api.openapi import Text
 from callback_api.server import Deadlines
 from callback_api.services import services_key
-from worker.models import Result, State, TaskMessage
-from worker.queries import ORDER_COLUMNS
+from worker.contract.models import Result, State, TaskMessage
+from worker.store.queries import ORDER_COLUMNS
 from worker.views import (
     Health,
     LinesAccepted,

@@ -13,10 +13,10 @@ from pydantic import JsonValue, ValidationError
 from callback_api.guard import guard_key
 from callback_api.problems import Problem, read_body
 from callback_api.services import services
+from worker.contract.models import ID_PATTERN, MAX_TASK_BYTES, Result, State, TaskMessage
 from worker.logs import bind_task
-from worker.models import ID_PATTERN, MAX_TASK_BYTES, Result, State, TaskMessage
-from worker.queries import ORDER_COLUMNS
-from worker.store import ClaimRequest, TaskRecord
+from worker.store.database import ClaimRequest, TaskRecord
+from worker.store.queries import ORDER_COLUMNS
 from worker.views import (
     LogLine,
     Submitted,

@@ -25,10 +25,10 @@ from pydantic import AnyUrl
 from callback_api.app import create_app, worker_key
 from callback_api.server import Deadlines
 from worker.broker import declare_topology
-from worker.models import REASON_HEADER, Mode, Names, State
+from worker.contract.models import REASON_HEADER, Mode, Names, State
+from worker.contract.settings import Settings
 from worker.service import Worker, running_worker
-from worker.settings import Settings
-from worker.store import TaskRecord
+from worker.store.database import TaskRecord
 
 AMQP_URL = os.environ.get("AGENTLESS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 DATABASE_URL = os.environ.get(

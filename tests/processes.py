@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.settings import Settings
+from worker.contract.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,8 +18,8 @@ from callback_api import events as callback_events
 from tests import processes
 from tests.conftest import Api, Events, Target, free_port, publish, task_message
 from tests.test_serve import wait_until_ready
+from worker.contract.settings import Settings
 from worker.service import running_worker
-from worker.settings import Settings
 
 CALLBACK_HEADERS = (
     "PlanUrl",

@@ -14,8 +14,8 @@ from aio_pika.abc import AbstractChannel
 
 from tests import processes
 from tests.conftest import Api, Events, Target, free_port
+from worker.contract.settings import Settings
 from worker.service import Worker
-from worker.settings import Settings
 
 
 @pytest.mark.parametrize("command", [[], ["worker"], ["run"], ["submit"]])

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 import pytest
 
+from worker.contract.errors import EgressRefused
+from worker.contract.settings import BUILTIN_EGRESS_DENY, EgressRule
 from worker.egress import EgressPolicy, EgressResolver
-from worker.errors import EgressRefused
-from worker.settings import BUILTIN_EGRESS_DENY, EgressRule
 
 
 def policy(deny: Sequence[str], allow: Sequence[str] = ()) -> EgressPolicy:

@@ -8,8 +8,8 @@ import orjson
 import pytest
 
 from tests.conftest import task_record
-from worker.errors import ConfigError, InvalidTask
-from worker.models import (
+from worker.contract.errors import ConfigError, InvalidTask
+from worker.contract.models import (
     EventName,
     HttpResponse,
     Method,
@@ -20,7 +20,7 @@ from worker.models import (
     TaskRequest,
     parse_task,
 )
-from worker.settings import Settings, load_settings
+from worker.contract.settings import Settings, load_settings
 from worker.states import completed_event, judge
 
 

@@ -31,7 +31,7 @@ from callback_api.app import create_app
 from callback_api.openapi import document
 from callback_api.routes import ROUTES, TaskListQuery
 from tests.conftest import Api, Events, Target, task_message
-from worker.settings import Settings
+from worker.contract.settings import Settings
 
 Operation = APIOperation[Any, Any, Any, Any]
 API_TOKEN = "openapi-test-token"

@@ -16,7 +16,7 @@ from aio_pika.abc import AbstractChannel
 
 from callback_api.ops_page import format_age, render, shorten
 from tests.conftest import Api, Events, Target, publish, task_message
-from worker.models import Mode, Result, State
+from worker.contract.models import Mode, Result, State
 from worker.views import Dashboard, DeadLetterView, QueueView, TaskSummary
 
 ARTIFACTS = Path(__file__).parent / "artifacts"

@@ -15,9 +15,9 @@ from tests import processes
 from tests.conftest import Events, Target, publish, task_message
 from worker import consumer
 from worker.broker import tasks_queue_arguments
-from worker.models import Names
+from worker.contract.models import Names
+from worker.contract.settings import Settings
 from worker.service import Worker
-from worker.settings import Settings
 
 
 async def publish_many(

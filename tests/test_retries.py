@@ -24,12 +24,12 @@ from tests.conftest import (
 )
 from tests.test_callbacks import callback_task, post, waiting
 from tests.test_tasks_api import call
-from worker import retries
-from worker.models import HttpResponse, Names, Outcome, Result, RetryPolicy, State
+from worker.contract import retries
+from worker.contract.models import HttpResponse, Names, Outcome, Result, RetryPolicy, State
+from worker.contract.settings import Settings
 from worker.runner import MAX_ATTEMPTS, _retry_recorded
 from worker.service import running_worker
-from worker.settings import Settings
-from worker.store import Claimed
+from worker.store.database import Claimed
 
 POLICY = RetryPolicy(attempts=3, delay_seconds=2, backoff=3)
 

@@ -16,7 +16,7 @@ from aio_pika.abc import AbstractChannel
 from tests import processes
 from tests.conftest import Events, Target, free_port, publish, task_message
 from tests.test_serve import wait_until_ready
-from worker.settings import Settings
+from worker.contract.settings import Settings
 
 HEADER_SECRET = "hdr-secret-2f9c"
 CONNECTION_PASSWORD = "conn-secret-71ab"

@@ -11,7 +11,7 @@ from aio_pika.abc import AbstractChannel
 
 from tests import processes
 from tests.conftest import Events, Target, free_port, publish, task_message
-from worker.settings import Settings
+from worker.contract.settings import Settings
 
 
 async def wait_until_ready(url: str, child: processes.Child) -> None:

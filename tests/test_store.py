@@ -8,12 +8,12 @@ import hashlib
 import asyncpg
 import pytest
 
-from worker.batch import Batcher
-from worker.models import Outcome, Result
-from worker.registry import registered_worker
-from worker.schema import migrations
-from worker.settings import Settings
-from worker.store import Claimed, ClaimRequest, Store, TaskRecord
+from worker.contract.models import Outcome, Result
+from worker.contract.settings import Settings
+from worker.store.batch import Batcher
+from worker.store.database import Claimed, ClaimRequest, Store, TaskRecord
+from worker.store.registry import registered_worker
+from worker.store.schema import migrations
 
 
 async def test_concurrent_start_ups_migrate_once(

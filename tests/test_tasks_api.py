@@ -13,7 +13,7 @@ import pytest
 from multidict import CIMultiDictProxy
 
 from tests.conftest import Api, Events, Target, free_port, task_message
-from worker import queries
+from worker.store import queries
 
 
 async def call(

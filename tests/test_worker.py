@@ -12,10 +12,10 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 from tests.conftest import Dead, Events, Target, publish, task_message
-from worker.errors import ConfigError
-from worker.models import MAX_TASK_BYTES
+from worker.contract.errors import ConfigError
+from worker.contract.models import MAX_TASK_BYTES
+from worker.contract.settings import Settings, load_connections
 from worker.service import Worker, running_worker
-from worker.settings import Settings, load_connections
 
 
 async def row(db: asyncpg.Connection, task_id: str) -> dict[str, Any]:

@@ -34,9 +34,9 @@ from pamqp.commands import Basic
 from pamqp.common import FieldTable
 from yarl import URL
 
-from worker.errors import ConfigError
-from worker.models import REASON_HEADER, Names, TaskEvent
-from worker.settings import redact_url
+from worker.contract.errors import ConfigError
+from worker.contract.models import REASON_HEADER, Names, TaskEvent
+from worker.contract.settings import redact_url
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import socket
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
-from worker.errors import EgressRefused
-from worker.settings import EgressRule, Network
+from worker.contract.errors import EgressRefused
+from worker.contract.settings import EgressRule, Network
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -25,10 +25,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import JsonValue
 from yarl import URL
 
+from worker.contract.errors import EgressRefused
+from worker.contract.models import SECRET_HEADERS, HttpResponse, Method, TaskMessage, TaskRequest
+from worker.contract.settings import BasicAuth, BearerAuth, ServiceConnection, Settings
 from worker.egress import EgressPolicy, EgressResolver
-from worker.errors import EgressRefused
-from worker.models import SECRET_HEADERS, HttpResponse, Method, TaskMessage, TaskRequest
-from worker.settings import BasicAuth, BearerAuth, ServiceConnection, Settings
 
 MAX_REDIRECTS: Final = 10
 ACCEPT_ENCODING: Final = "gzip, deflate"

@@ -16,13 +16,10 @@ from typing import TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from worker import retries
 from worker.broker import BROKER_ERRORS, Broker
-from worker.errors import InvalidTask
-from worker.invoke import InvokeFailure, Invoker, build_macros
-from worker.logs import bind_task
-from worker.metrics import Metrics
-from worker.models import (
+from worker.contract import retries
+from worker.contract.errors import InvalidTask
+from worker.contract.models import (
     EventName,
     Mode,
     Outcome,
@@ -31,11 +28,14 @@ from worker.models import (
     TaskMessage,
     parse_task,
 )
-from worker.settings import Settings
+from worker.contract.settings import Settings
+from worker.contract.tokens import GRACE_SECONDS, Signer
+from worker.invoke import InvokeFailure, Invoker, build_macros
+from worker.logs import bind_task
+from worker.metrics import Metrics
 from worker.states import callback_headers, judge, task_event
-from worker.store import DB_UNAVAILABLE, Claimed, ClaimRequest, Store, TaskRecord
+from worker.store.database import DB_UNAVAILABLE, Claimed, ClaimRequest, Store, TaskRecord
 from worker.sweeper import publish_completion
-from worker.tokens import GRACE_SECONDS, Signer
 
 log = logging.getLogger(__name__)
 

@@ -16,15 +16,15 @@ from aiohttp import web
 
 from worker.broker import PUBLISH_CHANNELS, Broker
 from worker.consumer import Consumer
+from worker.contract.models import Names
+from worker.contract.settings import Settings
+from worker.contract.tokens import Signer, new_key
 from worker.invoke import Invoker
 from worker.metrics import Metrics
-from worker.models import Names
-from worker.registry import registered_worker
 from worker.runner import Runner
-from worker.settings import Settings
-from worker.store import Store
+from worker.store.database import Store
+from worker.store.registry import registered_worker
 from worker.sweeper import Sweeper
-from worker.tokens import Signer, new_key
 
 log = logging.getLogger(__name__)
 

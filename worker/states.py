@@ -6,8 +6,8 @@ from datetime import datetime
 
 import orjson
 
-from worker import criteria
-from worker.models import (
+from worker.contract import criteria
+from worker.contract.models import (
     EventName,
     HttpResponse,
     Outcome,
@@ -16,7 +16,7 @@ from worker.models import (
     TaskMessage,
     event_id,
 )
-from worker.store import TaskRecord
+from worker.store.database import TaskRecord
 
 
 def judge(response: HttpResponse, expression: str | None) -> Outcome:

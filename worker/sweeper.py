@@ -12,12 +12,19 @@ import time
 from collections.abc import Iterable
 
 from worker.broker import Broker
+from worker.contract.models import (
+    REDACTED,
+    EventName,
+    TaskMessage,
+    TaskRequest,
+    event_id,
+    routing_key,
+)
+from worker.contract.tokens import GRACE_SECONDS, Signer
 from worker.invoke import InvokeFailure, Invoker, build_macros
 from worker.logs import bind_task
-from worker.models import REDACTED, EventName, TaskMessage, TaskRequest, event_id, routing_key
 from worker.states import completed_event
-from worker.store import DB_UNAVAILABLE, Store, TaskRecord
-from worker.tokens import GRACE_SECONDS, Signer
+from worker.store.database import DB_UNAVAILABLE, Store, TaskRecord
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, RootModel
 from pydantic.alias_generators import to_camel
 
 from worker.broker import QueueDepths
-from worker.models import HttpResponse, Mode, Result, State
-from worker.store import Overview, TaskRecord
+from worker.contract.models import HttpResponse, Mode, Result, State
+from worker.store.database import Overview, TaskRecord
 
 
 class View(BaseModel):

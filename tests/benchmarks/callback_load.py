@@ -65,7 +65,7 @@ from tests.benchmarks.callbacks import (  # noqa: E402
     start,
     until,
 )
-from worker.tokens import Signer, new_key  # noqa: E402
+from worker.contract.tokens import Signer, new_key  # noqa: E402
 
 TOKEN_VARIABLE: Final = "CALLBACK_LOAD_TOKEN"
 # Those still unpublished after this long are reported as unconfirmed.

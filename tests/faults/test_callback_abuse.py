@@ -15,7 +15,7 @@ from aio_pika.abc import AbstractChannel
 
 from tests.conftest import Api, Events, Target
 from tests.test_callbacks import waiting
-from worker.tokens import Signer, new_key
+from worker.contract.tokens import Signer, new_key
 
 FORGED = 10_000
 

@@ -20,7 +20,7 @@ from callback_api.server import Deadlines
 from tests.abusers import SLOW_KINDS, Crowd, SlowClients
 from tests.conftest import Api, Events, Target, publish
 from tests.test_callbacks import callback_task
-from worker.tokens import Signer, new_key
+from worker.contract.tokens import Signer, new_key
 
 QUIET = 100  # valid callbacks with nobody else connected
 LOADED = 200  # valid callbacks under load

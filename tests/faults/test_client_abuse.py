@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import pytest_asyncio
 
+from worker.contract.models import HttpResponse, Method, TaskRequest
+from worker.contract.settings import Settings
 from worker.invoke import InvokeFailure, Invoker
-from worker.models import HttpResponse, Method, TaskRequest
-from worker.settings import Settings
 
 LIMIT = 1_000_000
 Behaviour = Callable[[asyncio.StreamWriter], Awaitable[None]]

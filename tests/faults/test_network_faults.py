@@ -23,8 +23,8 @@ from tests import processes
 from tests.conftest import Events, Target, free_port, publish, task_message
 from tests.proxy import Proxy
 from tests.test_serve import wait_until_ready
+from worker.contract.settings import Settings
 from worker.service import Worker
-from worker.settings import Settings
 
 RESPONSE_TIMEOUT = 2
 # The AMQP heartbeat of a worker behind the broker proxy, in seconds: short, so that a black hole

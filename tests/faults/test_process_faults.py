@@ -24,10 +24,10 @@ from tests import processes
 from tests.conftest import Dead, Events, free_port, publish
 from tests.test_serve import wait_until_ready
 from worker.broker import DELIVERY_LIMIT
-from worker.dead import reason_of
-from worker.models import Names
+from worker.cli.dead import reason_of
+from worker.contract.models import Names
+from worker.contract.settings import Settings
 from worker.runner import MAX_ATTEMPTS
-from worker.settings import Settings
 
 TOTAL = 2000
 WORKERS = 3

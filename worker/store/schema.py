@@ -10,7 +10,7 @@ from importlib import resources
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from worker.errors import ConfigError
+from worker.contract.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class Migration:
 
 def migrations() -> list[Migration]:
     found = []
-    for entry in resources.files("worker.migrations").iterdir():
+    for entry in resources.files("worker.store.migrations").iterdir():
         if entry.name.endswith(".sql"):
             version = int(entry.name.split("_", 1)[0])
             found.append(Migration(version, entry.name, entry.read_text()))

@@ -29,7 +29,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, DeliveryMode
 
 from worker.broker import Broker
-from worker.models import REASON_HEADER
+from worker.contract.models import REASON_HEADER
 from worker.views import View
 
 EXCERPT_CHARS = 80

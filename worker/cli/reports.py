@@ -15,13 +15,13 @@ from itertools import zip_longest
 import orjson
 from pydantic import JsonValue, TypeAdapter
 
-from worker import dead
 from worker.broker import BROKER_ERRORS, Broker
-from worker.errors import ConfigError, UsageError
-from worker.models import Names
-from worker.settings import Settings, redact_url
-from worker.store import Store
-from worker.tables import Column, duration, render
+from worker.cli import dead
+from worker.cli.tables import Column, duration, render
+from worker.contract.errors import ConfigError, UsageError
+from worker.contract.models import Names
+from worker.contract.settings import Settings, redact_url
+from worker.store.database import Store
 from worker.views import Dashboard, TaskSummary, dashboard
 
 # Most rows `tasks` and `dead list` print at once: past this, a table is no longer read.

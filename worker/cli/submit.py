@@ -13,9 +13,9 @@ import orjson
 from pydantic import JsonValue
 
 from worker.broker import BROKER_ERRORS, declare_topology
-from worker.errors import ConfigError, InvalidTask, UsageError
-from worker.models import Names, Result, TaskEvent, TaskMessage, parse_task
-from worker.settings import Settings, redact_url
+from worker.contract.errors import ConfigError, InvalidTask, UsageError
+from worker.contract.models import Names, Result, TaskEvent, TaskMessage, parse_task
+from worker.contract.settings import Settings, redact_url
 
 EXIT_NOT_SUCCEEDED = 1
 EXIT_WAIT_TIMEOUT = 3

@@ -22,7 +22,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from yarl import URL
 
-from worker.errors import ConfigError
+from worker.contract.errors import ConfigError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

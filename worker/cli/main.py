@@ -12,19 +12,19 @@ from pathlib import Path
 from typing import NoReturn
 
 from worker import __version__, logs
-from worker.errors import ConfigError, UsageError
-from worker.models import Result, State
-from worker.queries import ORDER_COLUMNS
-from worker.reports import (
+from worker.cli.reports import (
     MAX_LISTED,
     cmd_dead_list,
     cmd_dead_requeue,
     cmd_status,
     cmd_tasks,
 )
+from worker.cli.submit import cmd_submit
+from worker.contract.errors import ConfigError, UsageError
+from worker.contract.models import Result, State
+from worker.contract.settings import Settings, load_settings
 from worker.service import new_event_loop, running_worker, settle_heap
-from worker.settings import Settings, load_settings
-from worker.submit import cmd_submit
+from worker.store.queries import ORDER_COLUMNS
 
 log = logging.getLogger("agentless")
 

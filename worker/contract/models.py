@@ -23,9 +23,9 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from yarl import URL
 
-from worker import criteria
-from worker.errors import InvalidTask
-from worker.settings import describe
+from worker.contract import criteria
+from worker.contract.errors import InvalidTask
+from worker.contract.settings import describe
 
 REASON_HEADER: Final = "x-agentless-reason"
 MAX_TASK_BYTES: Final = 1_048_576

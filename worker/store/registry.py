@@ -11,8 +11,9 @@ from contextlib import asynccontextmanager, suppress
 
 import asyncpg
 
-from worker import __version__, queries
-from worker.store import Store
+from worker import __version__
+from worker.store import queries
+from worker.store.database import Store
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,8 @@ import orjson
 from asyncpg.pool import PoolConnectionProxy
 from pydantic import JsonValue
 
-from worker import queries
-from worker.batch import Batcher
-from worker.errors import ConfigError
-from worker.models import (
+from worker.contract.errors import ConfigError
+from worker.contract.models import (
     HttpResponse,
     Mode,
     Outcome,
@@ -28,8 +26,10 @@ from worker.models import (
     TaskMessage,
     stored_message,
 )
-from worker.schema import migrate
-from worker.settings import redact_url
+from worker.contract.settings import redact_url
+from worker.store import queries
+from worker.store.batch import Batcher
+from worker.store.schema import migrate
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,3 @@
+"""The `agentless` command: the parser and composition root, submit, the operator reports, tables
+and dead letters.
+"""

@@ -1,0 +1,3 @@
+"""PostgreSQL: the store, its statements, the schema and its migrations, the batcher and the
+worker registry. asyncpg.Record never leaves this package.
+"""
