@@ -18,12 +18,13 @@ from callback_api.routes import Handler, add_routes
 from callback_api.server import Deadlines, deadlines_key
 from callback_api.services import Services, services, services_key
 from worker.broker import Broker
+from worker.completions import Announcer
 from worker.contract.models import Names
 from worker.contract.settings import Settings
 from worker.metrics import Metrics
+from worker.relay import Relay
 from worker.service import Worker, open_signer, running_worker
 from worker.store.database import Store
-from worker.sweeper import Announcer, Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def standalone(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             signer = await open_signer(settings, store)
             announcer = Announcer(broker, store)
             app[services_key] = Services(settings, store, broker, signer, Metrics(), announcer)
-            relay = asyncio.create_task(Sweeper(store, broker).run(), name="relay")
+            relay = asyncio.create_task(Relay(store, broker).run(), name="relay")
             try:
                 yield
             finally:

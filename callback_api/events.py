@@ -22,10 +22,10 @@ from pydantic.alias_generators import to_camel
 from callback_api.problems import Problem, read_body
 from callback_api.services import services
 from worker.contract.models import EventName, Mode, Result, State, TaskEvent, event_id
+from worker.contract.records import CompletedBy, TaskRecord
 from worker.contract.settings import describe
 from worker.contract.tokens import Grant, TokenError
 from worker.logs import bind_task
-from worker.store.database import TaskRecord
 from worker.views import (
     LinesAccepted,
     TaskLog,
@@ -149,7 +149,7 @@ async def _completed(request: web.Request, event: PlanEvent) -> web.Response:
         log.info("task completed", extra={"result": event.result.value, "reason": reason})
         svc.announcer.announce(record)
         return _accepted(record)
-    if record.completed_by == "callback" and record.result is event.result:
+    if record.completed_by is CompletedBy.CALLBACK and record.result is event.result:
         return _accepted(record)  # an exact repeat: nothing changes
     raise Problem(409, _conflict(record, event.result), state=record.state, result=record.result)
 
@@ -192,11 +192,11 @@ def _conflict(record: TaskRecord, result: Result | None) -> str:
         return f"task {record.task_id!r} has not been started yet"
     when = record.completed_at.isoformat() if record.completed_at else "earlier"
     match record.completed_by:
-        case "timeout":
+        case CompletedBy.TIMEOUT:
             return f"task {record.task_id!r} {record.reason} at {when}"
-        case "cancel":
+        case CompletedBy.CANCEL:
             return f"task {record.task_id!r} was canceled at {when}"
-        case "callback" if result is not None:
+        case CompletedBy.CALLBACK if result is not None:
             return (
                 f"task {record.task_id!r} already completed with result "
                 f"{record.result}, not {result.value}"

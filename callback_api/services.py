@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from worker.broker import Broker
+from worker.completions import Announcer
 from worker.contract.settings import Settings
 from worker.contract.tokens import Signer
 from worker.metrics import Metrics
 from worker.service import Worker
 from worker.store.database import Store
-from worker.sweeper import Announcer
 
 
 @dataclass(frozen=True)

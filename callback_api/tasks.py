@@ -14,8 +14,9 @@ from callback_api.guard import guard_key
 from callback_api.problems import Problem, read_body
 from callback_api.services import services
 from worker.contract.models import ID_PATTERN, MAX_TASK_BYTES, Result, State, TaskMessage
+from worker.contract.records import TaskRecord
 from worker.logs import bind_task
-from worker.store.database import ClaimRequest, TaskRecord
+from worker.store.changes import ClaimRequest
 from worker.store.queries import ORDER_COLUMNS
 from worker.views import (
     LogLine,
@@ -177,10 +178,10 @@ async def list_tasks(request: web.Request) -> web.Response:
         raise Problem(400, f"sortType must be asc or desc, not {query['sortType']!r}")
     ranged = request.headers.get("Range")
     offset, limit = _window(query, ranged)
-    rows, total = await services(request).store.list_tasks(
+    records, total = await services(request).store.list_tasks(
         filters, order, descending=sort == "desc", offset=offset, limit=limit
     )
-    page = TaskPage(tasks=[TaskSummary.from_row(row) for row in rows], total=total)
+    page = TaskPage(tasks=[TaskSummary.of(record) for record in records], total=total)
     body = page.model_dump(mode="json", by_alias=True)
     if ranged is None:
         return _json(body)
@@ -191,7 +192,7 @@ async def list_tasks(request: web.Request) -> web.Response:
             headers={"Content-Range": f"items */{total}"},
         )
     # A page with no task in it has no first and last to name.
-    shown = f"{offset}-{offset + len(rows) - 1}" if rows else "*"
+    shown = f"{offset}-{offset + len(records) - 1}" if records else "*"
     return _json(body, 206, {"Content-Range": f"items {shown}/{total}"})
 
 

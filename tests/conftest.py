@@ -24,11 +24,11 @@ from pydantic import AnyUrl
 
 from callback_api.app import create_app, worker_key
 from callback_api.server import Deadlines
-from worker.broker import declare_topology
 from worker.contract.models import REASON_HEADER, Mode, Names, State
+from worker.contract.records import TaskRecord
 from worker.contract.settings import Settings
 from worker.service import Worker, running_worker
-from worker.store.database import TaskRecord
+from worker.topology import declare_topology
 
 AMQP_URL = os.environ.get("AGENTLESS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 DATABASE_URL = os.environ.get(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.broker import DEFAULT_HEARTBEAT, with_heartbeat
+from worker.amqp import DEFAULT_HEARTBEAT, with_heartbeat
 
 
 @pytest.mark.parametrize(

@@ -16,9 +16,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pydantic import JsonValue, SecretStr
 
+from worker.contract.macros import build_macros, expand
 from worker.contract.models import HttpResponse, Method, TaskMessage, TaskRequest
 from worker.contract.settings import BasicAuth, BearerAuth, HeaderAuth, ServiceConnection, Settings
-from worker.invoke import InvokeFailure, Invoker, build_macros, expand
+from worker.invoke import InvokeFailure, Invoker
 
 LIMIT = 1000
 

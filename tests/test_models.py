@@ -9,6 +9,8 @@ import pytest
 
 from tests.conftest import task_record
 from worker.contract.errors import ConfigError, InvalidTask
+from worker.contract.events import completed_event
+from worker.contract.judging import judge
 from worker.contract.models import (
     EventName,
     HttpResponse,
@@ -20,8 +22,8 @@ from worker.contract.models import (
     TaskRequest,
     parse_task,
 )
+from worker.contract.records import CompletedBy
 from worker.contract.settings import Settings, load_settings
-from worker.states import completed_event, judge
 
 
 @pytest.mark.parametrize(
@@ -174,7 +176,7 @@ def test_completed_event_from_a_record_is_the_task_event(
         started_at=completed - timedelta(seconds=1),
         completed_at=completed,
         mode=Mode.CALLBACK,
-        completed_by="callback",
+        completed_by=CompletedBy.CALLBACK,
         event_pending=True,
         variables='{"v": [1, "two"]}',
     )

@@ -14,10 +14,10 @@ from aio_pika.abc import AbstractChannel
 from tests import processes
 from tests.conftest import Events, Target, publish, task_message
 from worker import consumer
-from worker.broker import tasks_queue_arguments
 from worker.contract.models import Names
 from worker.contract.settings import Settings
 from worker.service import Worker
+from worker.topology import tasks_queue_arguments
 
 
 async def publish_many(

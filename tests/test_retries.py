@@ -29,7 +29,7 @@ from worker.contract.models import HttpResponse, Names, Outcome, Result, RetryPo
 from worker.contract.settings import Settings
 from worker.runner import MAX_ATTEMPTS, _retry_recorded
 from worker.service import running_worker
-from worker.store.database import Claimed
+from worker.store.changes import Claimed
 
 POLICY = RetryPolicy(attempts=3, delay_seconds=2, backoff=3)
 

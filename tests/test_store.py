@@ -9,9 +9,11 @@ import asyncpg
 import pytest
 
 from worker.contract.models import Outcome, Result
+from worker.contract.records import TaskRecord
 from worker.contract.settings import Settings
 from worker.store.batch import Batcher
-from worker.store.database import Claimed, ClaimRequest, Store, TaskRecord
+from worker.store.changes import Claimed, ClaimRequest
+from worker.store.database import Store
 from worker.store.registry import registered_worker
 from worker.store.schema import migrations
 

@@ -1,4 +1,4 @@
-"""RabbitMQ: topology, one supervised connection, publishing with confirms.
+"""RabbitMQ: one supervised connection, consuming, publishing with confirms.
 
 Publishes go out round-robin on a few channels (`publish_channels`): the broker handles each
 channel in one process of its own, so under load a single channel's confirms queue behind one
@@ -32,11 +32,19 @@ from aio_pika.abc import (
 )
 from pamqp.commands import Basic
 from pamqp.common import FieldTable
-from yarl import URL
 
+from worker.amqp import (
+    BROKER_ERRORS,
+    DEFAULT_HEARTBEAT,
+    cancelled_by_the_broker,
+    connection_failed,
+    unbounded_frames,
+    with_heartbeat,
+)
 from worker.contract.errors import ConfigError
 from worker.contract.models import REASON_HEADER, Names, TaskEvent
 from worker.contract.settings import redact_url
+from worker.topology import declare_topology, delay_queue_arguments
 
 log = logging.getLogger(__name__)
 
@@ -46,97 +54,6 @@ PUBLISH_CHANNELS = 16
 
 # AMQP's delivery mode of a message that the broker keeps on disk.
 PERSISTENT = 2
-
-# A quorum queue's arguments are fixed when it is first declared; change them only with a new name.
-DELIVERY_LIMIT = 20
-
-# What a lost or refused connection, channel or publish looks like from aio-pika and aiormq.
-BROKER_ERRORS = (
-    aio_pika.exceptions.AMQPError,
-    aiormq.exceptions.AMQPError,
-    ConnectionError,
-    OSError,
-    asyncio.TimeoutError,
-    RuntimeError,
-)
-
-# The AMQP heartbeat in seconds when the URL names none. RabbitMQ advises 5 to 20 s; aiormq's own
-# default of 60 s would leave a silent connection unnoticed for three minutes.
-DEFAULT_HEARTBEAT = 10
-
-
-def cancelled_by_the_broker() -> bool:
-    """Whether the CancelledError being handled means a lost connection rather than a cancelled
-    task: aiormq fails whatever waits on a channel that it closes (because its connection closed,
-    or went silent past the heartbeat) with a CancelledError, though nothing cancelled the task
-    that waits."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() == 0
-
-
-async def unbounded_frames(channel: AbstractChannel) -> None:
-    """Let `channel` take in every frame that arrives for it at once. aiormq queues at most 10
-    frames per channel (aio-pika offers no way to ask for more) and its connection's reader stops
-    for the channel's each time that queue fills: with 3 frames to a delivery, a busy process took
-    in only a few deliveries per turn of its event loop, and the prefetch window sat half empty
-    in the socket. The broker still bounds the frames: deliveries by the prefetch, confirms by
-    the publishes waiting for them."""
-    frames = getattr(await channel.get_underlay_channel(), "frames", None)
-    # asyncio.Queue reads its bound from this attribute on every put; 0 means none. Should a
-    # later aiormq keep its frames elsewhere, the channel keeps its bound: slower, not wrong.
-    if isinstance(frames, asyncio.Queue) and hasattr(frames, "_maxsize"):
-        frames._maxsize = 0
-
-
-def _connection_failed(exc: BaseException) -> bool:
-    """Whether `exc`, raised by a broker call, means that the connection or channel was lost."""
-    return not isinstance(exc, asyncio.CancelledError) or cancelled_by_the_broker()
-
-
-def with_heartbeat(amqp_url: str) -> tuple[str, int]:
-    """`amqp_url` with DEFAULT_HEARTBEAT unless it names a heartbeat, and the heartbeat in force
-    (0 when it is off: aiormq reads anything but a number from 0 to 65534 as off)."""
-    url = URL(amqp_url)
-    given = url.query.get("heartbeat")
-    if given is None:
-        return str(url.update_query(heartbeat=DEFAULT_HEARTBEAT)), DEFAULT_HEARTBEAT
-    try:
-        heartbeat = int(given)
-    except ValueError:
-        heartbeat = 0
-    return amqp_url, heartbeat if 0 <= heartbeat < 65535 else 0
-
-
-def tasks_queue_arguments(names: Names) -> FieldTable:
-    return {
-        "x-queue-type": "quorum",
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": names.dead,
-        "x-dead-letter-strategy": "at-least-once",
-        "x-overflow": "reject-publish",
-        "x-delivery-limit": DELIVERY_LIMIT,
-    }
-
-
-def delay_queue_arguments(names: Names, seconds: int) -> FieldTable:
-    """A queue whose messages go back to the task queue when they have waited `seconds`; it
-    outlives its last message by a minute, then goes away by itself."""
-    return {
-        "x-queue-type": "quorum",
-        "x-message-ttl": seconds * 1000,
-        "x-expires": (seconds + 60) * 1000,
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": names.tasks,
-        "x-dead-letter-strategy": "at-least-once",
-        "x-overflow": "reject-publish",
-    }
-
-
-async def declare_topology(channel: AbstractChannel, names: Names) -> None:
-    """SPEC §3; idempotent, so every process declares it at start-up."""
-    await channel.declare_queue(names.dead, durable=True, arguments={"x-queue-type": "quorum"})
-    await channel.declare_queue(names.tasks, durable=True, arguments=tasks_queue_arguments(names))
-    await channel.declare_exchange(names.events, aio_pika.ExchangeType.TOPIC, durable=True)
 
 
 class BrokerUnavailable(ConnectionError):
@@ -371,7 +288,7 @@ class Broker:
                     wait=False,
                 )
             except (*BROKER_ERRORS, asyncio.CancelledError) as exc:
-                if self._closing or not _connection_failed(exc):
+                if self._closing or not connection_failed(exc):
                     raise
                 log.warning("publish to %r failed: %s; retrying", routing_key, exc)
                 if not isinstance(exc, aio_pika.exceptions.DeliveryError):
@@ -391,7 +308,7 @@ class Broker:
                 tasks = await channel.declare_queue(self.names.tasks, passive=True)
                 dead = await channel.declare_queue(self.names.dead, passive=True)
         except (*BROKER_ERRORS, asyncio.CancelledError) as exc:
-            if not _connection_failed(exc):
+            if not connection_failed(exc):
                 raise
             raise BrokerUnavailable(
                 f"RabbitMQ at {self._shown_url} did not answer: {str(exc) or type(exc).__name__}"

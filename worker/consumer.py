@@ -11,13 +11,9 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from worker.broker import (
-    BROKER_ERRORS,
-    Broker,
-    cancelled_by_the_broker,
-    tasks_queue_arguments,
-    unbounded_frames,
-)
+from worker.amqp import BROKER_ERRORS, cancelled_by_the_broker, unbounded_frames
+from worker.broker import Broker
+from worker.topology import tasks_queue_arguments
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""A task's HTTP call: macros, egress policy, redirects, one deadline, a size cap (SPEC §4, §5).
+"""A task's HTTP call: egress policy, redirects, one deadline, a size cap (SPEC §4, §5).
 
 Whatever the endpoint or the task can cause ends in an `InvokeFailure` whose reason a person reads;
 `invoke` raises only for the worker's own faults and for cancellation.
@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import errno
-import os
-import re
-import ssl
 import time
 import zlib
 from collections.abc import Mapping
@@ -25,8 +21,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import JsonValue
 from yarl import URL
 
+from worker.call_errors import describe, transient
 from worker.contract.errors import EgressRefused
-from worker.contract.models import SECRET_HEADERS, HttpResponse, Method, TaskMessage, TaskRequest
+from worker.contract.macros import expand, expand_json
+from worker.contract.models import SECRET_HEADERS, HttpResponse, Method, TaskRequest
 from worker.contract.settings import BasicAuth, BearerAuth, ServiceConnection, Settings
 from worker.egress import EgressPolicy, EgressResolver
 
@@ -35,7 +33,6 @@ ACCEPT_ENCODING: Final = "gzip, deflate"
 TEXT_TYPE: Final = "text/plain; charset=utf-8"
 JSON_TYPE: Final = "application/json"
 
-_MACRO = re.compile(r"\$\(([^()\s]+)\)")
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 _BODY_HEADERS: Final = (hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH, hdrs.TRANSFER_ENCODING)
 # zlib window bits by Content-Encoding; 0 means "look at the first byte" (see _deflate_wbits).
@@ -50,46 +47,6 @@ class InvokeFailure:
     reason: str
     elapsed_ms: int
     transient: bool = False
-
-
-def build_macros(task: TaskMessage, public_url: str, access_token: str | None) -> dict[str, str]:
-    """Azure's macro values for `task`, keyed by lower-case name."""
-    macros = {
-        "system.planid": task.plan_id,
-        "system.jobid": task.job,
-        "system.taskinstanceid": task.task_id,
-        "system.timelineid": task.timeline,
-        "system.hosttype": task.hub_name,
-        "system.teamprojectid": task.project,
-        "system.collectionuri": public_url,
-    }
-    if access_token is not None:
-        macros["system.accesstoken"] = access_token
-    for name, value in task.variables.items():
-        text = value if isinstance(value, str) else orjson.dumps(value).decode()
-        macros[f"variables.{name.lower()}"] = text
-    return macros
-
-
-def expand(text: str, macros: Mapping[str, str]) -> str:
-    """`text` with each known `$(name)` replaced, any case; unknown ones stay, as in Azure."""
-    if "$(" not in text:
-        return text
-
-    def value(match: re.Match[str]) -> str:
-        return macros.get(match[1].lower(), match[0])
-
-    return _MACRO.sub(value, text)
-
-
-def _expand_json(value: JsonValue, macros: Mapping[str, str]) -> JsonValue:
-    if isinstance(value, str):
-        return expand(value, macros)
-    if isinstance(value, list):
-        return [_expand_json(item, macros) for item in value]
-    if isinstance(value, dict):
-        return {key: _expand_json(item, macros) for key, item in value.items()}
-    return value
 
 
 class _Failed(Exception):
@@ -274,7 +231,7 @@ class Invoker:
                         elapsed_ms=_elapsed_ms(started),
                     )
             except aiohttp.ClientError as exc:
-                raise _Failed(_describe(exc, url), transient=_transient(exc)) from exc
+                raise _Failed(describe(exc, url), transient=transient(exc)) from exc
         raise _Failed(f"too many redirects (more than {MAX_REDIRECTS})")
 
     async def _read(self, response: aiohttp.ClientResponse) -> bytes:
@@ -318,7 +275,7 @@ def _encode_body(body: JsonValue, macros: Mapping[str, str]) -> bytes | None:
         data = orjson.dumps(body)
         # One serialisation tells whether any string holds a macro; most bodies hold none.
         if b"$(" in data:
-            data = orjson.dumps(_expand_json(body, macros))
+            data = orjson.dumps(expand_json(body, macros))
     except orjson.JSONEncodeError as exc:
         raise _Failed(f"request body cannot be sent as JSON: {exc}") from None
     return data
@@ -370,82 +327,3 @@ def _parse(body: bytes) -> JsonValue:
 
 def _elapsed_ms(started: float) -> int:
     return int((time.perf_counter() - started) * 1000)
-
-
-def _describe(exc: aiohttp.ClientError, url: URL) -> str:
-    """A sentence for what went wrong talking to `url`."""
-    where = f"{url.raw_host}:{url.port}"
-    match exc:
-        case aiohttp.ClientConnectorDNSError():
-            reason = f"cannot resolve host '{exc.host}'"
-        case aiohttp.ClientConnectorCertificateError(
-            certificate_error=ssl.SSLCertVerificationError() as cause
-        ):
-            reason = f"TLS certificate of {where} is not valid: {cause.verify_message}"
-        case aiohttp.ClientConnectorCertificateError():
-            reason = f"TLS certificate of {where} is not valid: {exc.certificate_error}"
-        case aiohttp.ClientConnectorSSLError():
-            reason = f"TLS handshake with {where} failed: {_ssl_reason(exc.os_error)}"
-        case aiohttp.ClientConnectorError():
-            reason = f"cannot connect to {where}: {_os_reason(exc.os_error)}"
-        case aiohttp.ClientPayloadError() if _reset_mid_body(exc):
-            reason = f"connection reset by {where} before the response was complete"
-        case aiohttp.ServerDisconnectedError() | aiohttp.ClientPayloadError():
-            reason = f"connection closed by {where} before the response was complete"
-        case aiohttp.ClientResponseError():
-            reason = f"invalid HTTP response from {where}: {_one_line(exc.message)}"
-        case aiohttp.InvalidURL(description=str() as description):
-            reason = f"invalid URL {exc.url}: {description}"
-        case aiohttp.ClientOSError():
-            reason = f"connection to {where} failed: {_os_reason(exc)}"
-        case _:
-            reason = f"request to {where} failed: {exc}"
-    return reason
-
-
-def _reset_mid_body(exc: aiohttp.ClientPayloadError) -> bool:
-    """Whether the connection was reset (rather than closed) before the body was complete.
-    aiohttp tells it only in the error's message: its cause is the parser's complaint about the
-    missing bytes, and the connection's own error is appended to the message by its repr."""
-    return "ConnectionResetError" in str(exc)
-
-
-def _transient(exc: aiohttp.ClientError) -> bool:
-    """Whether trying again could help: the network failed, not the endpoint's TLS or HTTP."""
-    if isinstance(
-        exc,
-        aiohttp.ClientConnectorCertificateError
-        | aiohttp.ClientConnectorSSLError
-        | aiohttp.ClientSSLError,
-    ):
-        return False
-    return isinstance(
-        exc,
-        aiohttp.ClientConnectorError
-        | aiohttp.ServerDisconnectedError
-        | aiohttp.ClientPayloadError
-        | aiohttp.ClientOSError,
-    )
-
-
-def _one_line(message: str) -> str:
-    """aiohttp's parser errors draw a caret under the bad byte; a stored reason is one line."""
-    return " ".join(line.strip() for line in message.splitlines() if line.strip(" ^"))
-
-
-def _os_reason(exc: OSError) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return _ssl_reason(exc)
-    # asyncio's strerror for a failed connect is "Connect call failed ('h', p)"; errno says why.
-    if exc.errno is not None and exc.errno in errno.errorcode:
-        return os.strerror(exc.errno).lower()
-    if exc.strerror:
-        return exc.strerror[0].lower() + exc.strerror[1:]
-    return str(exc) or type(exc).__name__
-
-
-def _ssl_reason(exc: OSError) -> str:
-    reason = getattr(exc, "reason", None)
-    if isinstance(reason, str):
-        return reason.replace("_", " ").lower()
-    return str(exc)

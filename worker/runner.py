@@ -16,9 +16,14 @@ from typing import TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from worker.broker import BROKER_ERRORS, Broker
+from worker.amqp import BROKER_ERRORS
+from worker.broker import Broker
+from worker.completions import publish_completion
 from worker.contract import retries
 from worker.contract.errors import InvalidTask
+from worker.contract.events import task_event
+from worker.contract.judging import judge
+from worker.contract.macros import build_macros, callback_headers
 from worker.contract.models import (
     EventName,
     Mode,
@@ -28,14 +33,14 @@ from worker.contract.models import (
     TaskMessage,
     parse_task,
 )
+from worker.contract.records import TaskRecord
 from worker.contract.settings import Settings
 from worker.contract.tokens import GRACE_SECONDS, Signer
-from worker.invoke import InvokeFailure, Invoker, build_macros
+from worker.invoke import InvokeFailure, Invoker
 from worker.logs import bind_task
 from worker.metrics import Metrics
-from worker.states import callback_headers, judge, task_event
-from worker.store.database import DB_UNAVAILABLE, Claimed, ClaimRequest, Store, TaskRecord
-from worker.sweeper import publish_completion
+from worker.store.changes import Claimed, ClaimRequest
+from worker.store.database import DB_UNAVAILABLE, Store
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import logging
 import os
@@ -12,8 +11,6 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
-from aiohttp import web
-
 from worker.broker import PUBLISH_CHANNELS, Broker
 from worker.consumer import Consumer
 from worker.contract.models import Names
@@ -21,6 +18,8 @@ from worker.contract.settings import Settings
 from worker.contract.tokens import Signer, new_key
 from worker.invoke import Invoker
 from worker.metrics import Metrics
+from worker.probe import probe_server
+from worker.relay import Relay
 from worker.runner import Runner
 from worker.store.database import Store
 from worker.store.registry import registered_worker
@@ -31,34 +30,6 @@ log = logging.getLogger(__name__)
 # Beyond the response timeout, how long a stopping worker gives its in-flight tasks to record
 # their results and publish their events.
 DRAIN_GRACE_SECONDS = 5
-
-
-# Allocations between young-generation collections (CPython's default is 700): a busy process
-# allocates that many in well under a millisecond.
-YOUNG_COLLECTION_THRESHOLD = 10_000
-
-
-def settle_heap() -> None:
-    """Once started: keep what start-up loaded (modules, schemas, compiled models) out of the
-    garbage collector's sight from now on. Otherwise each full collection walks all of it, and
-    for its tens of milliseconds nothing is answered: under load such pauses made the callback
-    API's p99 several times its p50."""
-    gc.collect()
-    gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, middle, old)
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """The event loop of a long-running process: uvloop's where it is installed (everywhere but
-    Windows). Every task passes through the loop a dozen times, and uvloop's turns cost a
-    fraction of asyncio's: in the throughput benchmark it took the worker from 88% to 92-97% of
-    the baseline's rate at 100 ms."""
-    try:
-        import uvloop  # noqa: PLC0415
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 @dataclass
@@ -122,6 +93,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
             public_url=str(settings.public_url).rstrip("/"),
         )
         sweeping = asyncio.create_task(sweeper.run(), name="sweeper")
+        relaying = asyncio.create_task(Relay(store, broker).run(), name="relay")
         worker = Worker(settings, store, broker, signer, consumer, metrics, worker_id, consuming)
         if settings.worker_port:
             await stack.enter_async_context(probe_server(worker))
@@ -131,9 +103,9 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
         finally:
             runner.stopping.set()
             await consumer.stop(settings.response_timeout + DRAIN_GRACE_SECONDS)
-            for task in (consuming, sweeping):
+            for task in (consuming, sweeping, relaying):
                 task.cancel()
-            await asyncio.gather(consuming, sweeping, return_exceptions=True)
+            await asyncio.gather(consuming, sweeping, relaying, return_exceptions=True)
             log.info("worker stopped", extra={"workerId": worker_id})
 
 
@@ -142,33 +114,3 @@ async def open_signer(settings: Settings, store: Store) -> Signer:
     if settings.signing_key is not None:
         return Signer(hashlib.sha256(settings.signing_key.get_secret_value().encode()).digest())
     return Signer(await store.signing_key(new_key()))
-
-
-@asynccontextmanager
-async def probe_server(worker: Worker) -> AsyncIterator[None]:
-    """The worker's own /metrics, /healthz and /readyz on AGENTLESS_WORKER_PORT."""
-
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def readyz(_: web.Request) -> web.Response:
-        ready = await worker.ready()
-        return web.json_response(
-            {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
-        )
-
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=worker.metrics.render(), content_type="text/plain")
-
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, worker.settings.api_host, worker.settings.worker_port)
-    await site.start()
-    try:
-        yield
-    finally:
-        await runner.cleanup()

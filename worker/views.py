@@ -8,14 +8,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Literal
 
-import asyncpg
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, RootModel
 from pydantic.alias_generators import to_camel
 
 from worker.broker import QueueDepths
 from worker.contract.models import HttpResponse, Mode, Result, State
-from worker.store.database import Overview, TaskRecord
+from worker.contract.records import (
+    CompletedBy,
+    Overview,
+    TaskRecord,
+    TaskSummaryRecord,
+    WorkerRecord,
+)
 
 
 class View(BaseModel):
@@ -39,8 +44,8 @@ class TaskSummary(View):
     deadline: datetime | None = None
 
     @classmethod
-    def from_row(cls, row: asyncpg.Record) -> TaskSummary:
-        return cls.model_validate(dict(row), by_name=True)
+    def of(cls, record: TaskSummaryRecord) -> TaskSummary:
+        return cls.model_validate(record, from_attributes=True, by_name=True)
 
 
 class ReceivedEvent(View):
@@ -82,7 +87,7 @@ class TaskDetail(TaskSummary):
         events = []
         if record.external_started_at is not None:
             events.append(ReceivedEvent(name="TaskStarted", at=record.external_started_at))
-        if record.completed_by == "callback" and record.completed_at is not None:
+        if record.completed_by is CompletedBy.CALLBACK and record.completed_at is not None:
             events.append(
                 ReceivedEvent(name="TaskCompleted", at=record.completed_at, result=record.result)
             )
@@ -164,8 +169,8 @@ class Dashboard(View):
     generated_at: datetime
 
 
-def worker_views(rows: list[asyncpg.Record]) -> list[WorkerView]:
-    return [WorkerView.model_validate(dict(row), by_name=True) for row in rows]
+def worker_views(records: list[WorkerRecord]) -> list[WorkerView]:
+    return [WorkerView.model_validate(r, from_attributes=True, by_name=True) for r in records]
 
 
 def dashboard(depths: QueueDepths, overview: Overview) -> Dashboard:
@@ -186,11 +191,12 @@ def dashboard(depths: QueueDepths, overview: Overview) -> Dashboard:
     )
     return Dashboard(
         queue=queue,
-        unfinished=[TaskSummary.from_row(row) for row in overview.unfinished],
-        failures=[TaskSummary.from_row(row) for row in overview.failures],
+        unfinished=[TaskSummary.of(record) for record in overview.unfinished],
+        failures=[TaskSummary.of(record) for record in overview.failures],
         workers=workers,
         dead_letters=[
-            DeadLetterView.model_validate(dict(row), by_name=True) for row in overview.dead_letters
+            DeadLetterView.model_validate(r, from_attributes=True, by_name=True)
+            for r in overview.dead_letters
         ],
         generated_at=now,
     )

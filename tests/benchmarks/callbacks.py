@@ -52,9 +52,9 @@ import asyncpg  # noqa: E402
 import orjson  # noqa: E402
 from aiohttp import web  # noqa: E402
 
-from worker.broker import declare_topology  # noqa: E402
 from worker.contract.models import Names  # noqa: E402
 from worker.contract.tokens import Signer, TokenError  # noqa: E402
+from worker.topology import declare_topology  # noqa: E402
 
 AMQP_URL: Final = os.environ.get("AGENTLESS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 DATABASE_URL: Final = os.environ.get(

@@ -570,8 +570,8 @@ async def measure_baseline(context: Context, delay_ms: int) -> Run:
 
 async def measure_worker(context: Context, delay_ms: int) -> Run:
     # Imported here: the baseline and target roles run this file too and must stay bare.
-    from worker.broker import declare_topology  # noqa: PLC0415
     from worker.contract.models import Names  # noqa: PLC0415
+    from worker.topology import declare_topology  # noqa: PLC0415
 
     run_id = f"w{uuid.uuid4().hex[:10]}"
     names = Names(f"agentless-bench.{run_id}")

@@ -23,11 +23,11 @@ from aiohttp.test_utils import TestServer
 from tests import processes
 from tests.conftest import Dead, Events, free_port, publish
 from tests.test_serve import wait_until_ready
-from worker.broker import DELIVERY_LIMIT
 from worker.cli.dead import reason_of
 from worker.contract.models import Names
 from worker.contract.settings import Settings
 from worker.runner import MAX_ATTEMPTS
+from worker.topology import DELIVERY_LIMIT
 
 TOTAL = 2000
 WORKERS = 3

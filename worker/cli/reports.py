@@ -15,7 +15,8 @@ from itertools import zip_longest
 import orjson
 from pydantic import JsonValue, TypeAdapter
 
-from worker.broker import BROKER_ERRORS, Broker
+from worker.amqp import BROKER_ERRORS
+from worker.broker import Broker
 from worker.cli import dead
 from worker.cli.tables import Column, duration, render
 from worker.contract.errors import ConfigError, UsageError
@@ -154,10 +155,10 @@ async def _tasks(
     settings: Settings, filters: dict[str, str], order: str, *, descending: bool, limit: int
 ) -> tuple[list[TaskSummary], int]:
     async with Store.open(settings.database_url, pool_size=1) as store:
-        rows, total = await store.list_tasks(
+        records, total = await store.list_tasks(
             filters, order, descending=descending, offset=0, limit=limit
         )
-    return [TaskSummary.from_row(row) for row in rows], total
+    return [TaskSummary.of(record) for record in records], total
 
 
 def cmd_dead_list(settings: Settings, args: argparse.Namespace) -> int:

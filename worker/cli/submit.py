@@ -12,10 +12,11 @@ import aio_pika
 import orjson
 from pydantic import JsonValue
 
-from worker.broker import BROKER_ERRORS, declare_topology
+from worker.amqp import BROKER_ERRORS
 from worker.contract.errors import ConfigError, InvalidTask, UsageError
 from worker.contract.models import Names, Result, TaskEvent, TaskMessage, parse_task
 from worker.contract.settings import Settings, redact_url
+from worker.topology import declare_topology
 
 EXIT_NOT_SUCCEEDED = 1
 EXIT_WAIT_TIMEOUT = 3

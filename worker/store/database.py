@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
@@ -19,16 +17,15 @@ from pydantic import JsonValue
 from worker.contract.errors import ConfigError
 from worker.contract.models import (
     HttpResponse,
-    Mode,
     Outcome,
     Result,
-    State,
-    TaskMessage,
-    stored_message,
 )
+from worker.contract.records import Overview, TaskRecord, TaskSummaryRecord, WorkerRecord
 from worker.contract.settings import redact_url
 from worker.store import queries
 from worker.store.batch import Batcher
+from worker.store.changes import CallbackCompletion, Claimed, ClaimRequest, Completion
+from worker.store.rows import dead_letter, task_record, task_summary, worker_record
 from worker.store.schema import migrate
 
 log = logging.getLogger(__name__)
@@ -47,158 +44,6 @@ DB_UNAVAILABLE = (
     # does not run a reset query: see _keep_session) until its socket is seen closed.
     asyncpg.exceptions.InternalClientError,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimRequest:
-    task_id: str
-    plan_id: str
-    job_id: str
-    hub_name: str
-    project_id: str | None
-    name: str | None
-    mode: str
-    digest: bytes
-    message: str
-    queued_at: datetime | None
-    lease_seconds: float
-    reply_to: str | None
-    correlation_id: str | None
-
-    @classmethod
-    def of(
-        cls,
-        task: TaskMessage,
-        body: bytes,
-        *,
-        queued_at: datetime | None = None,
-        lease_seconds: float = 0,
-        reply_to: str | None = None,
-        correlation_id: str | None = None,
-    ) -> ClaimRequest:
-        """The row for `task`, whose message is `body`."""
-        return cls(
-            task_id=task.task_id,
-            plan_id=task.plan_id,
-            job_id=task.job,
-            hub_name=task.hub_name,
-            project_id=task.project_id,
-            name=task.name,
-            mode=task.wait_for_completion.value,
-            digest=hashlib.sha256(body).digest(),
-            message=stored_message(task, body),
-            queued_at=queued_at,
-            lease_seconds=lease_seconds,
-            reply_to=reply_to,
-            correlation_id=correlation_id,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """This worker now runs the task's attempt number `attempts`, after `retries` retries."""
-
-    attempts: int
-    retries: int
-    queued_at: datetime
-    started_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class TaskRecord:
-    task_id: str
-    plan_id: str
-    job_id: str
-    hub_name: str
-    state: State
-    result: Result | None
-    reason: str | None
-    attempts: int
-    digest: bytes
-    message: str
-    response: str | None
-    outputs: str
-    worker_id: int | None
-    lease_until: datetime | None
-    queued_at: datetime
-    started_at: datetime | None
-    completed_at: datetime | None
-    mode: Mode
-    completed_by: str | None
-    deadline: datetime | None
-    reply_to: str | None
-    correlation_id: str | None
-    event_pending: bool
-    external_started_at: datetime | None
-    # The task's variables, as JSON text.
-    variables: str | None
-    # The attempts that were retried, as a JSON array; how many; when a queued task's next is due.
-    history: str = "[]"
-    retries: int = 0
-    retry_at: datetime | None = None
-    # Only where the record was read with the liveness check (queries.SELECT_TASKS).
-    worker_alive: bool = False
-
-    @classmethod
-    def from_row(cls, row: asyncpg.Record) -> TaskRecord:
-        return cls(
-            task_id=row["task_id"],
-            plan_id=row["plan_id"],
-            job_id=row["job_id"],
-            hub_name=row["hub_name"],
-            state=State(row["state"]),
-            result=Result(row["result"]) if row["result"] else None,
-            reason=row["reason"],
-            attempts=row["attempts"],
-            digest=row["digest"],
-            message=row["message"],
-            response=row["response"],
-            outputs=row["outputs"],
-            worker_id=row["worker_id"],
-            lease_until=row["lease_until"],
-            queued_at=row["queued_at"],
-            started_at=row["started_at"],
-            completed_at=row["completed_at"],
-            mode=Mode(row["mode"]),
-            completed_by=row["completed_by"],
-            deadline=row["deadline"],
-            reply_to=row["reply_to"],
-            correlation_id=row["correlation_id"],
-            event_pending=row["event_pending"],
-            external_started_at=row["external_started_at"],
-            variables=row["variables"],
-            history=row["history"],
-            retries=row["retries"],
-            retry_at=row["retry_at"],
-            worker_alive=row.get("worker_alive", False),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Overview:
-    states: dict[str, int]
-    oldest_waiting_since: datetime | None
-    completed_last_minute: int
-    unfinished: list[asyncpg.Record]
-    failures: list[asyncpg.Record]
-    workers: list[asyncpg.Record]
-    dead_letters: list[asyncpg.Record]
-
-
-@dataclass(frozen=True, slots=True)
-class CallbackCompletion:
-    task_id: str
-    plan_id: str
-    result: Result
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Completion:
-    task_id: str
-    attempts: int
-    outcome: Outcome
-    response_json: str | None
 
 
 # Turns of the event loop a worker's batch waits for more callers: at concurrency 256 on two
@@ -333,7 +178,7 @@ class Store:
                 [c.result.value for c in batch],
                 [c.reason for c in batch],
             )
-            done = {row["task_id"]: TaskRecord.from_row(row) for row in rows}
+            done = {row["task_id"]: task_record(row) for row in rows}
             missed = [c for c in batch if c.task_id not in done]
             others = {}
             if missed:
@@ -342,7 +187,7 @@ class Store:
                     [c.task_id for c in missed],
                     [c.plan_id for c in missed],
                 )
-                others = {row["task_id"]: TaskRecord.from_row(row) for row in found}
+                others = {row["task_id"]: task_record(row) for row in found}
         return [
             (True, done[c.task_id]) if c.task_id in done else (False, others.get(c.task_id))
             for c in batch
@@ -360,27 +205,27 @@ class Store:
         async with self._pool.acquire() as conn:
             row = await conn.fetchrow(statement, task_id, plan_id, *args)
             if row is not None:
-                return True, TaskRecord.from_row(row)
+                return True, task_record(row)
             row = await conn.fetchrow(queries.SELECT_IN_PLAN, task_id, plan_id)
-        return False, None if row is None else TaskRecord.from_row(row)
+        return False, None if row is None else task_record(row)
 
     async def in_plan(self, task_id: str, plan_id: str) -> TaskRecord | None:
         row = await self._pool.fetchrow(queries.SELECT_IN_PLAN, task_id, plan_id)
-        return None if row is None else TaskRecord.from_row(row)
+        return None if row is None else task_record(row)
 
     async def cancel(self, task_id: str, reason: str) -> TaskRecord | None:
         """Complete the task `canceled`: its record, or None if it was already completed."""
         row = await self._pool.fetchrow(queries.CANCEL, task_id, reason)
-        return None if row is None else TaskRecord.from_row(row)
+        return None if row is None else task_record(row)
 
     async def sweep(self, limit: int = 100) -> list[TaskRecord]:
         """Fail the waiting tasks whose deadline (or started deadline) has passed."""
         rows = await self._pool.fetch(queries.SWEEP, limit)
-        return [TaskRecord.from_row(row) for row in rows]
+        return [task_record(row) for row in rows]
 
     async def take_cancel_requests(self, limit: int = 20) -> list[TaskRecord]:
         rows = await self._pool.fetch(queries.TAKE_CANCEL_REQUESTS, limit)
-        return [TaskRecord.from_row(row) for row in rows]
+        return [task_record(row) for row in rows]
 
     @asynccontextmanager
     async def pending_events(
@@ -390,7 +235,7 @@ class Store:
         then marked published (the block publishes them, or raises)."""
         async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(queries.PENDING_EVENTS, older_than, limit)
-            records = [TaskRecord.from_row(row) for row in rows]
+            records = [task_record(row) for row in rows]
             yield records
             if records:
                 await conn.execute(queries.EVENTS_PUBLISHED, [r.task_id for r in records])
@@ -477,15 +322,15 @@ class Store:
         descending: bool,
         offset: int,
         limit: int,
-    ) -> tuple[list[asyncpg.Record], int]:
+    ) -> tuple[list[TaskSummaryRecord], int]:
         """One page of task summaries, and how many tasks match in all."""
         page, count = queries.list_tasks(list(filters), order, descending)
         async with self._pool.acquire() as conn:
             total: int = await conn.fetchval(count, *filters.values())
-            rows = await conn.fetch(page, *filters.values(), offset, limit) if total else []
-        return rows, total
+            found = await conn.fetch(page, *filters.values(), offset, limit) if total else []
+        return [task_summary(row) for row in found], total
 
-    async def overview(self, *, rows: int = 20) -> Overview:
+    async def overview(self, *, limit: int = 20) -> Overview:
         """What the queue page and `agentless status` show from the database."""
         async with self._pool.acquire() as conn:
             counts = {r["state"]: r["n"] for r in await conn.fetch(queries.STATE_COUNTS)}
@@ -493,17 +338,21 @@ class Store:
                 states=counts,
                 oldest_waiting_since=await conn.fetchval(queries.OLDEST_WAITING),
                 completed_last_minute=await conn.fetchval(queries.COMPLETED_SINCE, 60),
-                unfinished=await conn.fetch(queries.UNFINISHED, rows),
-                failures=await conn.fetch(queries.RECENT_FAILURES, rows),
-                workers=await conn.fetch(queries.LIVE_WORKERS),
-                dead_letters=await conn.fetch(queries.RECENT_DEAD_LETTERS, rows),
+                unfinished=[task_summary(r) for r in await conn.fetch(queries.UNFINISHED, limit)],
+                failures=[
+                    task_summary(r) for r in await conn.fetch(queries.RECENT_FAILURES, limit)
+                ],
+                workers=[worker_record(r) for r in await conn.fetch(queries.LIVE_WORKERS)],
+                dead_letters=[
+                    dead_letter(r) for r in await conn.fetch(queries.RECENT_DEAD_LETTERS, limit)
+                ],
             )
 
     async def unregister_worker(self, worker_id: int) -> None:
         await self._pool.execute(queries.UNREGISTER_WORKER, worker_id)
 
-    async def live_workers(self) -> list[asyncpg.Record]:
-        return await self._pool.fetch(queries.LIVE_WORKERS)
+    async def live_workers(self) -> list[WorkerRecord]:
+        return [worker_record(row) for row in await self._pool.fetch(queries.LIVE_WORKERS)]
 
     async def state_counts(self) -> dict[str, int]:
         return {r["state"]: r["n"] for r in await self._pool.fetch(queries.STATE_COUNTS)}
@@ -522,11 +371,11 @@ class Store:
 
     async def get(self, task_id: str) -> TaskRecord | None:
         rows = await self._pool.fetch(queries.SELECT_TASKS, [task_id], self.lock_namespace)
-        return TaskRecord.from_row(rows[0]) if rows else None
+        return task_record(rows[0]) if rows else None
 
     async def _records(self, conn: Executor, task_ids: list[str]) -> dict[str, TaskRecord]:
         rows = await conn.fetch(queries.SELECT_TASKS, task_ids, self.lock_namespace)
-        return {row["task_id"]: TaskRecord.from_row(row) for row in rows}
+        return {row["task_id"]: task_record(row) for row in rows}
 
     async def _flush_claims(self, batch: list[ClaimRequest]) -> list[Claimed | TaskRecord]:
         async with self._pool.acquire() as conn:

@@ -1,4 +1,4 @@
-"""Pure decisions shared by the runner and the API: how a response is judged, what an event says."""
+"""The events a task's life publishes (SPEC §7), built from the task or from its record."""
 
 from __future__ import annotations
 
@@ -6,34 +6,15 @@ from datetime import datetime
 
 import orjson
 
-from worker.contract import criteria
 from worker.contract.models import (
     EventName,
     HttpResponse,
     Outcome,
-    Result,
     TaskEvent,
     TaskMessage,
     event_id,
 )
-from worker.store.database import TaskRecord
-
-
-def judge(response: HttpResponse, expression: str | None) -> Outcome:
-    """SPEC §4: succeeded when the status is 2xx and the criterion, if any, is truthy."""
-    status = response.status_code
-    if not 200 <= status < 300:
-        return Outcome(Result.FAILED, f"HTTP {status}", response)
-    if expression is None:
-        return Outcome(Result.SUCCEEDED, f"HTTP {status}", response)
-    document = {
-        "statusCode": status,
-        "headers": response.headers,
-        "body": response.body,
-    }
-    if criteria.holds(expression, document):
-        return Outcome(Result.SUCCEEDED, f"HTTP {status}; successCriteria true", response)
-    return Outcome(Result.FAILED, f"HTTP {status}; successCriteria false", response)
+from worker.contract.records import TaskRecord
 
 
 def task_event(
@@ -63,20 +44,6 @@ def task_event(
         completed_at=completed_at,
         variables=task.variables,
     )
-
-
-def callback_headers(task: TaskMessage, plan_url: str, token: str) -> dict[str, str]:
-    """What Azure's server tasks send, so that services written for them find their way back."""
-    return {
-        "PlanUrl": plan_url,
-        "ProjectId": task.project,
-        "HubName": task.hub_name,
-        "PlanId": task.plan_id,
-        "JobId": task.job,
-        "TimelineId": task.timeline,
-        "TaskInstanceId": task.task_id,
-        "AuthToken": token,
-    }
 
 
 def completed_event(record: TaskRecord) -> bytes:

@@ -1,0 +1,67 @@
+"""What aio-pika and aiormq need watching for: how a lost connection shows, the heartbeat a URL
+asks for, and the bound on a channel's frames."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel
+from yarl import URL
+
+# What a lost or refused connection, channel or publish looks like from aio-pika and aiormq.
+BROKER_ERRORS = (
+    aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+    RuntimeError,
+)
+
+# The AMQP heartbeat in seconds when the URL names none. RabbitMQ advises 5 to 20 s; aiormq's own
+# default of 60 s would leave a silent connection unnoticed for three minutes.
+DEFAULT_HEARTBEAT = 10
+
+
+def cancelled_by_the_broker() -> bool:
+    """Whether the CancelledError being handled means a lost connection rather than a cancelled
+    task: aiormq fails whatever waits on a channel that it closes (because its connection closed,
+    or went silent past the heartbeat) with a CancelledError, though nothing cancelled the task
+    that waits."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
+async def unbounded_frames(channel: AbstractChannel) -> None:
+    """Let `channel` take in every frame that arrives for it at once. aiormq queues at most 10
+    frames per channel (aio-pika offers no way to ask for more) and its connection's reader stops
+    for the channel's each time that queue fills: with 3 frames to a delivery, a busy process took
+    in only a few deliveries per turn of its event loop, and the prefetch window sat half empty
+    in the socket. The broker still bounds the frames: deliveries by the prefetch, confirms by
+    the publishes waiting for them."""
+    frames = getattr(await channel.get_underlay_channel(), "frames", None)
+    # asyncio.Queue reads its bound from this attribute on every put; 0 means none. Should a
+    # later aiormq keep its frames elsewhere, the channel keeps its bound: slower, not wrong.
+    if isinstance(frames, asyncio.Queue) and hasattr(frames, "_maxsize"):
+        frames._maxsize = 0
+
+
+def connection_failed(exc: BaseException) -> bool:
+    """Whether `exc`, raised by a broker call, means that the connection or channel was lost."""
+    return not isinstance(exc, asyncio.CancelledError) or cancelled_by_the_broker()
+
+
+def with_heartbeat(amqp_url: str) -> tuple[str, int]:
+    """`amqp_url` with DEFAULT_HEARTBEAT unless it names a heartbeat, and the heartbeat in force
+    (0 when it is off: aiormq reads anything but a number from 0 to 65534 as off)."""
+    url = URL(amqp_url)
+    given = url.query.get("heartbeat")
+    if given is None:
+        return str(url.update_query(heartbeat=DEFAULT_HEARTBEAT)), DEFAULT_HEARTBEAT
+    try:
+        heartbeat = int(given)
+    except ValueError:
+        heartbeat = 0
+    return amqp_url, heartbeat if 0 <= heartbeat < 65535 else 0

@@ -1,0 +1,204 @@
+"""The `agentless` command's arguments: each subcommand, its flags and its handler."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from worker import __version__
+from worker.cli.reports import (
+    MAX_LISTED,
+    cmd_dead_list,
+    cmd_dead_requeue,
+    cmd_status,
+    cmd_tasks,
+)
+from worker.cli.serve import cmd_api, cmd_run, cmd_worker
+from worker.cli.submit import cmd_submit
+from worker.contract.models import Result, State
+from worker.store.queries import ORDER_COLUMNS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agentless",
+        description="Agentless task worker: HTTP tasks from RabbitMQ, judged by JMESPath, "
+        "state in PostgreSQL. Configured by AGENTLESS_* environment variables.",
+    )
+    parser.add_argument("--version", action="version", version=f"agentless {__version__}")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=".env-style file of AGENTLESS_* settings; the environment wins over it",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    worker = commands.add_parser(
+        "worker",
+        help="consume and run tasks until SIGTERM",
+        description="Consume the task "
+        "queue and run tasks until SIGTERM or SIGINT; then finish in-flight tasks and exit 0.",
+    )
+    worker.set_defaults(command=cmd_worker)
+
+    run = commands.add_parser(
+        "run",
+        help="a worker and the HTTP API in one process",
+        description="Run a worker and the HTTP API (AGENTLESS_API_HOST:AGENTLESS_API_PORT) in "
+        "one process: for a laptop and the quick start.",
+    )
+    run.set_defaults(command=cmd_run)
+
+    api = commands.add_parser(
+        "api",
+        help="the HTTP API alone",
+        description="Serve the callback API and the task API on "
+        "AGENTLESS_API_HOST:AGENTLESS_API_PORT; any number may run against one broker and "
+        "database.",
+    )
+    api.set_defaults(command=cmd_api)
+
+    submit = commands.add_parser(
+        "submit",
+        help="queue a task; with --wait, print its result",
+        description="Queue a task from a JSON file (SPEC §4) and/or flags; flags win over the "
+        "file. With --wait, print the TaskCompleted event and exit 0 only if it succeeded.",
+    )
+    submit.add_argument("file", nargs="?", type=Path, help="task message JSON file, or - for stdin")
+    submit.add_argument("--url", help="absolute http(s) URL to call")
+    submit.add_argument("-X", "--method", help="HTTP method (default POST)")
+    submit.add_argument(
+        "-H", "--header", action="append", default=[], metavar="'NAME: VALUE'", help="repeatable"
+    )
+    body = submit.add_mutually_exclusive_group()
+    body.add_argument("-d", "--body", help="request body, sent as text")
+    body.add_argument("--json", dest="json_body", metavar="JSON", help="request body, as JSON")
+    submit.add_argument("--connection", help="service connection name instead of --url")
+    submit.add_argument("--url-suffix", help="appended to the connection's URL")
+    submit.add_argument("--criteria", help="JMESPath success criterion")
+    submit.add_argument(
+        "--callback",
+        action="store_true",
+        help="wait for the external service's TaskCompleted (waitForCompletion: callback)",
+    )
+    submit.add_argument(
+        "--timeout", type=int, metavar="SECONDS", help="timeoutSeconds of a callback task"
+    )
+    submit.add_argument(
+        "--retry",
+        type=int,
+        metavar="ATTEMPTS",
+        help="retry connection errors, timeouts, 429 and 503: at most ATTEMPTS calls in all",
+    )
+    submit.add_argument(
+        "--retry-delay",
+        type=float,
+        metavar="SECONDS",
+        help="seconds before the first retry (default 1), doubled for each one after",
+    )
+    submit.add_argument("--task-id", help="default: a new UUID")
+    submit.add_argument("--plan-id", help="default: a new UUID")
+    submit.add_argument("--job-id")
+    submit.add_argument("--hub", help="hubName (default build)")
+    submit.add_argument("--name", help="display name")
+    submit.add_argument(
+        "--var", action="append", default=[], metavar="NAME=VALUE", help="variable, repeatable"
+    )
+    submit.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    submit.add_argument(
+        "--wait-timeout", type=float, default=600, metavar="SECONDS", help="default 600"
+    )
+    submit.set_defaults(command=cmd_submit)
+    _add_operations(commands)
+    return parser
+
+
+def _add_operations(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The commands that show and repair what the queue and the database hold."""
+    status = commands.add_parser(
+        "status",
+        help="the queue, the task states and the live workers",
+        description="Show what GET /queue shows: the task queue's ready messages and consumers, "
+        "the dead letters, how many tasks are queued, running, waiting and completed; and the "
+        "live workers.",
+    )
+    status.add_argument(
+        "--json", action="store_true", help="print GET /queue's JSON instead of tables"
+    )
+    status.set_defaults(command=cmd_status)
+
+    tasks = commands.add_parser(
+        "tasks",
+        help="list tasks, newest first",
+        description="List tasks from the database, newest first unless --order or --asc say "
+        "otherwise. Filters compare case-insensitively, as GET /tasks does.",
+    )
+    tasks.add_argument("--state", type=str.lower, choices=[s.value for s in State])
+    tasks.add_argument("--result", type=_result_name, choices=[r.value for r in Result])
+    tasks.add_argument("--plan-id", help="planId")
+    tasks.add_argument("--hub", help="hubName")
+    tasks.add_argument(
+        "--limit", type=_whole(1, MAX_LISTED), default=20, metavar="N", help="default 20"
+    )
+    tasks.add_argument(
+        "--order", choices=list(ORDER_COLUMNS), default="queuedAt", help="default queuedAt"
+    )
+    tasks.add_argument("--asc", action="store_true", help="ascending order (default descending)")
+    tasks.add_argument(
+        "--json", action="store_true", help="print the task summaries as a JSON array"
+    )
+    tasks.set_defaults(command=cmd_tasks)
+
+    dead_letters = commands.add_parser(
+        "dead",
+        help="list or requeue dead letters",
+        description="Messages that could not be processed wait in the dead-letter queue "
+        "({prefix}.dead), each with its reason. List them, or move them back to the task "
+        "queue once their cause is fixed or has passed.",
+    )
+    dead_commands = dead_letters.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    dead_list = dead_commands.add_parser(
+        "list",
+        help="show dead letters and their reasons; they stay in the queue",
+        description="Show the dead letters, oldest first: message id, reason, and the start of "
+        "the body. Every message stays in the queue, in its order; the queue is read whole, "
+        "so a large one takes a while.",
+    )
+    dead_list.add_argument(
+        "--limit", type=_whole(1, MAX_LISTED), default=100, metavar="N", help="default 100"
+    )
+    dead_list.add_argument("--json", action="store_true", help="print a JSON array")
+    dead_list.set_defaults(command=cmd_dead_list)
+    dead_requeue = dead_commands.add_parser(
+        "requeue",
+        help="move dead letters back to the task queue",
+        description="Move the dead letters with these message ids (task ids), or all of them, "
+        "back to the task queue with their original properties; the others stay. Exits 1 if "
+        "an id matches no dead letter.",
+    )
+    dead_requeue.add_argument("ids", nargs="*", metavar="ID", help="message id (the taskId)")
+    dead_requeue.add_argument("--all", action="store_true", help="every dead letter")
+    dead_requeue.set_defaults(command=cmd_dead_requeue)
+
+
+def _whole(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _result_name(text: str) -> str:
+    """The result spelled as the contract spells it, whatever the case typed."""
+    return next((r.value for r in Result if r.value.lower() == text.lower()), text)

@@ -1,0 +1,44 @@
+"""The event relay: publishes the TaskCompleted events whose publishing was not confirmed.
+
+A completion's own process publishes its event at once; a process that died before the broker
+confirmed it leaves the row's pending mark, and any worker's or API's relay publishes it then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from worker.broker import Broker
+from worker.completions import publish_completion
+from worker.store.database import DB_UNAVAILABLE, Store
+
+log = logging.getLogger(__name__)
+
+# The relay steps in only this long after a completion, and looks twice as often.
+RELAY_AFTER_SECONDS = 5.0
+
+
+class Relay:
+    def __init__(self, store: Store, broker: Broker) -> None:
+        self._store = store
+        self._broker = broker
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.relay_once()
+            except DB_UNAVAILABLE as exc:
+                log.warning("relay skipped: database unavailable (%s)", exc)
+            await asyncio.sleep(RELAY_AFTER_SECONDS / 2)
+
+    async def relay_once(self) -> None:
+        async with self._store.pending_events(RELAY_AFTER_SECONDS) as records:
+            for record in records:
+                log.info("relaying an unconfirmed TaskCompleted", extra={"taskId": record.task_id})
+                await publish_completion(
+                    self._broker,
+                    record,
+                    reply_to=record.reply_to,
+                    correlation_id=record.correlation_id,
+                )

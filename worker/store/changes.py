@@ -1,0 +1,80 @@
+"""What callers hand the store to change a task, and what they get back: claims and completions."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+
+from worker.contract.models import Outcome, Result, TaskMessage, stored_message
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    task_id: str
+    plan_id: str
+    job_id: str
+    hub_name: str
+    project_id: str | None
+    name: str | None
+    mode: str
+    digest: bytes
+    message: str
+    queued_at: datetime | None
+    lease_seconds: float
+    reply_to: str | None
+    correlation_id: str | None
+
+    @classmethod
+    def of(
+        cls,
+        task: TaskMessage,
+        body: bytes,
+        *,
+        queued_at: datetime | None = None,
+        lease_seconds: float = 0,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+    ) -> ClaimRequest:
+        """The row for `task`, whose message is `body`."""
+        return cls(
+            task_id=task.task_id,
+            plan_id=task.plan_id,
+            job_id=task.job,
+            hub_name=task.hub_name,
+            project_id=task.project_id,
+            name=task.name,
+            mode=task.wait_for_completion.value,
+            digest=hashlib.sha256(body).digest(),
+            message=stored_message(task, body),
+            queued_at=queued_at,
+            lease_seconds=lease_seconds,
+            reply_to=reply_to,
+            correlation_id=correlation_id,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """This worker now runs the task's attempt number `attempts`, after `retries` retries."""
+
+    attempts: int
+    retries: int
+    queued_at: datetime
+    started_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackCompletion:
+    task_id: str
+    plan_id: str
+    result: Result
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    task_id: str
+    attempts: int
+    outcome: Outcome
+    response_json: str | None
