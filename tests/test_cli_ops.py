@@ -17,11 +17,12 @@ from aio_pika.abc import AbstractChannel
 from tests import processes
 from tests.conftest import Dead, Events, Target, publish, task_message
 from worker.cli.dead import reason_of
-from worker.cli.tables import Column, duration, one_line, render, shorten
+from worker.cli.tables import Column, render
 from worker.contract.errors import InvalidTask
 from worker.contract.models import REASON_HEADER, Names, parse_task
 from worker.contract.settings import Settings
 from worker.service import Worker, running_worker
+from worker.text import duration, one_line, shorten
 
 
 @pytest.mark.parametrize(

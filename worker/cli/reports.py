@@ -18,11 +18,12 @@ from pydantic import JsonValue, TypeAdapter
 from worker.amqp import BROKER_ERRORS
 from worker.broker import Broker
 from worker.cli import dead
-from worker.cli.tables import Column, duration, render
+from worker.cli.tables import Column, render
 from worker.contract.errors import ConfigError, UsageError
 from worker.contract.models import Names
 from worker.contract.settings import Settings, redact_url
 from worker.store.database import Store
+from worker.text import duration
 from worker.views import Dashboard, TaskSummary, dashboard
 
 # Most rows `tasks` and `dead list` print at once: past this, a table is no longer read.
