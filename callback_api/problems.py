@@ -12,7 +12,7 @@ from aiohttp import web
 
 from callback_api.server import deadlines_key
 from worker.broker import BrokerUnavailable
-from worker.store.database import DB_UNAVAILABLE
+from worker.store.errors import DB_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 

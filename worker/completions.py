@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from worker.broker import Broker
 from worker.contract.events import completed_event
 from worker.contract.models import EventName, event_id, routing_key
-from worker.contract.records import TaskRecord
-from worker.store.database import Store
+
+if TYPE_CHECKING:
+    from worker.broker import Broker
+    from worker.contract.records import TaskRecord
+    from worker.store.database import Store
 
 
 async def publish_completion(

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
-from worker.broker import Broker
 from worker.completions import publish_completion
-from worker.store.database import DB_UNAVAILABLE, Store
+from worker.store.errors import DB_UNAVAILABLE
+
+if TYPE_CHECKING:
+    from worker.broker import Broker
+    from worker.store.database import Store
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,8 @@ from worker.invoke import InvokeFailure, Invoker
 from worker.logs import bind_task
 from worker.metrics import Metrics
 from worker.store.changes import Claimed, ClaimRequest
-from worker.store.database import DB_UNAVAILABLE, Store
+from worker.store.database import Store
+from worker.store.errors import DB_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from worker.contract.records import TaskRecord
 from worker.contract.tokens import GRACE_SECONDS, Signer
 from worker.invoke import InvokeFailure, Invoker
 from worker.logs import bind_task
-from worker.store.database import DB_UNAVAILABLE, Store
+from worker.store.database import Store
+from worker.store.errors import DB_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 

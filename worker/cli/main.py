@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 from worker import logs
 from worker.cli.parser import build_parser
+from worker.cli.reports import cmd_dead_list, cmd_dead_requeue, cmd_status, cmd_tasks
+from worker.cli.serve import cmd_api, cmd_run, cmd_worker
+from worker.cli.submit import cmd_submit
 from worker.contract.errors import ConfigError, UsageError
-from worker.contract.settings import load_settings
+from worker.contract.settings import Settings, load_settings
 
 log = logging.getLogger("agentless")
 
 EXIT_USAGE = 2
+
+Command = Callable[[Settings, argparse.Namespace], int]
+# Each subcommand's handler, by the name the parser gives it.
+COMMANDS: dict[str, Command] = {
+    "worker": cmd_worker,
+    "run": cmd_run,
+    "api": cmd_api,
+    "submit": cmd_submit,
+    "status": cmd_status,
+    "tasks": cmd_tasks,
+    "dead-list": cmd_dead_list,
+    "dead-requeue": cmd_dead_requeue,
+}
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -25,7 +43,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         _fail(str(exc))
     logs.configure(settings.effective_log_format, getattr(logging, args.log_level.upper()))
     try:
-        code: int = args.command(settings, args)
+        code = COMMANDS[args.command](settings, args)
     except (ConfigError, UsageError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:

@@ -7,17 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from worker import __version__
-from worker.cli.reports import (
-    MAX_LISTED,
-    cmd_dead_list,
-    cmd_dead_requeue,
-    cmd_status,
-    cmd_tasks,
-)
-from worker.cli.serve import cmd_api, cmd_run, cmd_worker
-from worker.cli.submit import cmd_submit
 from worker.contract.models import Result, State
 from worker.store.queries import ORDER_COLUMNS
+
+# Most rows `tasks` and `dead list` print at once: past this, a table is no longer read.
+MAX_LISTED = 1000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Consume the task "
         "queue and run tasks until SIGTERM or SIGINT; then finish in-flight tasks and exit 0.",
     )
-    worker.set_defaults(command=cmd_worker)
+    worker.set_defaults(command="worker")
 
     run = commands.add_parser(
         "run",
@@ -52,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a worker and the HTTP API (AGENTLESS_API_HOST:AGENTLESS_API_PORT) in "
         "one process: for a laptop and the quick start.",
     )
-    run.set_defaults(command=cmd_run)
+    run.set_defaults(command="run")
 
     api = commands.add_parser(
         "api",
@@ -61,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "AGENTLESS_API_HOST:AGENTLESS_API_PORT; any number may run against one broker and "
         "database.",
     )
-    api.set_defaults(command=cmd_api)
+    api.set_defaults(command="api")
 
     submit = commands.add_parser(
         "submit",
@@ -113,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--wait-timeout", type=float, default=600, metavar="SECONDS", help="default 600"
     )
-    submit.set_defaults(command=cmd_submit)
+    submit.set_defaults(command="submit")
     _add_operations(commands)
     return parser
 
@@ -130,7 +124,7 @@ def _add_operations(commands: argparse._SubParsersAction[argparse.ArgumentParser
     status.add_argument(
         "--json", action="store_true", help="print GET /queue's JSON instead of tables"
     )
-    status.set_defaults(command=cmd_status)
+    status.set_defaults(command="status")
 
     tasks = commands.add_parser(
         "tasks",
@@ -152,7 +146,7 @@ def _add_operations(commands: argparse._SubParsersAction[argparse.ArgumentParser
     tasks.add_argument(
         "--json", action="store_true", help="print the task summaries as a JSON array"
     )
-    tasks.set_defaults(command=cmd_tasks)
+    tasks.set_defaults(command="tasks")
 
     dead_letters = commands.add_parser(
         "dead",
@@ -173,7 +167,7 @@ def _add_operations(commands: argparse._SubParsersAction[argparse.ArgumentParser
         "--limit", type=_whole(1, MAX_LISTED), default=100, metavar="N", help="default 100"
     )
     dead_list.add_argument("--json", action="store_true", help="print a JSON array")
-    dead_list.set_defaults(command=cmd_dead_list)
+    dead_list.set_defaults(command="dead-list")
     dead_requeue = dead_commands.add_parser(
         "requeue",
         help="move dead letters back to the task queue",
@@ -183,7 +177,7 @@ def _add_operations(commands: argparse._SubParsersAction[argparse.ArgumentParser
     )
     dead_requeue.add_argument("ids", nargs="*", metavar="ID", help="message id (the taskId)")
     dead_requeue.add_argument("--all", action="store_true", help="every dead letter")
-    dead_requeue.set_defaults(command=cmd_dead_requeue)
+    dead_requeue.set_defaults(command="dead-requeue")
 
 
 def _whole(low: int, high: int) -> Callable[[str], int]:

@@ -26,9 +26,6 @@ from worker.store.database import Store
 from worker.text import duration
 from worker.views import Dashboard, TaskSummary, dashboard
 
-# Most rows `tasks` and `dead list` print at once: past this, a table is no longer read.
-MAX_LISTED = 1000
-
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     board = asyncio.run(_dashboard(settings))

@@ -25,6 +25,7 @@ from worker.contract.settings import redact_url
 from worker.store import queries
 from worker.store.batch import Batcher
 from worker.store.changes import CallbackCompletion, Claimed, ClaimRequest, Completion
+from worker.store.errors import DB_UNAVAILABLE
 from worker.store.rows import dead_letter, task_record, task_summary, worker_record
 from worker.store.schema import migrate
 
@@ -32,19 +33,6 @@ log = logging.getLogger(__name__)
 
 # A connection of its own or one lent by the pool: both run statements alike.
 Executor = asyncpg.Connection | PoolConnectionProxy
-
-# Errors that mean "the database cannot be reached now", as opposed to a statement it refused.
-DB_UNAVAILABLE = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-    # A pooled connection that a server shutdown left half-way through its protocol (the pool
-    # does not run a reset query: see _keep_session) until its socket is seen closed.
-    asyncpg.exceptions.InternalClientError,
-)
-
 
 # Turns of the event loop a worker's batch waits for more callers: at concurrency 256 on two
 # cores, 4 took the throughput benchmark from about 90% of the baseline's rate to over 100%.

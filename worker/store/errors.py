@@ -1,0 +1,19 @@
+"""What a database that cannot be reached looks like, as opposed to a statement it refused."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+# Errors that mean "the database cannot be reached now", as opposed to a statement it refused.
+DB_UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    # A pooled connection that a server shutdown left half-way through its protocol (the pool
+    # does not run a reset query: see _keep_session) until its socket is seen closed.
+    asyncpg.exceptions.InternalClientError,
+)
