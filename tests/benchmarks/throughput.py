@@ -6,7 +6,7 @@
 Run on demand, never by pytest. For each target delay, N apiResponse tasks are queued before the
 consumer process starts; then (a) a bare aio-pika consume → aiohttp call → jmespath → publish with
 confirms → ack loop, with no validation and no database, and (b) the real worker
-(`python -m worker worker`) consume them. Both call the same local aiohttp target, which runs in a
+(`python -m worker worker`) consume them, both on the same event loop (uvloop's where installed). Both call the same local aiohttp target, which runs in a
 process of its own, as does each contender, so that /proc tells their CPU and memory apart.
 
 This file is also the target's and the baseline's program (`--role target|baseline`): one file to
@@ -850,6 +850,17 @@ def at_least(lowest: int) -> Callable[[str], int]:
     return parse
 
 
+def event_loop() -> asyncio.AbstractEventLoop:
+    """The baseline's loop: the one the worker runs on (worker/runtime.py), uvloop's where it is
+    installed, so that the ratio compares the code rather than the event loops. Written here, as
+    the baseline imports nothing of the worker's."""
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Tasks/s, CPU per task and peak RSS of the worker and of a bare baseline."
@@ -878,7 +889,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "target":
         return asyncio.run(serve_target())
     if args.role == "baseline":
-        return asyncio.run(run_baseline(AMQP_URL, args.queue, args.exchange, args.concurrency))
+        with asyncio.Runner(loop_factory=event_loop) as runner:
+            return runner.run(run_baseline(AMQP_URL, args.queue, args.exchange, args.concurrency))
     if not Path("/proc/self/stat").exists():
         parser.error("this benchmark reads CPU and memory from /proc: it runs on Linux only")
     worker_root = args.worker_root.resolve()
