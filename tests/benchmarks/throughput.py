@@ -6,8 +6,9 @@
 Run on demand, never by pytest. For each target delay, N apiResponse tasks are queued before the
 consumer process starts; then (a) a bare aio-pika consume → aiohttp call → jmespath → publish with
 confirms → ack loop, with no validation and no database, and (b) the real worker
-(`python -m worker worker`) consume them, both on the same event loop (uvloop's where installed). Both call the same local aiohttp target, which runs in a
-process of its own, as does each contender, so that /proc tells their CPU and memory apart.
+(`python -m worker worker`) consume them, both on the same event loop (uvloop's where
+installed). Both call the same local aiohttp target, which runs in a process of its own, as
+does each contender, so that /proc tells their CPU and memory apart.
 
 This file is also the target's and the baseline's program (`--role target|baseline`): one file to
 read, and the baseline imports nothing of the worker's, so its memory and start-up stay bare.

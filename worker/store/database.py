@@ -11,7 +11,6 @@ from datetime import datetime
 
 import asyncpg
 import orjson
-from asyncpg.pool import PoolConnectionProxy
 from pydantic import JsonValue
 
 from worker.contract.errors import ConfigError
@@ -22,17 +21,14 @@ from worker.contract.models import (
 )
 from worker.contract.records import Overview, TaskRecord, TaskSummaryRecord, WorkerRecord
 from worker.contract.settings import redact_url
-from worker.store import queries
+from worker.store import batches, queries
 from worker.store.batch import Batcher
 from worker.store.changes import CallbackCompletion, Claimed, ClaimRequest, Completion
-from worker.store.errors import DB_UNAVAILABLE
+from worker.store.errors import DB_UNAVAILABLE, Executor
 from worker.store.rows import dead_letter, task_record, task_summary, worker_record
 from worker.store.schema import migrate
 
 log = logging.getLogger(__name__)
-
-# A connection of its own or one lent by the pool: both run statements alike.
-Executor = asyncpg.Connection | PoolConnectionProxy
 
 # Turns of the event loop a worker's batch waits for more callers: at concurrency 256 on two
 # cores, 4 took the throughput benchmark from about 90% of the baseline's rate to over 100%.
@@ -159,27 +155,7 @@ class Store:
         self, batch: list[CallbackCompletion]
     ) -> list[tuple[bool, TaskRecord | None]]:
         async with self._pool.acquire() as conn:
-            rows = await conn.fetch(
-                queries.COMPLETE_BY_CALLBACK,
-                [c.task_id for c in batch],
-                [c.plan_id for c in batch],
-                [c.result.value for c in batch],
-                [c.reason for c in batch],
-            )
-            done = {row["task_id"]: task_record(row) for row in rows}
-            missed = [c for c in batch if c.task_id not in done]
-            others = {}
-            if missed:
-                found = await conn.fetch(
-                    queries.SELECT_MANY_IN_PLANS,
-                    [c.task_id for c in missed],
-                    [c.plan_id for c in missed],
-                )
-                others = {row["task_id"]: task_record(row) for row in found}
-        return [
-            (True, done[c.task_id]) if c.task_id in done else (False, others.get(c.task_id))
-            for c in batch
-        ]
+            return await batches.callbacks(conn, batch)
 
     async def external_started(self, task_id: str, plan_id: str) -> tuple[bool, TaskRecord | None]:
         """Note that the external service said it started; like complete_by_callback."""
@@ -362,53 +338,15 @@ class Store:
         return task_record(rows[0]) if rows else None
 
     async def _records(self, conn: Executor, task_ids: list[str]) -> dict[str, TaskRecord]:
-        rows = await conn.fetch(queries.SELECT_TASKS, task_ids, self.lock_namespace)
-        return {row["task_id"]: task_record(row) for row in rows}
+        return await batches.records(conn, task_ids, self.lock_namespace)
 
     async def _flush_claims(self, batch: list[ClaimRequest]) -> list[Claimed | TaskRecord]:
         async with self._pool.acquire() as conn:
-            rows = await conn.fetch(
-                queries.CLAIM,
-                [c.task_id for c in batch],
-                [c.plan_id for c in batch],
-                [c.job_id for c in batch],
-                [c.hub_name for c in batch],
-                [c.project_id for c in batch],
-                [c.name for c in batch],
-                [c.mode for c in batch],
-                [c.digest for c in batch],
-                [c.message for c in batch],
-                [c.queued_at for c in batch],
-                [c.lease_seconds for c in batch],
-                [c.reply_to for c in batch],
-                [c.correlation_id for c in batch],
-                self.worker_id,
-                self.lock_namespace,
-            )
-            claimed = {
-                row["task_id"]: Claimed(
-                    row["attempts"], row["retries"], row["queued_at"], row["started_at"]
-                )
-                for row in rows
-            }
-            missed = [c.task_id for c in batch if c.task_id not in claimed]
-            records = await self._records(conn, missed) if missed else {}
-        return [claimed.get(c.task_id) or records[c.task_id] for c in batch]
+            return await batches.claims(conn, batch, self.worker_id, self.lock_namespace)
 
     async def _flush_completions(self, batch: list[Completion]) -> list[datetime | TaskRecord]:
         async with self._pool.acquire() as conn:
-            rows = await conn.fetch(
-                queries.COMPLETE,
-                [c.task_id for c in batch],
-                [c.attempts for c in batch],
-                [c.outcome.result.value for c in batch],
-                [c.outcome.reason for c in batch],
-                [c.response_json for c in batch],
-            )
-            done: dict[str, datetime] = {row["task_id"]: row["completed_at"] for row in rows}
-            missed = [c.task_id for c in batch if c.task_id not in done]
-            records = await self._records(conn, missed) if missed else {}
-        return [done.get(c.task_id) or records[c.task_id] for c in batch]
+            return await batches.completions(conn, batch, self.lock_namespace)
 
 
 async def _keep_session(_: asyncpg.Connection) -> None:

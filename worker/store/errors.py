@@ -1,10 +1,15 @@
-"""What a database that cannot be reached looks like, as opposed to a statement it refused."""
+"""What the store's statements run on, and what a database that cannot be reached looks like, as
+opposed to a statement it refused."""
 
 from __future__ import annotations
 
 import asyncio
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+# A connection of its own or one lent by the pool: both run statements alike.
+Executor = asyncpg.Connection | PoolConnectionProxy
 
 # Errors that mean "the database cannot be reached now", as opposed to a statement it refused.
 DB_UNAVAILABLE = (

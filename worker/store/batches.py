@@ -1,0 +1,98 @@
+"""The batched statements: the claims, completions and callbacks of many tasks, one statement each.
+
+Each takes a connection and a batch, and answers each request in the batch's order: its outcome,
+or the task's current record when the statement passed it over.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from worker.contract.records import TaskRecord
+from worker.store import queries
+from worker.store.changes import CallbackCompletion, Claimed, ClaimRequest, Completion
+from worker.store.errors import Executor
+from worker.store.rows import task_record
+
+
+async def records(
+    conn: Executor, task_ids: list[str], lock_namespace: int
+) -> dict[str, TaskRecord]:
+    rows = await conn.fetch(queries.SELECT_TASKS, task_ids, lock_namespace)
+    return {row["task_id"]: task_record(row) for row in rows}
+
+
+async def claims(
+    conn: Executor, batch: list[ClaimRequest], worker_id: int, lock_namespace: int
+) -> list[Claimed | TaskRecord]:
+    rows = await conn.fetch(
+        queries.CLAIM,
+        [c.task_id for c in batch],
+        [c.plan_id for c in batch],
+        [c.job_id for c in batch],
+        [c.hub_name for c in batch],
+        [c.project_id for c in batch],
+        [c.name for c in batch],
+        [c.mode for c in batch],
+        [c.digest for c in batch],
+        [c.message for c in batch],
+        [c.queued_at for c in batch],
+        [c.lease_seconds for c in batch],
+        [c.reply_to for c in batch],
+        [c.correlation_id for c in batch],
+        worker_id,
+        lock_namespace,
+    )
+    claimed = {
+        row["task_id"]: Claimed(
+            row["attempts"], row["retries"], row["queued_at"], row["started_at"]
+        )
+        for row in rows
+    }
+    missed = [c.task_id for c in batch if c.task_id not in claimed]
+    found = await records(conn, missed, lock_namespace) if missed else {}
+    return [claimed.get(c.task_id) or found[c.task_id] for c in batch]
+
+
+async def completions(
+    conn: Executor, batch: list[Completion], lock_namespace: int
+) -> list[datetime | TaskRecord]:
+    rows = await conn.fetch(
+        queries.COMPLETE,
+        [c.task_id for c in batch],
+        [c.attempts for c in batch],
+        [c.outcome.result.value for c in batch],
+        [c.outcome.reason for c in batch],
+        [c.response_json for c in batch],
+    )
+    done: dict[str, datetime] = {row["task_id"]: row["completed_at"] for row in rows}
+    missed = [c.task_id for c in batch if c.task_id not in done]
+    found = await records(conn, missed, lock_namespace) if missed else {}
+    return [done.get(c.task_id) or found[c.task_id] for c in batch]
+
+
+async def callbacks(
+    conn: Executor, batch: list[CallbackCompletion]
+) -> list[tuple[bool, TaskRecord | None]]:
+    """(True, record) for each task its callback completed; else (False, its record or None)."""
+    rows = await conn.fetch(
+        queries.COMPLETE_BY_CALLBACK,
+        [c.task_id for c in batch],
+        [c.plan_id for c in batch],
+        [c.result.value for c in batch],
+        [c.reason for c in batch],
+    )
+    done = {row["task_id"]: task_record(row) for row in rows}
+    missed = [c for c in batch if c.task_id not in done]
+    others = {}
+    if missed:
+        found = await conn.fetch(
+            queries.SELECT_MANY_IN_PLANS,
+            [c.task_id for c in missed],
+            [c.plan_id for c in missed],
+        )
+        others = {row["task_id"]: task_record(row) for row in found}
+    return [
+        (True, done[c.task_id]) if c.task_id in done else (False, others.get(c.task_id))
+        for c in batch
+    ]
