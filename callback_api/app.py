@@ -12,9 +12,10 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from callback_api.azure import azure_dialect
-from callback_api.guard import Guard, check_exposure, guard_key
+from callback_api.declarations import Handler, declared, resource_location
+from callback_api.guard import Guard, check_exposure, guard_key, require_api_token
 from callback_api.problems import problem_middleware
-from callback_api.routes import Handler, add_routes
+from callback_api.routes import add_routes
 from callback_api.server import Deadlines, deadlines_key
 from callback_api.services import Services, services, services_key
 from worker.broker import Broker
@@ -39,8 +40,8 @@ failed_key = web.AppKey("failed", list[str])
 async def count_callbacks(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Callbacks by status, problems included (this runs outside the problem middleware)."""
     response = await handler(request)
-    route = request.match_info.route.name or ""
-    if route.startswith("callbacks:"):
+    route = declared(request)
+    if route is not None and route.tag == "callbacks":
         services(request).metrics.callbacks.labels(str(response.status)).inc()
     return response
 
@@ -111,7 +112,16 @@ def create_app(
     """The API; with `worker`, a worker runs in the same process. Serve it with
     `app[deadlines_key].server_options()`."""
     check_exposure(settings)
-    app = web.Application(middlewares=[count_callbacks, azure_dialect, problem_middleware])
+    # Outermost first: the API token is checked inside the problem middleware, which renders its
+    # 401, and before any handler reads the request.
+    app = web.Application(
+        middlewares=[
+            count_callbacks,
+            azure_dialect(resource_location),
+            problem_middleware,
+            require_api_token,
+        ]
+    )
     app[failed_key] = []
     app[deadlines_key] = deadlines or Deadlines()
     app[guard_key] = Guard(settings)

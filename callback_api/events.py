@@ -7,8 +7,6 @@ database read.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -19,7 +17,9 @@ from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, ValidationError
 from pydantic.alias_generators import to_camel
 
-from callback_api.problems import Problem, read_body
+from callback_api.guard import presented
+from callback_api.inputs import read_body
+from callback_api.problems import Problem
 from callback_api.services import services
 from worker.contract.models import EventName, Mode, Result, State, TaskEvent, event_id
 from worker.contract.records import CompletedBy, TaskRecord
@@ -79,17 +79,7 @@ class PlanEvent(BaseModel):
 
 def grant_of(request: web.Request) -> Grant:
     """The callback token's grant; 401 without a genuine, unexpired token."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, credentials = header.partition(" ")
-    token = ""
-    if scheme.lower() == "bearer":
-        token = credentials.strip()
-    elif scheme.lower() == "basic":
-        try:
-            # Azure's helper library sends an empty user name and the token as password.
-            token = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")[2]
-        except (binascii.Error, UnicodeDecodeError):
-            token = ""
+    token = presented(request)
     if not token:
         raise Problem(
             401,

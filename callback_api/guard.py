@@ -1,15 +1,16 @@
-"""Bearer tokens for the task and ops API (AGENTLESS_API_TOKENS), compared in constant time."""
+"""Bearer tokens for the task and ops API (AGENTLESS_API_TOKENS), compared in constant time and
+required of every route declared `auth="api"`; and the secret an Authorization header presents."""
 
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import ipaddress
 import socket
 
 from aiohttp import web
 
+from callback_api.declarations import Handler, declared
 from callback_api.problems import Problem
 from worker.contract.errors import ConfigError
 from worker.contract.settings import Settings
@@ -43,9 +44,11 @@ class Guard:
         """401 unless the request carries one of the API tokens (when any are set)."""
         if not self._tokens:
             return
-        presented = _presented(request.headers.get("Authorization", ""))
+        # A header that is not UTF-8 (aiohttp keeps such bytes as surrogates) matches no token,
+        # and must not fail to encode.
+        secret = presented(request).encode(errors="surrogateescape")
         # Every token is compared, so the time taken does not tell which one came close.
-        matches = [hmac.compare_digest(presented, token) for token in self._tokens]
+        matches = [hmac.compare_digest(secret, token) for token in self._tokens]
         if not any(matches):
             raise Problem(
                 401,
@@ -56,16 +59,29 @@ class Guard:
             )
 
 
-def _presented(header: str) -> bytes:
-    scheme, _, credentials = header.partition(" ")
+def presented(request: web.Request) -> str:
+    """The secret the Authorization header presents: a Bearer token, or the password of Basic
+    auth (Azure's helper library sends the callback token so, with an empty user name); "" for
+    none."""
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer":
-        return credentials.strip().encode()
+        return credentials.strip()
     if scheme.lower() == "basic":
         try:
-            return base64.b64decode(credentials.strip(), validate=True).partition(b":")[2]
-        except binascii.Error:
-            return b""
-    return b""
+            return base64.b64decode(credentials.strip(), validate=True).decode().partition(":")[2]
+        except ValueError:  # not base64, not ASCII, or not UTF-8 once decoded
+            return ""
+    return ""
 
 
 guard_key = web.AppKey("guard", Guard)
+
+
+@web.middleware
+async def require_api_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The Guard's check of every route declared `auth="api"`, before its handler reads anything
+    (a request without the token learns nothing of what else is wrong with it)."""
+    route = declared(request)
+    if route is not None and route.auth == "api":
+        request.app[guard_key].check(request)
+    return await handler(request)

@@ -9,23 +9,19 @@ from __future__ import annotations
 import copy
 import functools
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import Any, Final, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, RootModel, TypeAdapter
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
+from callback_api.declarations import Route, Text
 from callback_api.problems import PROBLEM_TYPE
 from worker import __version__
 from worker.contract.models import Id, Result, State
 from worker.contract.settings import Settings
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    from callback_api.routes import Route
 
 OPENAPI_VERSION: Final = "3.1.0"
 SCHEMAS: Final = "#/components/schemas/"
@@ -33,14 +29,6 @@ JSON_TYPE: Final = "application/json"
 
 # Each model, as read or as answered, and the reference to its schema.
 Refs = dict[tuple[type[BaseModel], JsonSchemaMode], dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class Text:
-    """A body that is text rather than JSON: its media type and what it holds."""
-
-    media_type: str
-    description: str
 
 
 class FieldError(BaseModel):

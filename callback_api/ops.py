@@ -1,22 +1,15 @@
-"""Operations: the queue, the workers, metrics and health (SPEC §6)."""
+"""Operations: the queue, the workers, metrics and readiness (SPEC §6); the health answers
+themselves are worker/probe.py's, which the worker's own port serves too."""
 
 from __future__ import annotations
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from callback_api.guard import guard_key
 from callback_api.services import services
 from worker.contract.models import State
-from worker.views import (
-    Dashboard,
-    Health,
-    QueueView,
-    Readiness,
-    WorkerList,
-    dashboard,
-    worker_views,
-)
+from worker.probe import readiness
+from worker.views import Dashboard, QueueView, WorkerList, dashboard, worker_views
 
 
 async def current_dashboard(request: web.Request) -> Dashboard:
@@ -25,20 +18,17 @@ async def current_dashboard(request: web.Request) -> Dashboard:
 
 
 async def get_queue(request: web.Request) -> web.Response:
-    request.app[guard_key].check(request)
     queue: QueueView = (await current_dashboard(request)).queue
     return web.json_response(text=queue.model_dump_json(by_alias=True))
 
 
 async def get_workers(request: web.Request) -> web.Response:
-    request.app[guard_key].check(request)
     # Only the workers: the whole dashboard would cost the broker and six more queries.
     workers = worker_views(await services(request).store.live_workers())
     return web.json_response(text=WorkerList(workers).model_dump_json(by_alias=True))
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    request.app[guard_key].check(request)
     svc = services(request)
     # Waiting tasks belong to no process: the count is read from the database at each scrape.
     counts = await svc.store.state_counts()
@@ -46,14 +36,12 @@ async def get_metrics(request: web.Request) -> web.Response:
     return web.Response(body=svc.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def healthz(_: web.Request) -> web.Response:
-    return web.json_response(text=Health().model_dump_json())
-
-
-async def readyz(request: web.Request) -> web.Response:
+async def _ready(request: web.Request) -> bool:
     svc = services(request)
     ready = svc.broker.is_ready and await svc.store.ping()
     if svc.worker is not None:
         ready = ready and await svc.worker.ready()
-    answer = Readiness(status="ready" if ready else "not ready")
-    return web.json_response(text=answer.model_dump_json(), status=200 if ready else 503)
+    return ready
+
+
+readyz = readiness(_ready)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -10,7 +9,6 @@ from http import HTTPStatus
 import orjson
 from aiohttp import web
 
-from callback_api.server import deadlines_key
 from worker.broker import BrokerUnavailable
 from worker.store.errors import DB_UNAVAILABLE
 
@@ -91,28 +89,3 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     except Exception:
         log.exception("unexpected error answering %s %s", request.method, request.path)
         return problem_response(500, "the server failed to answer; the error is in its log")
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The body, refused (413) as soon as it passes `limit`, whatever Content-Length claims, and
-    (408) when it has not arrived whole within the body deadline (callback_api/server.py)."""
-    chunks: list[bytes] = []
-    size = 0
-    seconds = request.config_dict[deadlines_key].body_seconds
-    try:
-        async with asyncio.timeout(seconds):
-            async for chunk in request.content.iter_any():
-                size += len(chunk)
-                if size > limit:
-                    raise Problem(413, f"the request body is over the {limit}-byte limit")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise Problem(
-            408,
-            f"the request body did not arrive whole within {seconds:g} s of its headers "
-            f"({size} bytes came); send it at once",
-        ) from None
-    except ConnectionResetError:
-        # The client went away mid-body: nobody to answer, and nothing for the error log.
-        raise Problem(400, "the connection closed before the body arrived whole") from None
-    return b"".join(chunks)

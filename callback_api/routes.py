@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Literal
-
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
 
 from callback_api import azure, events, openapi, ops, ops_page, tasks
-from callback_api.openapi import Text
+from callback_api.declarations import Route, Text, routes_key
 from callback_api.server import Deadlines
 from callback_api.services import services_key
-from worker.contract.models import Result, State, TaskMessage
-from worker.store.queries import ORDER_COLUMNS
+from worker import probe
+from worker.contract.models import TaskMessage
 from worker.views import (
     Health,
     LinesAccepted,
@@ -33,28 +28,7 @@ from worker.views import (
     WorkerList,
 )
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AZURE = "/{projectId}/_apis/distributedtask/hubs/{hubName}/plans/{planId}"
-
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    path: str
-    handler: Handler
-    summary: str
-    # callback: the task's AuthToken; api: AGENTLESS_API_TOKENS (when set); none: open.
-    auth: Literal["callback", "api", "none"]
-    tag: Literal["callbacks", "tasks", "operations"]
-    # By status: a model is answered as its JSON, Text as text, and a str is an error (as
-    # application/problem+json) that says when it is answered. 401 goes without saying.
-    responses: dict[int, type[BaseModel] | Text | str] = field(default_factory=dict)
-    # What the route reads besides its path: a model is a JSON body; Text, another kind of body.
-    body: tuple[type[BaseModel] | Text, ...] = ()
-    body_required: bool = True
-    query: type[BaseModel] | None = None
-    # The Azure resource location the route serves, which Azure's clients discover it by.
-    location: azure.ResourceLocation | None = None
 
 
 # Request bodies that the handlers read by hand, described for the OpenAPI document.
@@ -91,23 +65,6 @@ class TimelineRecordsUpdate(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     value: list[TimelineRecordUpdate]
-
-
-class TaskListQuery(BaseModel):
-    """GET /tasks: filters, a page and an order."""
-
-    model_config = ConfigDict(alias_generator=to_camel)
-
-    state: State | None = Field(default=None, description="in any case")
-    result: Result | None = Field(default=None, description="in any case")
-    plan_id: str | None = None
-    hub_name: str | None = None
-    rows_per_page: int = Field(
-        default=tasks.DEFAULT_ROWS_PER_PAGE, ge=1, le=tasks.MAX_ROWS_PER_PAGE
-    )
-    page_number: int = Field(default=1, ge=1, le=10**9)
-    order_field: str = Field(default="queuedAt", json_schema_extra={"enum": list(ORDER_COLUMNS)})
-    sort_type: Literal["asc", "desc"] = "desc"
 
 
 _LOG_TEXT = (
@@ -263,7 +220,7 @@ ROUTES: tuple[Route, ...] = (
         "List tasks",
         "api",
         "tasks",
-        query=TaskListQuery,
+        query=tasks.TaskListQuery,
         responses={
             200: TaskPage,
             206: TaskPage,
@@ -337,7 +294,7 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "GET",
         "/healthz",
-        ops.healthz,
+        probe.healthz,
         "Liveness",
         "none",
         "operations",
@@ -365,13 +322,12 @@ ROUTES: tuple[Route, ...] = (
 
 
 def add_routes(app: web.Application) -> None:
-    app[azure.locations_key] = {}
+    app[routes_key] = {}
     for number, route in enumerate(ROUTES):
-        # The tag leads the name, so that middlewares can tell callback routes apart.
+        # Unique, so that middlewares find the route's declaration by the name.
         name = f"{route.tag}:{route.handler.__name__}_{number}"
         app.router.add_route(route.method, route.path, route.handler, name=name)
-        if route.location is not None:
-            app[azure.locations_key][name] = route.location
+        app[routes_key][name] = route
     app.on_startup.append(_describe)
 
 

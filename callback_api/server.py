@@ -35,7 +35,7 @@ class Deadlines:
     # last answer, is closed: idle keep-alive connections and dripped headers alike. nginx's
     # default, longer than common load balancers' idle timeouts (60 s), so that they close first.
     idle_seconds: float = 75.0
-    # A body must arrive whole this long after its headers, else 408 (problems.read_body). What is
+    # A body must arrive whole this long after its headers, else 408 (inputs.read_body). What is
     # left of a body after the answer (too late, or not needed) is read and dropped for at most
     # this long more; the connection is closed if it has not ended by then.
     body_seconds: float = 30.0

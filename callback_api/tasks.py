@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Final
+from collections.abc import Iterable
+from typing import Annotated, Final, Literal
 
 import orjson
 from aiohttp import web
-from pydantic import JsonValue, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+)
+from pydantic.alias_generators import to_camel
 
-from callback_api.guard import guard_key
-from callback_api.problems import Problem, read_body
+from callback_api.inputs import invalid_fields, query_of, read_body
+from callback_api.problems import Problem
 from callback_api.services import services
 from worker.contract.models import ID_PATTERN, MAX_TASK_BYTES, Result, State, TaskMessage
 from worker.contract.records import TaskRecord
@@ -32,12 +42,96 @@ log = logging.getLogger(__name__)
 
 MAX_ROWS_PER_PAGE: Final = 1000
 DEFAULT_ROWS_PER_PAGE: Final = 50
+MAX_PAGE_NUMBER: Final = 10**9
 _RANGE = re.compile(r"items=(\d{1,12})-(\d{1,12})")
+
+
+# The query's validators: each message follows the parameter's name, as in "state 'x' is not …".
+
+
+def _one_of(choices: Iterable[str]) -> BeforeValidator:
+    """One of `choices`, in any case."""
+    table = {choice.lower(): choice for choice in choices}
+
+    def parse(value: object) -> object:
+        if isinstance(value, str) and value.lower() in table:
+            return table[value.lower()]
+        raise ValueError(f"{value!r} is not one of {', '.join(table.values())}")
+
+    return BeforeValidator(parse)
+
+
+def _whole(maximum: int) -> BeforeValidator:
+    def parse(value: object) -> object:
+        # isdigit() alone would take "²", which int() refuses; and int() refuses thousands of
+        # digits, which are over the maximum anyway.
+        if (
+            isinstance(value, str)
+            and value.isascii()
+            and value.isdigit()
+            and len(value.lstrip("0")) <= len(str(maximum))
+            and 1 <= int(value) <= maximum
+        ):
+            return int(value)
+        raise ValueError(f"must be a whole number from 1 to {maximum}, not {value!r}")
+
+    return BeforeValidator(parse)
+
+
+def _id(value: str) -> str:
+    if not ID_PATTERN.fullmatch(value):
+        raise ValueError(f"must be an id: 1 to 128 of A-Z a-z 0-9 . _ : - (not {value!r})")
+    return value
+
+
+def _order(value: str) -> str:
+    if value not in ORDER_COLUMNS:
+        raise ValueError(f"{value!r} is not one of {', '.join(ORDER_COLUMNS)}")
+    return value
+
+
+def _sort(value: object) -> object:
+    if isinstance(value, str) and value.lower() in ("asc", "desc"):
+        return value.lower()
+    raise ValueError(f"must be asc or desc, not {value!r}")
+
+
+class TaskListQuery(BaseModel):
+    """GET /tasks: filters, a page and an order; parameters it does not take are refused."""
+
+    model_config = ConfigDict(alias_generator=to_camel, extra="forbid")
+
+    state: Annotated[State, _one_of(State)] | None = Field(default=None, description="in any case")
+    result: Annotated[Result, _one_of(Result)] | None = Field(
+        default=None, description="in any case"
+    )
+    plan_id: Annotated[str, AfterValidator(_id)] | None = None
+    hub_name: Annotated[str, AfterValidator(_id)] | None = None
+    # The bounds before the validator, where the schema takes them from.
+    rows_per_page: Annotated[int, Field(ge=1, le=MAX_ROWS_PER_PAGE), _whole(MAX_ROWS_PER_PAGE)] = (
+        DEFAULT_ROWS_PER_PAGE
+    )
+    page_number: Annotated[int, Field(ge=1, le=MAX_PAGE_NUMBER), _whole(MAX_PAGE_NUMBER)] = 1
+    order_field: Annotated[str, AfterValidator(_order)] = Field(
+        default="queuedAt", json_schema_extra={"enum": list(ORDER_COLUMNS)}
+    )
+    sort_type: Annotated[Literal["asc", "desc"], BeforeValidator(_sort)] = "desc"
+
+    def filters(self) -> dict[str, str]:
+        """The filters given, by the names the store knows them by."""
+        given = {
+            "state": self.state,
+            "result": self.result,
+            "planId": self.plan_id,
+            "hubName": self.hub_name,
+        }
+        return {name: str(value) for name, value in given.items() if value is not None}
+
+
+# What GET /tasks takes, by name (query_of refuses any other parameter).
 _LIST_PARAMETERS = frozenset(
-    {"state", "result", "planId", "hubName", "rowsPerPage", "pageNumber", "orderField", "sortType"}
+    field.alias or name for name, field in TaskListQuery.model_fields.items()
 )
-_STATES = {s.value.lower(): s.value for s in State}
-_RESULTS = {r.value.lower(): r.value for r in Result}
 
 
 def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -53,7 +147,6 @@ def _canonical(task: TaskMessage) -> bytes:
 
 
 async def submit_task(request: web.Request) -> web.Response:
-    request.app[guard_key].check(request)
     body = await read_body(request, MAX_TASK_BYTES)
     if b"\\u0000" in body:
         raise Problem(400, "the task contains a NUL character (\\u0000), which cannot be stored")
@@ -61,11 +154,8 @@ async def submit_task(request: web.Request) -> web.Response:
         task = TaskMessage.model_validate_json(body)
     except ValidationError as exc:
         errors = [
-            {
-                "field": ".".join(str(p) for p in error["loc"]) or "(body)",
-                "message": error["msg"].removeprefix("Value error, "),
-            }
-            for error in exc.errors(include_url=False, include_input=False)
+            {"field": invalid.field or "(body)", "message": invalid.message}
+            for invalid in invalid_fields(exc)
         ]
         fields = ", ".join(e["field"] for e in errors)
         raise Problem(400, f"the task is not valid; fix: {fields}", errors=errors) from exc
@@ -97,18 +187,11 @@ def _submitted(task_id: str, state: State) -> JsonValue:
 
 
 async def get_task(request: web.Request) -> web.Response:
-    request.app[guard_key].check(request)
     task_id = _task_id(request)
     record = await services(request).store.get(task_id)
     if record is None:
         raise Problem(404, f"there is no task {task_id!r}")
     return _json(TaskDetail.from_record(record).model_dump(mode="json", by_alias=True))
-
-
-def _choice(value: str, table: dict[str, str], name: str) -> str:
-    if value.lower() not in table:
-        raise Problem(400, f"{name} {value!r} is not one of {', '.join(table.values())}")
-    return value
 
 
 def _task_id(request: web.Request) -> str:
@@ -119,46 +202,10 @@ def _task_id(request: web.Request) -> str:
     return task_id
 
 
-def _positive(query: dict[str, str], name: str, default: int, maximum: int) -> int:
-    text = query.get(name)
-    if text is None:
-        return default
-    # isdigit() alone would take "²", which int() refuses.
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= maximum:
-        raise Problem(400, f"{name} must be a whole number from 1 to {maximum}, not {text!r}")
-    return int(text)
-
-
-def _filters(query: dict[str, str]) -> dict[str, str]:
-    """The listing's filters, each checked; unknown parameters are refused, not ignored."""
-    unknown = sorted(set(query) - _LIST_PARAMETERS)
-    if unknown:
-        raise Problem(
-            400,
-            f"unknown query parameters: {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(_LIST_PARAMETERS))}",
-        )
-    filters: dict[str, str] = {
-        n: query[n] for n in ("state", "result", "planId", "hubName") if n in query
-    }
-    if "state" in filters:
-        _choice(filters["state"], _STATES, "state")
-    if "result" in filters:
-        _choice(filters["result"], _RESULTS, "result")
-    for name in ("planId", "hubName"):
-        if name in filters and not ID_PATTERN.fullmatch(filters[name]):
-            raise Problem(
-                400,
-                f"{name} must be an id: 1 to 128 of A-Z a-z 0-9 . _ : - (not {filters[name]!r})",
-            )
-    return filters
-
-
-def _window(query: dict[str, str], ranged: str | None) -> tuple[int, int]:
+def _window(query: TaskListQuery, ranged: str | None) -> tuple[int, int]:
     """Offset and limit: from a Range header if there is one, else from the page parameters."""
     if ranged is None:
-        limit = _positive(query, "rowsPerPage", DEFAULT_ROWS_PER_PAGE, MAX_ROWS_PER_PAGE)
-        return (_positive(query, "pageNumber", 1, 10**9) - 1) * limit, limit
+        return (query.page_number - 1) * query.rows_per_page, query.rows_per_page
     match = _RANGE.fullmatch(ranged.strip())
     if match is None or int(match[1]) > int(match[2]):
         raise Problem(400, f"Range must be 'items=FIRST-LAST' with FIRST <= LAST, not {ranged!r}")
@@ -167,19 +214,15 @@ def _window(query: dict[str, str], ranged: str | None) -> tuple[int, int]:
 
 
 async def list_tasks(request: web.Request) -> web.Response:
-    request.app[guard_key].check(request)
-    query = dict(request.query)
-    filters = _filters(query)
-    order = query.get("orderField", "queuedAt")
-    if order not in ORDER_COLUMNS:
-        raise Problem(400, f"orderField {order!r} is not one of {', '.join(ORDER_COLUMNS)}")
-    sort = query.get("sortType", "desc").lower()
-    if sort not in ("asc", "desc"):
-        raise Problem(400, f"sortType must be asc or desc, not {query['sortType']!r}")
+    query = query_of(request, TaskListQuery)
     ranged = request.headers.get("Range")
     offset, limit = _window(query, ranged)
     records, total = await services(request).store.list_tasks(
-        filters, order, descending=sort == "desc", offset=offset, limit=limit
+        query.filters(),
+        query.order_field,
+        descending=query.sort_type == "desc",
+        offset=offset,
+        limit=limit,
     )
     page = TaskPage(tasks=[TaskSummary.of(record) for record in records], total=total)
     body = page.model_dump(mode="json", by_alias=True)
@@ -197,7 +240,6 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 
 async def cancel_task(request: web.Request) -> web.Response:
-    request.app[guard_key].check(request)
     task_id = _task_id(request)
     svc = services(request)
     record = await svc.store.cancel(task_id, "canceled by request")
@@ -223,7 +265,6 @@ async def cancel_task(request: web.Request) -> web.Response:
 
 
 async def get_task_logs(request: web.Request) -> web.Response:
-    request.app[guard_key].check(request)
     task_id = _task_id(request)
     svc = services(request)
     if await svc.store.get(task_id) is None:

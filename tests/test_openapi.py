@@ -29,7 +29,8 @@ from schemathesis.specs.openapi.checks import ignored_auth
 from callback_api import tasks
 from callback_api.app import create_app
 from callback_api.openapi import document
-from callback_api.routes import ROUTES, TaskListQuery
+from callback_api.routes import ROUTES
+from callback_api.tasks import TaskListQuery
 from tests.conftest import Api, Events, Target, task_message
 from worker.contract.settings import Settings
 

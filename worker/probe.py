@@ -1,36 +1,50 @@
-"""A worker's own probe server: /metrics, /healthz and /readyz on AGENTLESS_WORKER_PORT."""
+"""The health answers (/healthz, /readyz) the API serves too, and a worker's own probe server:
+/metrics, /healthz and /readyz on AGENTLESS_WORKER_PORT."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from worker.views import Health, Readiness
+
 if TYPE_CHECKING:
     from worker.service import Worker
+
+
+async def healthz(_: web.Request) -> web.Response:
+    return web.json_response(text=Health().model_dump_json())
+
+
+def readiness(
+    ready: Callable[[web.Request], Awaitable[bool]],
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """/readyz: 200 while `ready` says so, else 503."""
+
+    async def readyz(request: web.Request) -> web.Response:
+        now = await ready(request)
+        answer = Readiness(status="ready" if now else "not ready")
+        return web.json_response(text=answer.model_dump_json(), status=200 if now else 503)
+
+    return readyz
 
 
 @asynccontextmanager
 async def probe_server(worker: Worker) -> AsyncIterator[None]:
     """The worker's own /metrics, /healthz and /readyz on AGENTLESS_WORKER_PORT."""
 
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def readyz(_: web.Request) -> web.Response:
-        ready = await worker.ready()
-        return web.json_response(
-            {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
-        )
+    async def ready(_: web.Request) -> bool:
+        return await worker.ready()
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=worker.metrics.render(), content_type="text/plain")
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/readyz", readiness(ready))
     app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -1,0 +1,61 @@
+"""What a route declares (Route, Text), and the declaration of the route a request matched.
+
+routes.py declares every route, openapi.py describes them and the middlewares act on them: each
+reads the declarations from here, so none imports another's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from callback_api.azure import ResourceLocation
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Text:
+    """A body that is text rather than JSON: its media type and what it holds."""
+
+    media_type: str
+    description: str
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    # callback: the task's AuthToken; api: AGENTLESS_API_TOKENS (when set); none: open.
+    auth: Literal["callback", "api", "none"]
+    tag: Literal["callbacks", "tasks", "operations"]
+    # By status: a model is answered as its JSON, Text as text, and a str is an error (as
+    # application/problem+json) that says when it is answered. 401 goes without saying.
+    responses: dict[int, type[BaseModel] | Text | str] = field(default_factory=dict)
+    # What the route reads besides its path: a model is a JSON body; Text, another kind of body.
+    body: tuple[type[BaseModel] | Text, ...] = ()
+    body_required: bool = True
+    query: type[BaseModel] | None = None
+    # The Azure resource location the route serves, which Azure's clients discover it by.
+    location: ResourceLocation | None = None
+
+
+# Each route's name in the app's router, and its declaration: set by routes.add_routes.
+routes_key = web.AppKey("routes", dict[str, Route])
+
+
+def declared(request: web.Request) -> Route | None:
+    """The declaration of the route the request matched; None when it matched none (404, 405)."""
+    return request.app[routes_key].get(request.match_info.route.name or "")
+
+
+def resource_location(request: web.Request) -> ResourceLocation | None:
+    """The Azure resource location the matched route serves, if it serves one."""
+    route = declared(request)
+    return None if route is None else route.location
