@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from aiohttp import web
 from pydantic import BaseModel
 
-from callback_api.azure import ResourceLocation
+if TYPE_CHECKING:
+    from callback_api.azure import ResourceLocation
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -21,9 +21,9 @@ from callback_api.guard import presented
 from callback_api.inputs import read_body
 from callback_api.problems import Problem
 from callback_api.services import services
+from worker.contract.errors import describe
 from worker.contract.models import EventName, Mode, Result, State, TaskEvent, event_id
 from worker.contract.records import CompletedBy, TaskRecord
-from worker.contract.settings import describe
 from worker.contract.tokens import Grant, TokenError
 from worker.logs import bind_task
 from worker.views import (

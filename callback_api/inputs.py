@@ -4,38 +4,16 @@ model the OpenAPI document publishes for it."""
 from __future__ import annotations
 
 import asyncio
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from callback_api.problems import Problem
 from callback_api.server import deadlines_key
+from worker.contract.errors import invalid_fields
 
 Query = TypeVar("Query", bound=BaseModel)
-
-
-class InvalidField(NamedTuple):
-    field: str  # its dotted path; empty for the input as a whole
-    message: str
-    # Our own validators' messages (a ValueError's) are worded to follow the field's name, as in
-    # "rowsPerPage must be …"; pydantic's stand apart, as in "allHostTypes: Input should be …".
-    ours: bool
-
-    def __str__(self) -> str:
-        return f"{self.field} {self.message}" if self.ours else f"{self.field}: {self.message}"
-
-
-def invalid_fields(exc: ValidationError) -> list[InvalidField]:
-    """Each field `exc` found invalid, and what is wrong with it, as a person would read it."""
-    return [
-        InvalidField(
-            ".".join(str(p) for p in error["loc"]),
-            error["msg"].removeprefix("Value error, "),
-            error["type"] == "value_error",
-        )
-        for error in exc.errors(include_url=False, include_input=False)
-    ]
 
 
 def query_of(request: web.Request, model: type[Query]) -> Query:

@@ -9,7 +9,7 @@ from http import HTTPStatus
 import orjson
 from aiohttp import web
 
-from worker.broker import BrokerUnavailable
+from worker.amqp import BrokerUnavailable
 from worker.store.errors import DB_UNAVAILABLE
 
 log = logging.getLogger(__name__)

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from worker.broker import Broker
-from worker.completions import Announcer
-from worker.contract.settings import Settings
-from worker.contract.tokens import Signer
-from worker.metrics import Metrics
-from worker.service import Worker
-from worker.store.database import Store
+if TYPE_CHECKING:
+    # Only the handlers' view of what they are handed: the app's context builds it.
+    from worker.broker import Broker
+    from worker.completions import Announcer
+    from worker.contract.settings import Settings
+    from worker.contract.tokens import Signer
+    from worker.metrics import Metrics
+    from worker.service import Worker
+    from worker.store.database import Store
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,10 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from callback_api.inputs import invalid_fields, query_of, read_body
+from callback_api.inputs import query_of, read_body
 from callback_api.problems import Problem
 from callback_api.services import services
+from worker.contract.errors import invalid_fields
 from worker.contract.models import ID_PATTERN, MAX_TASK_BYTES, Result, State, TaskMessage
 from worker.contract.records import TaskRecord
 from worker.logs import bind_task

@@ -65,3 +65,7 @@ def with_heartbeat(amqp_url: str) -> tuple[str, int]:
     except ValueError:
         heartbeat = 0
     return amqp_url, heartbeat if 0 <= heartbeat < 65535 else 0
+
+
+class BrokerUnavailable(ConnectionError):
+    """The broker cannot be asked now; the connection is being re-opened."""

@@ -36,6 +36,7 @@ from pamqp.common import FieldTable
 from worker.amqp import (
     BROKER_ERRORS,
     DEFAULT_HEARTBEAT,
+    BrokerUnavailable,
     cancelled_by_the_broker,
     connection_failed,
     unbounded_frames,
@@ -54,10 +55,6 @@ PUBLISH_CHANNELS = 16
 
 # AMQP's delivery mode of a message that the broker keeps on disk.
 PERSISTENT = 2
-
-
-class BrokerUnavailable(ConnectionError):
-    """The broker cannot be asked now; the connection is being re-opened."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,13 +6,12 @@ The models are the OpenAPI document's schemas too, so what is served cannot drif
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, RootModel
 from pydantic.alias_generators import to_camel
 
-from worker.broker import QueueDepths
 from worker.contract.models import HttpResponse, Mode, Result, State
 from worker.contract.records import (
     CompletedBy,
@@ -21,6 +20,9 @@ from worker.contract.records import (
     TaskSummaryRecord,
     WorkerRecord,
 )
+
+if TYPE_CHECKING:
+    from worker.broker import QueueDepths
 
 
 class View(BaseModel):

@@ -1,4 +1,11 @@
-"""The few errors agentless raises; each message says what to fix."""
+"""The few errors agentless raises, and invalid input told as a person reads it; each message
+says what to fix."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from pydantic import ValidationError
 
 
 class AgentlessError(Exception):
@@ -19,3 +26,31 @@ class EgressRefused(AgentlessError):
 
 class UsageError(AgentlessError):
     """A command was given something it cannot use; the message says what."""
+
+
+class InvalidField(NamedTuple):
+    field: str  # its dotted path; empty for the input as a whole
+    message: str
+    # Our own validators' messages (a ValueError's) are worded to follow the field's name, as in
+    # "rowsPerPage must be …"; pydantic's stand apart, as in "allHostTypes: Input should be …".
+    ours: bool
+
+    def __str__(self) -> str:
+        return f"{self.field} {self.message}" if self.ours else f"{self.field}: {self.message}"
+
+
+def invalid_fields(exc: ValidationError) -> list[InvalidField]:
+    """Each field `exc` found invalid, and what is wrong with it, as a person would read it."""
+    return [
+        InvalidField(
+            ".".join(str(p) for p in error["loc"]),
+            error["msg"].removeprefix("Value error, "),
+            error["type"] == "value_error",
+        )
+        for error in exc.errors(include_url=False, include_input=False)
+    ]
+
+
+def describe(exc: ValidationError) -> str:
+    """One part per invalid field, on one line."""
+    return "; ".join(f"{f.field or 'message'}: {f.message}" for f in invalid_fields(exc))

@@ -24,8 +24,7 @@ from pydantic.alias_generators import to_camel
 from yarl import URL
 
 from worker.contract import criteria
-from worker.contract.errors import InvalidTask
-from worker.contract.settings import describe
+from worker.contract.errors import InvalidTask, describe
 
 REASON_HEADER: Final = "x-agentless-reason"
 MAX_TASK_BYTES: Final = 1_048_576

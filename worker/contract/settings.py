@@ -22,7 +22,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from yarl import URL
 
-from worker.contract.errors import ConfigError
+from worker.contract.errors import ConfigError, describe
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -94,15 +94,6 @@ def load_connections(path: Path) -> dict[str, ServiceConnection]:
         raise ConfigError(
             f"AGENTLESS_CONNECTIONS: {path} does not describe connections: {describe(exc)}"
         ) from exc
-
-
-def describe(exc: ValidationError) -> str:
-    """One line per invalid field, as a person would read it."""
-    parts = []
-    for error in exc.errors(include_url=False, include_input=False):
-        where = ".".join(str(p) for p in error["loc"]) or "message"
-        parts.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
 
 
 class EgressRule(BaseModel):

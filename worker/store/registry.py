@@ -8,12 +8,15 @@ import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
+from typing import TYPE_CHECKING
 
 import asyncpg
 
 from worker import __version__
 from worker.store import queries
-from worker.store.database import Store
+
+if TYPE_CHECKING:
+    from worker.store.database import Store
 
 log = logging.getLogger(__name__)
 
