@@ -1,4 +1,5 @@
-"""Worker and CLI processes for tests that kill, signal or run the command line."""
+"""Worker and CLI processes for tests that kill, signal or run the command line, and waiting
+until a served one is ready."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import aiohttp
 
 from worker.contract.settings import Settings
 
@@ -67,6 +70,20 @@ async def start(settings: Settings, *args: str, **extra_env: str) -> Child:
     finally:
         os.close(handle)
     return Child(process, Path(name))
+
+
+async def wait_until_ready(url: str, child: Child) -> None:
+    """Wait until `child` answers 200 at `url` (its readiness endpoint); fail if it exits first."""
+    async with asyncio.timeout(20), aiohttp.ClientSession() as session:
+        while True:
+            assert child.process.returncode is None, child.logs()
+            try:
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
 
 
 async def run(

@@ -34,8 +34,8 @@ from azure.devops.v7_1.task.task_client import TaskClient
 from msrest.authentication import BasicAuthentication
 
 from callback_api import azure
+from tests.callbacks import waiting
 from tests.conftest import Api, Events, Target
-from tests.test_callbacks import waiting
 
 # What the client asks for; the .NET client's RaisePlanEventAsync and AppendTimelineRecordFeedAsync
 # use the events and feed locations the same way, by id.

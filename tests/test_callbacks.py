@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import signal
 import time
-from typing import Any
 
 import aiohttp
 import asyncpg
-import orjson
 import pytest
 from aio_pika.abc import AbstractChannel
 
 from callback_api import events as callback_events
 from tests import processes
+from tests.barriers import api_caught_up, swept
+from tests.callbacks import callback_task, post, waiting
 from tests.conftest import Api, Events, Target, free_port, publish, task_message
-from tests.test_serve import wait_until_ready
+from tests.processes import wait_until_ready
 from worker.contract.settings import Settings
 from worker.service import running_worker
 
@@ -31,41 +30,6 @@ CALLBACK_HEADERS = (
     "TaskInstanceId",
     "AuthToken",
 )
-
-
-def callback_task(target: Target, **fields: object) -> dict[str, Any]:
-    fields.setdefault("waitForCompletion", "callback")
-    return task_message(target, **fields)
-
-
-async def waiting(
-    api: Api, channel: AbstractChannel, events: Events, target: Target, **fields: object
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """Queue a callback task and wait until it waits: the task and the headers its endpoint got."""
-    task = callback_task(target, **fields)
-    await publish(channel, api.settings, task)
-    async with asyncio.timeout(10), events.changed:
-        await events.changed.wait_for(lambda: bool(events.named("TaskWaiting", task["taskId"])))
-    return task, target.headers[task["taskId"]][-1]
-
-
-async def post(
-    url: str, body: object, token: str | None = None, *, basic: bool = False
-) -> tuple[int, dict[str, Any], str]:
-    headers = {}
-    if token is not None:
-        if basic:
-            headers["Authorization"] = "Basic " + base64.b64encode(f":{token}".encode()).decode()
-        else:
-            headers["Authorization"] = f"Bearer {token}"
-    data = body if isinstance(body, bytes) else orjson.dumps(body)
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(url, data=data, headers=headers) as response,
-    ):
-        text = await response.text()
-        parsed = orjson.loads(text) if text else {}
-        return response.status, parsed, response.content_type
 
 
 async def test_callback_task_waits_then_completes_with_the_services_result(
@@ -116,7 +80,8 @@ async def test_callback_task_waits_then_completes_with_the_services_result(
     assert problem["detail"] == (
         f"task {task_id!r} already completed with result succeeded, not failed"
     )
-    await asyncio.sleep(0.2)
+    # A TaskCompleted that either answer published would come before this API's next one.
+    await api_caught_up(api.url, api, channel, events, target)
     assert len(events.named("TaskCompleted", task_id)) == 1
 
 
@@ -247,7 +212,8 @@ async def test_deadline_fails_the_task_and_invokes_its_cancel_request_once(
     async with asyncio.timeout(5):
         while not target.calls["cancel-deadline"]:
             await asyncio.sleep(0.05)
-    await asyncio.sleep(1)
+    # The sweep after the one that sent it, which would send it again, has run to its end.
+    await swept(channel, api.settings, events, target)
     assert target.calls["cancel-deadline"] == 1
 
 
@@ -345,7 +311,9 @@ async def test_concurrent_callbacks_across_two_api_processes_complete_once(
             for (status, _, _), i in zip(answers, range(50), strict=True)
             if results[i % 2] == winner
         )
-        await asyncio.sleep(1)
+        # A second TaskCompleted from either process would come before that process's next one.
+        for base in (api.url, f"http://127.0.0.1:{port}"):
+            await api_caught_up(base, api, channel, events, target)
         assert len(events.named("TaskCompleted", task["taskId"])) == 1
     finally:
         second.process.send_signal(signal.SIGTERM)
@@ -365,7 +333,8 @@ async def test_a_service_that_never_starts_fails_fast(
     assert status == 200
     event = await events.completed(quiet["taskId"])
     assert (event["result"], event["reason"]) == ("failed", "external service did not start")
-    await asyncio.sleep(1.5)
+    # Its started deadline is less than a second away: the sweep that would fail it has run.
+    await swept(channel, api.settings, events, target)
     assert not events.named("TaskCompleted", started["taskId"])
     assert [e["eventId"] for e in events.named("TaskStarted", started["taskId"])] == [
         f"{started['taskId']}:started",
@@ -441,9 +410,13 @@ async def test_deadlines_fire_once_while_several_workers_sweep(
         for task in tasks:
             await publish(channel, settings, task)
         await events.completed_count(len(tasks), timeout=20)
-        await asyncio.sleep(1.5)
-    completions = events.named("TaskCompleted")
-    assert sorted(str(e["taskId"]) for e in completions) == sorted(t["taskId"] for t in tasks)
+        # A second timeout of a task would come from a sweep under way beside the first; such
+        # sweeps have ended once a later one has run (strictly so for the worker that ran it; the
+        # others' sweeps are one statement and a few publishes each).
+        await swept(channel, settings, events, target)
+    ids = {t["taskId"] for t in tasks}
+    completions = [e for e in events.named("TaskCompleted") if e["taskId"] in ids]
+    assert sorted(str(e["taskId"]) for e in completions) == sorted(ids)
     assert {e["reason"] for e in completions} == {"timed out waiting for callback"}
 
 

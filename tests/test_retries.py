@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractChannel
 
+from tests.callbacks import callback_task, post, waiting
 from tests.conftest import (
     Api,
     Dead,
@@ -22,8 +23,7 @@ from tests.conftest import (
     task_message,
     task_record,
 )
-from tests.test_callbacks import callback_task, post, waiting
-from tests.test_tasks_api import call
+from tests.task_api import call
 from worker.contract import retries
 from worker.contract.models import HttpResponse, Names, Outcome, Result, RetryPolicy, State
 from worker.contract.settings import Settings

@@ -15,7 +15,7 @@ from aio_pika.abc import AbstractChannel
 
 from tests import processes
 from tests.conftest import Events, Target, free_port, publish, task_message
-from tests.test_serve import wait_until_ready
+from tests.processes import wait_until_ready
 from worker.contract.settings import Settings
 
 HEADER_SECRET = "hdr-secret-2f9c"

@@ -11,20 +11,8 @@ from aio_pika.abc import AbstractChannel
 
 from tests import processes
 from tests.conftest import Events, Target, free_port, publish, task_message
+from tests.processes import wait_until_ready
 from worker.contract.settings import Settings
-
-
-async def wait_until_ready(url: str, child: processes.Child) -> None:
-    async with asyncio.timeout(20), aiohttp.ClientSession() as session:
-        while True:
-            assert child.process.returncode is None, child.logs()
-            try:
-                async with session.get(url) as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.1)
 
 
 async def test_run_serves_health_and_runs_tasks_until_sigterm(

@@ -3,33 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import io
-from typing import Any
 
 import aiohttp
 import asyncpg
-import orjson
 import pytest
-from multidict import CIMultiDictProxy
+from aio_pika.abc import AbstractChannel
 
+from tests.barriers import worker_caught_up
 from tests.conftest import Api, Events, Target, free_port, task_message
+from tests.task_api import call
 from worker.store import queries
 
 
-async def call(
-    method: str, url: str, body: object = None, headers: dict[str, str] | None = None
-) -> tuple[int, Any, CIMultiDictProxy[str]]:
-    raw = None if body is None else body if isinstance(body, bytes) else orjson.dumps(body)
-    data = None if raw is None else io.BytesIO(raw)
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(method, url, data=data, headers=headers) as response,
-    ):
-        text = await response.text()
-        return response.status, orjson.loads(text) if text else None, response.headers
-
-
-async def test_submit_then_follow_a_task(api: Api, events: Events, target: Target) -> None:
+async def test_submit_then_follow_a_task(
+    api: Api, channel: AbstractChannel, events: Events, target: Target
+) -> None:
     task = task_message(target, taskId="http-1", query="&status=201")
     status, body, headers = await call("POST", f"{api.url}/tasks", task)
     assert (status, body) == (
@@ -50,7 +38,8 @@ async def test_submit_then_follow_a_task(api: Api, events: Events, target: Targe
     status, problem, _ = await call("POST", f"{api.url}/tasks", {**task, "name": "other"})
     assert status == 409
     assert "already belongs to a different task" in problem["detail"]
-    await asyncio.sleep(0.3)
+    # Had either submission queued the task again, the worker has handled that message by now.
+    await worker_caught_up(api, channel, events, target)
     assert len(events.named("TaskCompleted", "http-1")) == 1
     assert target.calls["http-1"] == 1
 

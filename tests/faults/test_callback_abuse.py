@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from aio_pika.abc import AbstractChannel
 
+from tests.callbacks import waiting
 from tests.conftest import Api, Events, Target
-from tests.test_callbacks import waiting
 from worker.contract.tokens import Signer, new_key
 
 FORGED = 10_000

@@ -18,8 +18,8 @@ from aio_pika.abc import AbstractChannel
 
 from callback_api.server import Deadlines
 from tests.abusers import SLOW_KINDS, Crowd, SlowClients
+from tests.callbacks import callback_task
 from tests.conftest import Api, Events, Target, publish
-from tests.test_callbacks import callback_task
 from worker.contract.tokens import Signer, new_key
 
 QUIET = 100  # valid callbacks with nobody else connected

@@ -21,8 +21,8 @@ from yarl import URL
 
 from tests import processes
 from tests.conftest import Events, Target, free_port, publish, task_message
+from tests.processes import wait_until_ready
 from tests.proxy import Proxy
-from tests.test_serve import wait_until_ready
 from worker.contract.settings import Settings
 from worker.service import Worker
 

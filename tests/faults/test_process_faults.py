@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestServer
 
 from tests import processes
 from tests.conftest import Dead, Events, free_port, publish
-from tests.test_serve import wait_until_ready
+from tests.processes import wait_until_ready
 from worker.cli.dead import reason_of
 from worker.contract.models import Names
 from worker.contract.settings import Settings
@@ -41,6 +41,8 @@ class Service:
         self.background: set[asyncio.Task[None]] = set()
         self.session: aiohttp.ClientSession | None = None
         self.refused: set[str] = set()
+        # Set whenever a report finds the API unreachable.
+        self.unreachable = asyncio.Event()
 
     async def handle(self, request: web.Request) -> web.Response:
         await asyncio.sleep(random.uniform(0, 0.2))
@@ -66,7 +68,7 @@ class Service:
                     if response.status in (200, 409):
                         return
             except aiohttp.ClientError:
-                pass
+                self.unreachable.set()
             await asyncio.sleep(0.2)
 
 
@@ -263,10 +265,14 @@ async def test_the_api_killed_while_callbacks_arrive(
     db: asyncpg.Connection,
     service: tuple[str, Service],
 ) -> None:
+    endpoint = service[1]
+
     async def kill_the_api(children: list[processes.Child], env: dict[str, str]) -> None:
         children[0].process.kill()
         await children[0].process.wait()
-        await asyncio.sleep(1)
+        # Down until callbacks have come to find it gone, not for a while in which they may.
+        endpoint.unreachable.clear()
+        await asyncio.wait_for(endpoint.unreachable.wait(), 30)
         children[0] = await processes.start(settings, "api", **env)
 
     await run_through(settings, channel, service[0], kill_the_api)
