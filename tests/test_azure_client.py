@@ -34,14 +34,13 @@ from azure.devops.v7_1.task.task_client import TaskClient
 from msrest.authentication import BasicAuthentication
 
 from callback_api import azure
+from tests.azure_standin import FEED_LINES, LOG_LINES, lines_of, task_logs
 from tests.callbacks import waiting
 from tests.conftest import Api, Events, Target
 
 # What the client asks for; the .NET client's RaisePlanEventAsync and AppendTimelineRecordFeedAsync
 # use the events and feed locations the same way, by id.
 CLIENT_VERSION: Final = "7.1-preview.1"
-LOG_LINES: Final = ["Deploying build 42", "step 1 of 2: upload"]
-FEED_LINES: Final = ["step 2 of 2: swap slots", "deployment finished"]
 
 
 @pytest.fixture(autouse=True)
@@ -131,15 +130,6 @@ async def in_thread(call: Any, *args: Any) -> Any:
     return await asyncio.to_thread(call, *args)
 
 
-async def task_logs(api: Api, task_id: str) -> list[str]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{api.url}/tasks/{task_id}/logs") as response,
-    ):
-        assert response.status == 200, await response.text()
-        return [line["line"] for line in (await response.json())["lines"]]
-
-
 @pytest.mark.parametrize("result", ["succeeded", "failed"])
 async def test_a_service_on_microsofts_client_runs_a_callback_task_end_to_end(
     api: Api,
@@ -179,7 +169,7 @@ async def test_a_service_on_microsofts_client_runs_a_callback_task_end_to_end(
         "outputs": {"buildNumber": "42"},
         "hubName": "rm",
     }
-    assert await task_logs(api, task["taskId"]) == LOG_LINES + FEED_LINES
+    assert lines_of(await task_logs(api, task["taskId"]))["lines"] == LOG_LINES + FEED_LINES
     finished = await in_thread(service.records)
     assert [(r.state, r.result) for r in finished] == [("completed", result)]
     kept = await db.fetchval("SELECT t::text FROM tasks t WHERE task_id = $1", task["taskId"])

@@ -7,7 +7,7 @@ import asyncio
 import random
 import signal
 import uuid
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 
@@ -16,12 +16,20 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest_asyncio
-from aio_pika.abc import AbstractChannel, AbstractMessage
+from aio_pika.abc import AbstractChannel
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests import processes
 from tests.conftest import Dead, Events, free_port, publish
+from tests.faults.outages import (
+    Service,
+    completed_in_database,
+    drain_completions,
+    publish_patiently,
+    publish_to,
+    shell,
+)
 from tests.processes import wait_until_ready
 from worker.cli.dead import reason_of
 from worker.contract.models import Names
@@ -31,45 +39,6 @@ from worker.topology import DELIVERY_LIMIT
 
 TOTAL = 2000
 WORKERS = 3
-
-
-class Service:
-    """An endpoint for both modes: answers after 0 to 200 ms; for a callback task it then reports
-    TaskCompleted, retrying as a real service would until the API says 200 or 409."""
-
-    def __init__(self) -> None:
-        self.background: set[asyncio.Task[None]] = set()
-        self.session: aiohttp.ClientSession | None = None
-        self.refused: set[str] = set()
-        # Set whenever a report finds the API unreachable.
-        self.unreachable = asyncio.Event()
-
-    async def handle(self, request: web.Request) -> web.Response:
-        await asyncio.sleep(random.uniform(0, 0.2))
-        if request.path == "/flaky" and request.query["key"] not in self.refused:
-            # Busy at the first call of each task that asks for retries.
-            self.refused.add(request.query["key"])
-            return web.json_response({"status": "busy"}, status=503)
-        if "AuthToken" in request.headers:
-            task = asyncio.create_task(self.report(dict(request.headers)))
-            self.background.add(task)
-            task.add_done_callback(self.background.discard)
-        return web.json_response({"status": "created"})
-
-    async def report(self, headers: dict[str, str]) -> None:
-        assert self.session is not None
-        url = f"{headers['PlanUrl']}/plans/{headers['PlanId']}/events"
-        body = {"name": "TaskCompleted", "taskId": headers["TaskInstanceId"], "result": "succeeded"}
-        auth = {"Authorization": f"Bearer {headers['AuthToken']}"}
-        await asyncio.sleep(random.uniform(0, 0.2))
-        for _ in range(100):
-            try:
-                async with self.session.post(url, json=body, headers=auth) as response:
-                    if response.status in (200, 409):
-                        return
-            except aiohttp.ClientError:
-                self.unreachable.set()
-            await asyncio.sleep(0.2)
 
 
 @pytest_asyncio.fixture
@@ -156,29 +125,6 @@ async def test_random_sigkills_of_three_workers_lose_nothing(
     assert kills >= 1
 
 
-async def completed_in_database(
-    settings: Settings, total: int, timeout: float
-) -> list[asyncpg.Record]:
-    """Poll the task table (on fresh connections: the database may restart) until `total` tasks
-    are completed; their rows."""
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                conn = await asyncpg.connect(settings.database_url)
-                try:
-                    rows = await conn.fetch(
-                        "SELECT task_id, state, result, attempts,"
-                        " jsonb_array_length(history) AS retries FROM tasks"
-                    )
-                finally:
-                    await conn.close()
-                if sum(1 for r in rows if r["state"] == "completed") >= total:
-                    return rows
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                pass
-            await asyncio.sleep(0.5)
-
-
 async def run_through(
     settings: Settings,
     channel: AbstractChannel,
@@ -241,24 +187,6 @@ async def run_through(
     return rows
 
 
-async def drain_completions(
-    channel: AbstractChannel, queue_name: str, expected: set[str]
-) -> Counter[str]:
-    """TaskCompleted events per task from the observer queue, until every expected task has one
-    (events may trail the database by the relay's delay)."""
-    seen: Counter[str] = Counter()
-    async with asyncio.timeout(60):
-        while not expected <= set(seen):
-            queue = await channel.declare_queue(queue_name, passive=True)
-            message = await queue.get(no_ack=True, fail=False)
-            if message is None:
-                await asyncio.sleep(0.2)
-                continue
-            seen[orjson.loads(message.body)["taskId"]] += 1
-    await channel.queue_delete(queue_name)
-    return seen
-
-
 async def test_the_api_killed_while_callbacks_arrive(
     settings: Settings,
     channel: AbstractChannel,
@@ -303,25 +231,6 @@ async def test_rabbitmq_restarted_mid_run(
             await shell("rabbitmqctl -q start_app")
 
     await run_through(settings, channel, service[0], restart_rabbitmq)
-
-
-async def publish_patiently(
-    channel: AbstractChannel, settings: Settings, task: dict[str, object]
-) -> None:
-    """Publish, waiting out the test's own reconnection after a broker restart."""
-    async with asyncio.timeout(60):
-        while True:
-            try:
-                await publish(channel, settings, task)
-            except (aio_pika.exceptions.AMQPError, RuntimeError, ConnectionError):
-                await asyncio.sleep(0.5)
-            else:
-                return
-
-
-async def shell(command: str) -> None:
-    process = await asyncio.create_subprocess_shell(command)
-    assert await asyncio.wait_for(process.wait(), 120) == 0, command
 
 
 def started(events: Events, attempt: int) -> bool:
@@ -412,8 +321,3 @@ async def test_a_message_that_kills_every_worker_before_it_is_read_is_dead_lette
         f"RabbitMQ dead-lettered it from {names.tasks}: "
         "delivered too many times without being acknowledged"
     )
-
-
-async def publish_to(channel: AbstractChannel, queue: str, message: AbstractMessage) -> None:
-    copy = aio_pika.Message(message.body, headers=message.headers, message_id=message.message_id)
-    await channel.default_exchange.publish(copy, routing_key=queue)
