@@ -60,7 +60,7 @@ def with_worker(settings: Settings) -> Callable[[web.Application], AsyncIterator
                 worker.signer,
                 worker.metrics,
                 announcer,
-                worker,
+                worker.ready,
             )
             worker.consuming.add_done_callback(lambda _: _consume_loop_ended(app))
             try:

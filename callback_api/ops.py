@@ -39,8 +39,8 @@ async def get_metrics(request: web.Request) -> web.Response:
 async def _ready(request: web.Request) -> bool:
     svc = services(request)
     ready = svc.broker.is_ready and await svc.store.ping()
-    if svc.worker is not None:
-        ready = ready and await svc.worker.ready()
+    if svc.worker_ready is not None:
+        ready = ready and await svc.worker_ready()
     return ready
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,6 @@ if TYPE_CHECKING:
     from worker.contract.settings import Settings
     from worker.contract.tokens import Signer
     from worker.metrics import Metrics
-    from worker.service import Worker
     from worker.store.database import Store
 
 
@@ -26,8 +26,8 @@ class Services:
     signer: Signer
     metrics: Metrics
     announcer: Announcer
-    # The worker of this process, under `agentless run`.
-    worker: Worker | None = None
+    # Whether the worker of this process is ready, under `agentless run`.
+    worker_ready: Callable[[], Awaitable[bool]] | None = None
 
 
 services_key = web.AppKey("services", Services)

@@ -12,7 +12,7 @@ from aiohttp import web
 from worker.views import Health, Readiness
 
 if TYPE_CHECKING:
-    from worker.service import Worker
+    from worker.metrics import Metrics
 
 
 async def healthz(_: web.Request) -> web.Response:
@@ -33,22 +33,24 @@ def readiness(
 
 
 @asynccontextmanager
-async def probe_server(worker: Worker) -> AsyncIterator[None]:
-    """The worker's own /metrics, /healthz and /readyz on AGENTLESS_WORKER_PORT."""
+async def probe_server(
+    host: str, port: int, ready: Callable[[], Awaitable[bool]], metrics: Metrics
+) -> AsyncIterator[None]:
+    """A worker's own /metrics, /healthz and /readyz on `host`:`port`."""
 
-    async def ready(_: web.Request) -> bool:
-        return await worker.ready()
+    async def is_ready(_: web.Request) -> bool:
+        return await ready()
 
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=worker.metrics.render(), content_type="text/plain")
+    async def get_metrics(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), content_type="text/plain")
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readiness(ready))
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/readyz", readiness(is_ready))
+    app.router.add_get("/metrics", get_metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, worker.settings.api_host, worker.settings.worker_port)
+    site = web.TCPSite(runner, host, port)
     await site.start()
     try:
         yield
