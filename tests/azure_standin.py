@@ -21,6 +21,7 @@ import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from tests.callbacks import CALLBACK_HEADERS
 from tests.conftest import Api, Events
 
 # Versions Azure's helper library sends: each is one that the resource locations serve.
@@ -55,20 +56,7 @@ class Plan:
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> Plan:
-        missing = [
-            name
-            for name in (
-                "PlanUrl",
-                "ProjectId",
-                "HubName",
-                "PlanId",
-                "JobId",
-                "TimelineId",
-                "TaskInstanceId",
-                "AuthToken",
-            )
-            if not headers.get(name)
-        ]
+        missing = [name for name in CALLBACK_HEADERS if not headers.get(name)]
         if missing:
             raise web.HTTPBadRequest(text=f"missing headers: {', '.join(missing)}")
         return cls(

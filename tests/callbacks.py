@@ -12,6 +12,18 @@ from aio_pika.abc import AbstractChannel
 
 from tests.conftest import Api, Events, Target, publish, task_message
 
+# The headers Azure's server tasks send, which a callback task's request carries.
+CALLBACK_HEADERS = (
+    "PlanUrl",
+    "ProjectId",
+    "HubName",
+    "PlanId",
+    "JobId",
+    "TimelineId",
+    "TaskInstanceId",
+    "AuthToken",
+)
+
 
 def callback_task(target: Target, **fields: object) -> dict[str, Any]:
     fields.setdefault("waitForCompletion", "callback")

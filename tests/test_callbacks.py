@@ -14,21 +14,10 @@ from aio_pika.abc import AbstractChannel
 from callback_api import events as callback_events
 from tests import processes
 from tests.barriers import api_caught_up
-from tests.callbacks import callback_task, post, waiting
+from tests.callbacks import CALLBACK_HEADERS, callback_task, post, waiting
 from tests.conftest import Api, Events, Target, free_port, publish, task_message
 from tests.processes import wait_until_ready
 from worker.contract.settings import Settings
-
-CALLBACK_HEADERS = (
-    "PlanUrl",
-    "ProjectId",
-    "HubName",
-    "PlanId",
-    "JobId",
-    "TimelineId",
-    "TaskInstanceId",
-    "AuthToken",
-)
 
 
 async def test_callback_task_waits_then_completes_with_the_services_result(
