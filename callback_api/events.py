@@ -14,7 +14,7 @@ from typing import Annotated, Final
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 from pydantic.alias_generators import to_camel
 
 from callback_api.guard import presented
@@ -22,7 +22,7 @@ from callback_api.inputs import read_body
 from callback_api.problems import Problem
 from callback_api.services import services
 from worker.contract.errors import describe
-from worker.contract.models import EventName, Mode, Result, State, TaskEvent, event_id
+from worker.contract.models import EventName, Mode, Result, State, TaskEvent, any_case, event_id
 from worker.contract.records import CompletedBy, TaskRecord
 from worker.contract.tokens import Grant, TokenError
 from worker.logs import bind_task
@@ -52,29 +52,15 @@ class PlanEventName(StrEnum):
     COMPLETED = "TaskCompleted"
 
 
-_NAMES = {name.value.lower(): name for name in PlanEventName}
-_RESULTS = {result.value.lower(): result for result in Result}
-
-
-def _one_of(table: dict[str, StrEnum], what: str) -> object:
-    def parse(value: object) -> object:
-        if isinstance(value, str) and value.lower() in table:
-            return table[value.lower()]
-        choices = ", ".join(v.value for v in table.values())
-        raise ValueError(f"{value!r} is not a known {what} ({choices})")
-
-    return parse
-
-
 class PlanEvent(BaseModel):
     """What a service posts to the events endpoint; names and results in any case."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
-    name: Annotated[PlanEventName, BeforeValidator(_one_of(_NAMES, "event name"))]
+    name: Annotated[PlanEventName, any_case(PlanEventName, "event name")]
     task_id: str = Field(min_length=1, max_length=128)
     job_id: str | None = None
-    result: Annotated[Result, BeforeValidator(_one_of(_RESULTS, "result"))] | None = None
+    result: Annotated[Result, any_case(Result, "result")] | None = None
 
 
 def grant_of(request: web.Request) -> Grant:

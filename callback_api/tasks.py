@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
 from typing import Annotated, Final, Literal
 
 import orjson
@@ -24,7 +23,7 @@ from callback_api.inputs import query_of, read_body
 from callback_api.problems import Problem
 from callback_api.services import services
 from worker.contract.errors import invalid_fields
-from worker.contract.models import ID_PATTERN, MAX_TASK_BYTES, Result, State, TaskMessage
+from worker.contract.models import ID_PATTERN, MAX_TASK_BYTES, Result, State, TaskMessage, any_case
 from worker.contract.records import TaskRecord
 from worker.logs import bind_task
 from worker.store.changes import ClaimRequest
@@ -48,18 +47,6 @@ _RANGE = re.compile(r"items=(\d{1,12})-(\d{1,12})")
 
 
 # The query's validators: each message follows the parameter's name, as in "state 'x' is not …".
-
-
-def _one_of(choices: Iterable[str]) -> BeforeValidator:
-    """One of `choices`, in any case."""
-    table = {choice.lower(): choice for choice in choices}
-
-    def parse(value: object) -> object:
-        if isinstance(value, str) and value.lower() in table:
-            return table[value.lower()]
-        raise ValueError(f"{value!r} is not one of {', '.join(table.values())}")
-
-    return BeforeValidator(parse)
 
 
 def _whole(maximum: int) -> BeforeValidator:
@@ -102,8 +89,8 @@ class TaskListQuery(BaseModel):
 
     model_config = ConfigDict(alias_generator=to_camel, extra="forbid")
 
-    state: Annotated[State, _one_of(State)] | None = Field(default=None, description="in any case")
-    result: Annotated[Result, _one_of(Result)] | None = Field(
+    state: Annotated[State, any_case(State)] | None = Field(default=None, description="in any case")
+    result: Annotated[Result, any_case(Result)] | None = Field(
         default=None, description="in any case"
     )
     plan_id: Annotated[str, AfterValidator(_id)] | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -123,6 +124,21 @@ def _mode(value: object) -> object:
         if lowered in ("false", "apiresponse"):
             return Mode.API_RESPONSE
     return value
+
+
+def any_case(choices: Iterable[str], what: str | None = None) -> BeforeValidator:
+    """One of `choices`, in any case, as the choice itself; the error names `what` it must be."""
+    table = {choice.lower(): choice for choice in choices}
+
+    def parse(value: object) -> object:
+        if isinstance(value, str) and value.lower() in table:
+            return table[value.lower()]
+        listed = ", ".join(table.values())
+        if what is None:
+            raise ValueError(f"{value!r} is not one of {listed}")
+        raise ValueError(f"{value!r} is not a known {what} ({listed})")
+
+    return BeforeValidator(parse)
 
 
 def _method(value: object) -> object:
