@@ -1,3 +1,5 @@
+"""`python -m worker`: the `agentless` command."""
+
 from worker.cli.main import main
 
 main()

@@ -1,4 +1,5 @@
-"""The `agentless` command's arguments: each subcommand, its flags and its handler."""
+"""The `agentless` command's arguments: each subcommand and its flags (main.py maps each
+subcommand to its handler)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The wire contract and the pure rules: models, criteria, tokens, retries, judging and events.
+"""The wire contract and the pure rules: settings, models, typed records, criteria, judging,
+events, macros, tokens and retries.
 
-Nothing here does I/O or imports asyncpg, aio-pika or aiohttp.
+Nothing here does I/O or imports asyncpg, aio-pika or aiohttp (pyproject.toml's import contracts).
 """

@@ -1,4 +1,5 @@
-"""PostgreSQL: runs the statements of queries.py; migrations/ beside it, as numbered .sql files."""
+"""The store: every read and write of tasks, workers and dead letters, run as the statements of
+queries.py over a pool, the busiest ones batched."""
 
 from __future__ import annotations
 

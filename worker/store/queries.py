@@ -1,4 +1,5 @@
-"""The SQL statements of the store, each with the rule it enforces. Only store.py runs them."""
+"""The SQL statements of the store, each with the rule it enforces; only the store (database.py,
+batches.py, registry.py) runs them."""
 
 from __future__ import annotations
 
