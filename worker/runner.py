@@ -302,7 +302,7 @@ class Runner:
         self._metrics.invocation_duration.observe(time.perf_counter() - started)
         if isinstance(answer, InvokeFailure):
             return Outcome(Result.FAILED, answer.reason, transient=answer.transient)
-        return judge(answer, task.success_criteria)
+        return judge(answer, task.success_criteria, task.criteria_syntax)
 
     async def _publish_completion(
         self, message: AbstractIncomingMessage, record: TaskRecord

@@ -75,7 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     body.add_argument("--json", dest="json_body", metavar="JSON", help="request body, as JSON")
     submit.add_argument("--connection", help="service connection name instead of --url")
     submit.add_argument("--url-suffix", help="appended to the connection's URL")
-    submit.add_argument("--criteria", help="JMESPath success criterion")
+    submit.add_argument(
+        "--criteria",
+        help="success criterion: JMESPath, or an Azure condition with --criteria-syntax",
+    )
+    submit.add_argument(
+        "--criteria-syntax",
+        choices=["jmespath", "azure"],
+        help="how --criteria is written (default jmespath); azure: e.g. "
+        "\"eq(root['status'], 'ok')\" over the response body",
+    )
     submit.add_argument(
         "--callback",
         action="store_true",

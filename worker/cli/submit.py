@@ -44,6 +44,7 @@ _TASK_FLAGS = (
     ("hub", "hubName"),
     ("name", "name"),
     ("criteria", "successCriteria"),
+    ("criteria_syntax", "criteriaSyntax"),
     ("timeout", "timeoutSeconds"),
 )
 

@@ -1,13 +1,20 @@
-"""JMESPath success criteria: compiled once, evaluated per response (SPEC §4)."""
+"""Success criteria: JMESPath over the response, or Azure's condition expressions over its body;
+compiled once, evaluated per response (SPEC §4)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import jmespath
 from jmespath.exceptions import JMESPathError
 from jmespath.parser import ParsedResult
+
+from worker.contract.conditions import ConditionError, compile_condition
+
+if TYPE_CHECKING:
+    from worker.contract.models import CriteriaSyntax
 
 
 @lru_cache(maxsize=4096)
@@ -25,6 +32,18 @@ def compile_expression(expression: str) -> ParsedResult:
         raise ValueError(f"not a valid JMESPath expression: {detail}{near}{at}") from exc
 
 
+def compile_criterion(expression: str, syntax: CriteriaSyntax) -> None:
+    """Raises ValueError, saying what is wrong and where, unless `expression` is valid in
+    `syntax`."""
+    if syntax == "azure":
+        try:
+            compile_condition(expression)
+        except ConditionError as exc:
+            raise ValueError(f"not a valid Azure condition: {exc}") from exc
+    else:
+        compile_expression(expression)
+
+
 def is_truthy(value: object) -> bool:
     """JMESPath's truth: false, null and empty strings, arrays and objects are false; 0 is true."""
     if value is None or value is False:
@@ -34,9 +53,12 @@ def is_truthy(value: object) -> bool:
     return True
 
 
-def holds(expression: str, document: Mapping[str, object]) -> bool:
-    """Whether `expression` is truthy over `{statusCode, headers, body}`."""
+def holds(expression: str, document: Mapping[str, object], syntax: CriteriaSyntax) -> bool:
+    """Whether `expression` holds over `{statusCode, headers, body}`: as JMESPath, truthy over the
+    document; as an Azure condition, true with `root` the body."""
     try:
+        if syntax == "azure":
+            return compile_condition(expression).holds(document["body"])
         return is_truthy(compile_expression(expression).search(document))
     except (JMESPathError, TypeError, ValueError):
         # A runtime type error (e.g. comparing a string with <) means the criterion does not hold.

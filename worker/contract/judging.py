@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from worker.contract import criteria
-from worker.contract.models import HttpResponse, Outcome, Result
+from worker.contract.models import CriteriaSyntax, HttpResponse, Outcome, Result
 
 
-def judge(response: HttpResponse, expression: str | None) -> Outcome:
-    """SPEC §4: succeeded when the status is 2xx and the criterion, if any, is truthy."""
+def judge(
+    response: HttpResponse,
+    expression: str | None,
+    syntax: CriteriaSyntax = CriteriaSyntax.JMESPATH,
+) -> Outcome:
+    """SPEC §4: succeeded when the status is 2xx and the criterion, if any, holds."""
     status = response.status_code
     if not 200 <= status < 300:
         return Outcome(Result.FAILED, f"HTTP {status}", response)
@@ -18,6 +22,6 @@ def judge(response: HttpResponse, expression: str | None) -> Outcome:
         "headers": response.headers,
         "body": response.body,
     }
-    if criteria.holds(expression, document):
+    if criteria.holds(expression, document, syntax):
         return Outcome(Result.SUCCEEDED, f"HTTP {status}; successCriteria true", response)
     return Outcome(Result.FAILED, f"HTTP {status}; successCriteria false", response)

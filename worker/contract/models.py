@@ -18,6 +18,7 @@ from pydantic import (
     JsonValue,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -90,6 +91,13 @@ class Result(StrEnum):
 class Mode(StrEnum):
     API_RESPONSE = "apiResponse"
     CALLBACK = "callback"
+
+
+class CriteriaSyntax(StrEnum):
+    """How successCriteria are written: JMESPath over the response, or Azure's conditions."""
+
+    JMESPATH = "jmespath"
+    AZURE = "azure"
 
 
 class Method(StrEnum):
@@ -234,6 +242,10 @@ class TaskMessage(WireModel):
     name: str | None = Field(default=None, max_length=1024)
     request: TaskRequest
     wait_for_completion: Annotated[Mode, BeforeValidator(_mode)] = Mode.API_RESPONSE
+    # Before successCriteria: that field's validator reads it.
+    criteria_syntax: Annotated[CriteriaSyntax, any_case(CriteriaSyntax, "criteria syntax")] = (
+        CriteriaSyntax.JMESPATH
+    )
     success_criteria: str | None = Field(default=None, max_length=10_000)
     timeout_seconds: int | None = Field(default=None, gt=0, le=366 * 86_400)
     started_timeout_seconds: int | None = Field(default=None, gt=0, le=366 * 86_400)
@@ -243,9 +255,12 @@ class TaskMessage(WireModel):
 
     @field_validator("success_criteria")
     @classmethod
-    def _compiles(cls, value: str | None) -> str | None:
+    def _compiles(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and value.strip():
-            criteria.compile_expression(value)
+            # An invalid criteriaSyntax has its own error; the criterion is not judged by it.
+            syntax = info.data.get("criteria_syntax")
+            if isinstance(syntax, CriteriaSyntax):
+                criteria.compile_criterion(value, syntax)
             return value
         return None
 
