@@ -10,9 +10,10 @@ import socket
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from callback_api.azure import azure_dialect
-from callback_api.declarations import Handler, declared, resource_location
+from callback_api.declarations import declared
 from callback_api.guard import Guard, check_exposure, guard_key, require_api_token
 from callback_api.problems import problem_middleware
 from callback_api.routes import add_routes
@@ -117,7 +118,7 @@ def create_app(
     app = web.Application(
         middlewares=[
             count_callbacks,
-            azure_dialect(resource_location),
+            azure_dialect,
             problem_middleware,
             require_api_token,
         ]

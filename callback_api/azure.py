@@ -10,15 +10,15 @@ location's versions, and turn a non-2xx answer into an exception from its `messa
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
 from typing import Final
 
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from callback_api.declarations import resource_location
 from callback_api.inputs import query_of
 from callback_api.problems import PROBLEM_TYPE, problem_response
 
@@ -158,37 +158,28 @@ def version_problem(location: ResourceLocation, requested: str) -> tuple[str, st
     return None
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def azure_dialect(location_of: Callable[[web.Request], ResourceLocation | None]) -> Middleware:
-    """A middleware for the routes that serve a resource location, as `location_of` tells:
-    it refuses an api-version the location does not serve, and gives every problem answer the
-    `message` and `typeKey` Azure's clients read. (It is told rather than reading the route
-    declarations, since those name this module's locations.)"""
-
-    @web.middleware
-    async def azure_dialect(request: web.Request, handler: Handler) -> web.StreamResponse:
-        location = location_of(request)
-        if location is None:
-            return await handler(request)
-        requested = requested_version(request)
-        refused = None if requested is None else version_problem(location, requested)
-        if refused is not None:
-            detail, type_key = refused
-            return problem_response(400, detail, message=detail, typeKey=type_key)
-        response = await handler(request)
-        if (
-            response.status >= 400
-            and isinstance(response, web.Response)
-            and response.content_type == PROBLEM_TYPE
-            and isinstance(response.body, bytes)
-        ):
-            # Only error answers are read again, and they are small.
-            problem = orjson.loads(response.body)
-            problem.setdefault("message", problem.get("detail"))
-            problem.setdefault("typeKey", _TYPE_KEYS.get(response.status, "VssServiceException"))
-            response.body = orjson.dumps(problem)
-        return response
-
-    return azure_dialect
+@web.middleware
+async def azure_dialect(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """On the routes that serve a resource location: refuse an api-version the location does not
+    serve, and give every problem answer the `message` and `typeKey` Azure's clients read."""
+    location = resource_location(request)
+    if location is None:
+        return await handler(request)
+    requested = requested_version(request)
+    refused = None if requested is None else version_problem(location, requested)
+    if refused is not None:
+        detail, type_key = refused
+        return problem_response(400, detail, message=detail, typeKey=type_key)
+    response = await handler(request)
+    if (
+        response.status >= 400
+        and isinstance(response, web.Response)
+        and response.content_type == PROBLEM_TYPE
+        and isinstance(response.body, bytes)
+    ):
+        # Only error answers are read again, and they are small.
+        problem = orjson.loads(response.body)
+        problem.setdefault("message", problem.get("detail"))
+        problem.setdefault("typeKey", _TYPE_KEYS.get(response.status, "VssServiceException"))
+        response.body = orjson.dumps(problem)
+    return response

@@ -9,8 +9,9 @@ import ipaddress
 import socket
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-from callback_api.declarations import Handler, declared
+from callback_api.declarations import declared
 from callback_api.problems import Problem
 from worker.contract.errors import ConfigError
 from worker.contract.settings import Settings

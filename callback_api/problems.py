@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from worker.amqp import BrokerUnavailable
 from worker.store.errors import DB_UNAVAILABLE
@@ -57,9 +57,6 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Re
             return problem_response(404, f"there is no {request.path} here")
         case _:
             return problem_response(exc.status_code, exc.text or exc.reason)
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware

@@ -150,10 +150,11 @@ async def submit_task(request: web.Request) -> web.Response:
     bind_task(task.task_id, task.plan_id)
     svc = services(request)
     canonical = _canonical(task)
-    recorded = await svc.store.submit(ClaimRequest.of(task, canonical))
+    claim = ClaimRequest.of(task, canonical)
+    recorded = await svc.store.submit(claim)
     location = f"/tasks/{task.task_id}"
     if isinstance(recorded, TaskRecord):
-        if recorded.digest != ClaimRequest.of(task, canonical).digest:
+        if recorded.digest != claim.digest:
             raise Problem(
                 409,
                 f"taskId {task.task_id!r} already belongs to a different task; use a new taskId",
