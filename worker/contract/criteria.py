@@ -4,8 +4,8 @@ compiled once, evaluated per response (SPEC §4)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from enum import StrEnum
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import jmespath
 from jmespath.exceptions import JMESPathError
@@ -13,8 +13,12 @@ from jmespath.parser import ParsedResult
 
 from worker.contract.conditions import ConditionError, compile_condition
 
-if TYPE_CHECKING:
-    from worker.contract.models import CriteriaSyntax
+
+class CriteriaSyntax(StrEnum):
+    """How successCriteria are written: JMESPath over the response, or Azure's conditions."""
+
+    JMESPATH = "jmespath"
+    AZURE = "azure"
 
 
 @lru_cache(maxsize=4096)
@@ -35,7 +39,7 @@ def compile_expression(expression: str) -> ParsedResult:
 def compile_criterion(expression: str, syntax: CriteriaSyntax) -> None:
     """Raises ValueError, saying what is wrong and where, unless `expression` is valid in
     `syntax`."""
-    if syntax == "azure":
+    if syntax is CriteriaSyntax.AZURE:
         try:
             compile_condition(expression)
         except ConditionError as exc:
@@ -57,7 +61,7 @@ def holds(expression: str, document: Mapping[str, object], syntax: CriteriaSynta
     """Whether `expression` holds over `{statusCode, headers, body}`: as JMESPath, truthy over the
     document; as an Azure condition, true with `root` the body."""
     try:
-        if syntax == "azure":
+        if syntax is CriteriaSyntax.AZURE:
             return compile_condition(expression).holds(document["body"])
         return is_truthy(compile_expression(expression).search(document))
     except (JMESPathError, TypeError, ValueError):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from worker.contract import criteria
-from worker.contract.models import CriteriaSyntax, HttpResponse, Outcome, Result
+from worker.contract.criteria import CriteriaSyntax
+from worker.contract.models import HttpResponse, Outcome, Result
 
 
 def judge(

@@ -26,6 +26,7 @@ from pydantic.alias_generators import to_camel
 from yarl import URL
 
 from worker.contract import criteria
+from worker.contract.criteria import CriteriaSyntax
 from worker.contract.errors import InvalidTask, describe
 
 REASON_HEADER: Final = "x-agentless-reason"
@@ -91,13 +92,6 @@ class Result(StrEnum):
 class Mode(StrEnum):
     API_RESPONSE = "apiResponse"
     CALLBACK = "callback"
-
-
-class CriteriaSyntax(StrEnum):
-    """How successCriteria are written: JMESPath over the response, or Azure's conditions."""
-
-    JMESPATH = "jmespath"
-    AZURE = "azure"
 
 
 class Method(StrEnum):
