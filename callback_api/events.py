@@ -266,6 +266,7 @@ def _timeline_records(record: TaskRecord) -> web.Response:
         State.QUEUED: "pending",
         State.RUNNING: "inProgress",
         State.WAITING: "inProgress",
+        State.POLLING: "inProgress",
         State.COMPLETED: "completed",
     }
     timeline = TimelineRecord(

@@ -30,9 +30,11 @@ async def get_workers(request: web.Request) -> web.Response:
 
 async def get_metrics(request: web.Request) -> web.Response:
     svc = services(request)
-    # Waiting tasks belong to no process: the count is read from the database at each scrape.
+    # Waiting and polling tasks belong to no process: their counts are read from the database at
+    # each scrape.
     counts = await svc.store.state_counts()
     svc.metrics.tasks_waiting.set(counts.get(State.WAITING, 0))
+    svc.metrics.tasks_polling.set(counts.get(State.POLLING, 0))
     return web.Response(body=svc.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

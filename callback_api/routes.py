@@ -241,7 +241,7 @@ ROUTES: tuple[Route, ...] = (
         "POST",
         "/tasks/{taskId}/cancel",
         tasks.cancel_task,
-        "Cancel a queued, running or waiting task",
+        "Cancel a queued, running, waiting or polling task",
         "api",
         "tasks",
         responses={200: TaskStatus, 404: "no such task", 409: "the task already completed"},

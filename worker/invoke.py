@@ -117,7 +117,8 @@ class Invoker:
 
     async def __aenter__(self) -> Invoker:
         self._resolver = EgressResolver(self._policy)
-        connector = aiohttp.TCPConnector(limit=self._concurrency, resolver=self._resolver)
+        # The consumer's tasks and the poller's polls each run up to `concurrency` calls at once.
+        connector = aiohttp.TCPConnector(limit=self._concurrency * 2, resolver=self._resolver)
         self._session = aiohttp.ClientSession(
             connector=connector,
             # The whole call runs under one asyncio.timeout; aiohttp's own would only race it.
@@ -159,21 +160,28 @@ class Invoker:
         except EgressRefused as exc:
             return InvokeFailure(str(exc), _elapsed_ms(started))
 
+    def target(self, request: TaskRequest, macros: Mapping[str, str]) -> tuple[str, str | None]:
+        """Where `request` goes (its URL, macros expanded), and its service connection's base URL
+        if it names one: what a Location in its answer is resolved against."""
+        connection, text = self._target(request, macros)
+        return text, connection.url or None
+
+    def _target(self, request: TaskRequest, macros: Mapping[str, str]) -> tuple[_Connection, str]:
+        if request.connection is not None:
+            connection = self._connections.get(request.connection)
+            if connection is None:
+                raise _Failed(f"unknown service connection '{request.connection}'")
+            return connection, _join(connection.url, expand(request.url_suffix, macros))
+        assert request.url is not None  # TaskRequest requires url or connection
+        return _NO_CONNECTION, expand(request.url, macros)
+
     def _prepare(
         self,
         request: TaskRequest,
         macros: Mapping[str, str],
         extra_headers: Mapping[str, str] | None,
     ) -> _Call:
-        if request.connection is not None:
-            connection = self._connections.get(request.connection)
-            if connection is None:
-                raise _Failed(f"unknown service connection '{request.connection}'")
-            text = _join(connection.url, expand(request.url_suffix, macros))
-        else:
-            assert request.url is not None  # TaskRequest requires url or connection
-            connection = _NO_CONNECTION
-            text = expand(request.url, macros)
+        connection, text = self._target(request, macros)
         try:
             url = URL(text)
         except ValueError as exc:

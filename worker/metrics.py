@@ -63,5 +63,24 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.polls = Counter(
+            "agentless_polls",
+            "Polls this process made and recorded, by what followed: again, a result, or "
+            "superseded (a newer poll, a cancel or the deadline got there first).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.poll_lateness = Histogram(
+            "agentless_poll_lateness_seconds",
+            "Time from when a poll was due to when this process took it.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.tasks_polling = Gauge(
+            "agentless_tasks_polling",
+            "Poll tasks waiting for their next poll, across all processes.",
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

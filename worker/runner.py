@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -22,7 +23,7 @@ from worker.completions import publish_completion
 from worker.contract import retries
 from worker.contract.errors import InvalidTask
 from worker.contract.events import task_event
-from worker.contract.judging import judge
+from worker.contract.judging import judge, outputs
 from worker.contract.macros import build_macros, callback_headers
 from worker.contract.models import (
     EventName,
@@ -30,6 +31,7 @@ from worker.contract.models import (
     Outcome,
     Result,
     State,
+    TaskEvent,
     TaskMessage,
     parse_task,
 )
@@ -39,6 +41,7 @@ from worker.contract.tokens import GRACE_SECONDS, Signer
 from worker.invoke import InvokeFailure, Invoker
 from worker.logs import bind_task
 from worker.metrics import Metrics
+from worker.poller import Poller
 from worker.store.changes import Claimed, ClaimRequest
 from worker.store.database import Store
 from worker.store.errors import DB_UNAVAILABLE
@@ -70,8 +73,10 @@ class Runner:
         invoker: Invoker,
         signer: Signer,
         metrics: Metrics,
+        poller: Poller,
     ) -> None:
         self._store = store
+        self._poller = poller
         self._broker = broker
         self._invoker = invoker
         self._signer = signer
@@ -125,7 +130,11 @@ class Runner:
             queued_at=claimed.queued_at,
             started_at=claimed.started_at,
         )
-        if task.wait_for_completion is Mode.CALLBACK:
+        if task.wait_for_completion is Mode.POLL:
+            outcome = await self._start_polling(message, task, claimed, started)
+            if outcome is None:
+                return
+        elif task.wait_for_completion is Mode.CALLBACK:
             # Confirmed before the call: the service may report back at once, and the API's
             # events must not overtake this one.
             await self._broker.publish_event(started)
@@ -181,6 +190,8 @@ class Runner:
         claimed: Claimed,
         outcome: Outcome,
     ) -> None:
+        if task.outputs and outcome.outputs is None:
+            outcome = replace(outcome, outputs=outputs(task.outputs, outcome.response))
         recorded = await self._db(
             lambda: self._store.complete(task.task_id, claimed.attempts, outcome)
         )
@@ -218,6 +229,45 @@ class Runner:
         log.info("attempt superseded; re-publishing the recorded result")
         await self._publish_completion(message, record)
 
+    async def _start_polling(
+        self,
+        message: AbstractIncomingMessage,
+        task: TaskMessage,
+        claimed: Claimed,
+        started: TaskEvent,
+    ) -> Outcome | None:
+        """Invoke the start request; once it is answered 2xx, the task polls and the message is
+        settled. The start's failure is returned, to be retried or recorded."""
+        confirmed = asyncio.create_task(self._broker.publish_event(started))
+        macros = build_macros(task, self._public_url, None)
+        try:
+            # successCriteria are for the polls; the start answers only whether the job began.
+            outcome = await self._invoke(task, macros, judged=False)
+        finally:
+            await confirmed
+        if outcome.result is not Result.SUCCEEDED or outcome.response is None:
+            return outcome
+        start = outcome.response
+        begun = await self._db(lambda: self._poller.begin(task, claimed.attempts, start, macros))
+        if isinstance(begun, Outcome):
+            return begun
+        if begun:
+            log.info("task polling", extra={"statusCode": start.status_code})
+            await self._broker.publish_event(
+                task_event(
+                    EventName.WAITING,
+                    task,
+                    attempts=claimed.attempts,
+                    queued_at=claimed.queued_at,
+                    started_at=claimed.started_at,
+                    response=start,
+                )
+            )
+        else:
+            log.info("task taken over before it could poll (a newer attempt, a cancel)")
+        await _settle(message.ack())
+        return None
+
     async def _invoke_callback_task(
         self, message: AbstractIncomingMessage, task: TaskMessage, claimed: Claimed
     ) -> Outcome | None:
@@ -236,9 +286,15 @@ class Runner:
         )
         if outcome.result is not Result.SUCCEEDED:
             return outcome
+        values = outputs(task.outputs, outcome.response)
         first = await self._db(
             lambda: self._store.wait(
-                task.task_id, claimed.attempts, outcome.response, deadline, started_deadline
+                task.task_id,
+                claimed.attempts,
+                outcome.response,
+                deadline,
+                started_deadline,
+                outputs=values,
             )
         )
         if first is not None:
@@ -286,6 +342,12 @@ class Runner:
                 log.info("task already completed; re-publishing its result")
                 await self._publish_completion(message, got)
                 return None
+            if got.state in (State.WAITING, State.POLLING):
+                # Its invocation was answered and recorded, and the message's settling lost:
+                # the task's row carries it on from here.
+                log.info("task already past its invocation", extra={"state": got.state.value})
+                await _settle(message.ack())
+                return None
             # Another live worker runs this task now: wait until it finishes or its lease lapses.
             lease_until = got.lease_until or datetime.now(UTC)
             wait = min(max((lease_until - datetime.now(UTC)).total_seconds(), 0.5), 5.0)
@@ -296,13 +358,16 @@ class Runner:
         task: TaskMessage,
         macros: Mapping[str, str],
         extra_headers: Mapping[str, str] | None = None,
+        *,
+        judged: bool = True,
     ) -> Outcome:
         started = time.perf_counter()
         answer = await self._invoker.invoke(task.request, macros, extra_headers=extra_headers)
         self._metrics.invocation_duration.observe(time.perf_counter() - started)
         if isinstance(answer, InvokeFailure):
             return Outcome(Result.FAILED, answer.reason, transient=answer.transient)
-        return judge(answer, task.success_criteria, task.criteria_syntax)
+        criterion = task.success_criteria if judged else None
+        return judge(answer, criterion, task.criteria_syntax)
 
     async def _publish_completion(
         self, message: AbstractIncomingMessage, record: TaskRecord

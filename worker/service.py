@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from worker.broker import PUBLISH_CHANNELS, Broker
 from worker.consumer import Consumer
 from worker.contract.models import Names
+from worker.contract.sealing import Sealer
 from worker.contract.settings import Settings
 from worker.contract.tokens import Signer, new_key
 from worker.invoke import Invoker
 from worker.metrics import Metrics
+from worker.poller import Poller
 from worker.probe import probe_server
 from worker.relay import Relay
 from worker.runner import Runner
@@ -77,12 +79,28 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
         )
         invoker = await stack.enter_async_context(Invoker(settings, connections))
         signer = await open_signer(settings, store)
+        poller = Poller(
+            settings,
+            store=store,
+            broker=broker,
+            invoker=invoker,
+            sealer=Sealer(signer),
+            metrics=metrics,
+        )
         runner = Runner(
-            settings, store=store, broker=broker, invoker=invoker, signer=signer, metrics=metrics
+            settings,
+            store=store,
+            broker=broker,
+            invoker=invoker,
+            signer=signer,
+            metrics=metrics,
+            poller=poller,
         )
         consumer = Consumer(consuming_broker, runner.handle, prefetch=settings.concurrency)
         worker_id = await stack.enter_async_context(
-            registered_worker(store, settings.database_url, lambda: consumer.in_flight)
+            registered_worker(
+                store, settings.database_url, lambda: consumer.in_flight + poller.in_flight
+            )
         )
         consuming = asyncio.create_task(consumer.run(), name="consumer")
         sweeper = Sweeper(
@@ -93,6 +111,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
             public_url=str(settings.public_url).rstrip("/"),
         )
         sweeping = asyncio.create_task(sweeper.run(), name="sweeper")
+        polling = asyncio.create_task(poller.run(), name="poller")
         relaying = asyncio.create_task(Relay(store, broker).run(), name="relay")
         worker = Worker(settings, store, broker, signer, consumer, metrics, worker_id, consuming)
         if settings.worker_port:
@@ -104,10 +123,11 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
             yield worker
         finally:
             runner.stopping.set()
-            await consumer.stop(settings.response_timeout + DRAIN_GRACE_SECONDS)
-            for task in (consuming, sweeping, relaying):
+            grace = settings.response_timeout + DRAIN_GRACE_SECONDS
+            await asyncio.gather(consumer.stop(grace), poller.stop(grace))
+            for task in (consuming, sweeping, relaying, polling):
                 task.cancel()
-            await asyncio.gather(consuming, sweeping, relaying, return_exceptions=True)
+            await asyncio.gather(consuming, sweeping, relaying, polling, return_exceptions=True)
             log.info("worker stopped", extra={"workerId": worker_id})
 
 

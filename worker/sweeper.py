@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # How often deadlines are checked: a task times out within this (and a statement) of its deadline.
 SWEEP_INTERVAL = 0.5
+# How often polls in flight on dead workers are looked for.
+RESCUE_INTERVAL = 2.0
 
 
 class Sweeper:
@@ -46,6 +48,7 @@ class Sweeper:
         self._invoker = invoker
         self._signer = signer
         self._public_url = public_url
+        self._rescued_at = 0.0
 
     async def run(self) -> None:
         while True:
@@ -68,6 +71,11 @@ class Sweeper:
                 },
             )
         await publish_completions(self._broker, self._store, timed_out)
+        now = time.monotonic()
+        if now - self._rescued_at >= RESCUE_INTERVAL:
+            self._rescued_at = now
+            if rescued := await self._store.polls.rescue():
+                log.info("polls of workers that died are due again", extra={"count": rescued})
         requests = await self._store.take_cancel_requests()
         if requests:
             await asyncio.gather(*(self._invoke_cancel_request(r) for r in requests))

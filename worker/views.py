@@ -79,6 +79,10 @@ class TaskDetail(TaskSummary):
     history: list[RetriedAttempt] = Field(
         default_factory=list, description="the attempts that were retried, oldest first"
     )
+    polls: int = Field(default=0, description="poll tasks: the polls made and recorded")
+    next_poll_at: datetime | None = Field(
+        default=None, description="a polling task's next poll is due then"
+    )
     variables: dict[str, JsonValue] = Field(default_factory=dict)
     outputs: dict[str, JsonValue] = Field(default_factory=dict)
     events: list[ReceivedEvent] = Field(default_factory=list)
@@ -117,6 +121,8 @@ class TaskDetail(TaskSummary):
             retries=record.retries,
             retry_at=record.retry_at,
             history=orjson.loads(record.history),
+            polls=record.polls,
+            next_poll_at=record.next_poll_at,
             variables=message.get("variables") or {},
             outputs=orjson.loads(record.outputs),
             events=events,
@@ -154,7 +160,8 @@ class QueueView(View):
     dead_letters: int = Field(description="messages in the dead-letter queue")
     queued: int = Field(description="tasks submitted over HTTP that no worker took yet")
     running: int
-    waiting: int
+    waiting: int = Field(description="callback tasks waiting for their TaskCompleted")
+    polling: int = Field(description="poll tasks waiting for their next poll")
     completed: int
     oldest_waiting_age_seconds: float | None = None
     completed_last_minute: int
@@ -187,6 +194,7 @@ def dashboard(depths: QueueDepths, overview: Overview) -> Dashboard:
         queued=overview.states.get(State.QUEUED, 0),
         running=overview.states.get(State.RUNNING, 0),
         waiting=overview.states.get(State.WAITING, 0),
+        polling=overview.states.get(State.POLLING, 0),
         completed=overview.states.get(State.COMPLETED, 0),
         oldest_waiting_age_seconds=None if oldest is None else (now - oldest).total_seconds(),
         completed_last_minute=overview.completed_last_minute,

@@ -57,6 +57,7 @@ def _status_tables(board: Dashboard, now: datetime) -> str:
         ("queued", str(queue.queued)),
         ("running", str(queue.running)),
         ("waiting", str(queue.waiting)),
+        ("polling", str(queue.polling)),
         ("completed", str(queue.completed)),
         ("oldest waiting", "-" if oldest is None else duration(oldest)),
         ("completed last minute", str(queue.completed_last_minute)),

@@ -43,6 +43,7 @@ def task_event(
         started_at=started_at,
         completed_at=completed_at,
         variables=task.variables,
+        outputs=(None if outcome is None else outcome.outputs) or {},
     )
 
 

@@ -25,7 +25,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from yarl import URL
 
-from worker.contract import criteria
+from worker.contract import criteria, response_macros
 from worker.contract.criteria import CriteriaSyntax
 from worker.contract.errors import InvalidTask, describe
 
@@ -77,6 +77,7 @@ class State(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     WAITING = "waiting"
+    POLLING = "polling"
     COMPLETED = "completed"
 
 
@@ -92,6 +93,7 @@ class Result(StrEnum):
 class Mode(StrEnum):
     API_RESPONSE = "apiResponse"
     CALLBACK = "callback"
+    POLL = "poll"
 
 
 class Method(StrEnum):
@@ -125,6 +127,8 @@ def _mode(value: object) -> object:
             return Mode.CALLBACK
         if lowered in ("false", "apiresponse"):
             return Mode.API_RESPONSE
+        if lowered == "poll":
+            return Mode.POLL
     return value
 
 
@@ -224,6 +228,30 @@ class RetryPolicy(WireModel):
         return min(self.delay_seconds * self.backoff ** (retry - 1), MAX_RETRY_DELAY)
 
 
+# The longest interval between two polls, and the factor by which a Retry-After may stretch it.
+MAX_POLL_INTERVAL: Final = 86_400
+RETRY_AFTER_STRETCH: Final = 10
+
+
+class PollPolicy(WireModel):
+    """How a poll task follows the job its start request began (SPEC §4 `poll`)."""
+
+    request: TaskRequest | None = None
+    interval_seconds: float = Field(default=10, ge=1, le=MAX_POLL_INTERVAL)
+    max_attempts: int | None = Field(default=None, ge=1, le=1_000_000)
+    failure_criteria: str | None = Field(default=None, max_length=10_000)
+    ignore_failures: bool = False
+
+    def delay(self, retry_after: float | None) -> float:
+        """Seconds until the next poll: the interval, or longer if the answer asked for it."""
+        if retry_after is None or retry_after <= self.interval_seconds:
+            return self.interval_seconds
+        return min(retry_after, self.interval_seconds * RETRY_AFTER_STRETCH)
+
+
+OutputName = Annotated[str, StringConstraints(pattern=rf"^{ID_PATTERN.pattern}$")]
+
+
 class TaskMessage(WireModel):
     """A task as queued (SPEC §4)."""
 
@@ -245,6 +273,8 @@ class TaskMessage(WireModel):
     started_timeout_seconds: int | None = Field(default=None, gt=0, le=366 * 86_400)
     cancel_request: TaskRequest | None = None
     retry: RetryPolicy | None = None
+    poll: PollPolicy | None = None
+    outputs: dict[OutputName, str] = Field(default_factory=dict, max_length=100)
     variables: dict[str, JsonValue] = Field(default_factory=dict)
 
     @field_validator("success_criteria")
@@ -258,6 +288,42 @@ class TaskMessage(WireModel):
             return value
         return None
 
+    @field_validator("outputs")
+    @classmethod
+    def _outputs_compile(cls, outputs: dict[str, str]) -> dict[str, str]:
+        for name, expression in outputs.items():
+            try:
+                criteria.compile_expression(expression)
+            except ValueError as exc:
+                raise ValueError(f"output {name!r}: {exc}") from None
+        return outputs
+
+    @model_validator(mode="after")
+    def _poll_fits(self) -> TaskMessage:
+        if self.poll is None:
+            return self
+        if self.wait_for_completion is not Mode.POLL:
+            raise ValueError('poll goes with waitForCompletion "poll"')
+        failure = self.poll.failure_criteria
+        if failure is not None and failure.strip():
+            try:
+                criteria.compile_criterion(failure, self.criteria_syntax)
+            except ValueError as exc:
+                raise ValueError(f"poll.failureCriteria: {exc}") from None
+        request = self.poll.request
+        if request is not None:
+            texts = [request.url or "", request.url_suffix, *request.headers.values()]
+            try:
+                response_macros.check([*texts, *response_macros.strings(request.body)])
+            except ValueError as exc:
+                raise ValueError(f"poll.request: {exc}") from None
+        return self
+
+    @property
+    def polling(self) -> PollPolicy:
+        """The poll policy of a poll task: its own, or every default."""
+        return self.poll or _DEFAULT_POLL
+
     @property
     def job(self) -> str:
         return self.job_id or self.plan_id
@@ -270,6 +336,9 @@ class TaskMessage(WireModel):
     @property
     def timeline(self) -> str:
         return self.timeline_id or self.job
+
+
+_DEFAULT_POLL: Final = PollPolicy()
 
 
 class HttpResponse(WireModel):
@@ -290,6 +359,8 @@ class Outcome:
     response: HttpResponse | None = None
     # No response came, for a reason that trying again may cure (a lost connection, a timeout).
     transient: bool = False
+    # The task's named outputs, evaluated on the response (SPEC §4 `outputs`).
+    outputs: dict[str, JsonValue] | None = None
 
 
 class TaskEvent(WireModel):
@@ -345,7 +416,8 @@ def parse_task(body: bytes) -> TaskMessage:
 
 def stored_message(task: TaskMessage, body: bytes) -> str:
     """The message as stored: as received, unless secret header values must be redacted."""
-    requests = (task.request, task.cancel_request)
+    poll_request = None if task.poll is None else task.poll.request
+    requests = (task.request, task.cancel_request, poll_request)
     if not any(
         name.lower() in SECRET_HEADERS
         for request in requests
@@ -357,4 +429,6 @@ def stored_message(task: TaskMessage, body: bytes) -> str:
     data["request"] = task.request.redacted()
     if task.cancel_request is not None:
         data["cancelRequest"] = task.cancel_request.redacted()
+    if poll_request is not None:
+        data["poll"]["request"] = poll_request.redacted()
     return orjson.dumps(data).decode()

@@ -53,6 +53,9 @@ class TaskRecord:
     retry_at: datetime | None = None
     # Only where the record was read with the liveness check (queries.SELECT_TASKS).
     worker_alive: bool = False
+    # Poll tasks: the polls recorded, and when a polling task's next one is due.
+    polls: int = 0
+    next_poll_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,7 @@ class TaskSummaryRecord:
     started_at: datetime | None
     completed_at: datetime | None
     deadline: datetime | None
+    polls: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,6 +52,10 @@ class Signer:
     def _sign(self, payload: bytes) -> bytes:
         return hmac.new(self._key, payload, hashlib.sha256).digest()
 
+    def derive(self, purpose: bytes) -> bytes:
+        """A key of its own for `purpose`, from the signing key: one secret to keep, many uses."""
+        return self._sign(b"agentless key for " + purpose)
+
     def issue(self, task_id: str, plan_id: str, expires: float) -> str:
         payload = orjson.dumps([_VERSION, task_id, plan_id, int(expires), secrets.token_hex(16)])
         return f"{_b64(payload)}.{_b64(self._sign(payload))}"

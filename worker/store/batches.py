@@ -64,6 +64,7 @@ async def completions(
         [c.outcome.result.value for c in batch],
         [c.outcome.reason for c in batch],
         [c.response_json for c in batch],
+        [c.outputs_json for c in batch],
     )
     done: dict[str, datetime] = {row["task_id"]: row["completed_at"] for row in rows}
     missed = [c.task_id for c in batch if c.task_id not in done]

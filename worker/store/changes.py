@@ -78,3 +78,29 @@ class Completion:
     attempts: int
     outcome: Outcome
     response_json: str | None
+    outputs_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class DuePoll:
+    """A poll this worker has taken: the task's poll number `polls + 1` is to be made."""
+
+    task_id: str
+    polls: int
+    due_at: datetime
+    message: str
+    poll_request: str
+    poll_secrets: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class PollAnswer:
+    """What a poll found: the task polls again after `delay` seconds, or completes (`result`)."""
+
+    task_id: str
+    polls: int
+    reason: str
+    response_json: str | None
+    delay: float = 0
+    result: Result | None = None
+    outputs_json: str = "{}"

@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 
 import asyncpg
-import orjson
 from pydantic import JsonValue
 
 from worker.contract.errors import ConfigError
@@ -26,8 +25,10 @@ from worker.store import batches, queries
 from worker.store.batch import Batcher
 from worker.store.changes import CallbackCompletion, Claimed, ClaimRequest, Completion
 from worker.store.errors import DB_UNAVAILABLE, Executor
+from worker.store.polls import PollStore
 from worker.store.rows import dead_letter, task_record, task_summary, worker_record
 from worker.store.schema import migrate
+from worker.store.storable import outputs_json, response_json, storable_text
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Store:
         # Advisory locks of this schema's workers are told apart from other schemas' by this key.
         self.lock_namespace = zlib.crc32(schema.encode()) & 0x7FFF_FFFF
         self.worker_id = 0
+        self.polls = PollStore(pool, self.lock_namespace)
         self._claims: Batcher[ClaimRequest, Claimed | TaskRecord] = Batcher(
             self._flush_claims, key=lambda c: c.task_id, isolate=_refused, gather_turns=GATHER_TURNS
         )
@@ -102,8 +104,11 @@ class Store:
         self, task_id: str, attempts: int, outcome: Outcome
     ) -> datetime | TaskRecord:
         """Record the attempt's result; its completion time, or the record that supersedes it."""
-        response = _response_json(outcome.response)
-        return await self._completions.submit(Completion(task_id, attempts, outcome, response))
+        response = response_json(outcome.response)
+        outputs = outputs_json(outcome.outputs)
+        return await self._completions.submit(
+            Completion(task_id, attempts, outcome, response, outputs)
+        )
 
     async def retry(
         self, task_id: str, attempts: int, outcome: Outcome, delay: float
@@ -116,8 +121,8 @@ class Store:
                 task_id,
                 attempts,
                 delay,
-                _storable_text(outcome.reason),
-                _response_json(outcome.response),
+                storable_text(outcome.reason),
+                response_json(outcome.response),
             )
             if retry_at is not None:
                 return retry_at
@@ -130,6 +135,8 @@ class Store:
         response: HttpResponse | None,
         deadline: datetime,
         started_deadline: datetime | None,
+        *,
+        outputs: dict[str, JsonValue] | None = None,
     ) -> TaskRecord | None:
         """Mark the attempt's task waiting for its callback; None, or the record that got there
         first (a callback that completed it, a newer attempt)."""
@@ -138,9 +145,10 @@ class Store:
                 queries.WAIT,
                 task_id,
                 attempts,
-                _response_json(response),
+                response_json(response),
                 deadline,
                 started_deadline,
+                outputs_json(outputs),
             )
             if waited is not None:
                 return None
@@ -256,9 +264,10 @@ class Store:
     ) -> tuple[bool, TaskRecord | None]:
         """Set output variables, and drop those in `forget`, while the task is not completed;
         like complete_by_callback."""
-        outputs_json = _storable_json(orjson.dumps(outputs).decode())
-        names = [_storable_text(name) for name in forget]
-        return await self._transition(queries.MERGE_OUTPUTS, task_id, plan_id, outputs_json, names)
+        names = [storable_text(name) for name in forget]
+        return await self._transition(
+            queries.MERGE_OUTPUTS, task_id, plan_id, outputs_json(outputs), names
+        )
 
     async def submit(self, request: ClaimRequest) -> datetime | TaskRecord:
         """Record a task submitted over HTTP as queued: its queue time, or the existing record."""
@@ -323,7 +332,7 @@ class Store:
         return {r["state"]: r["n"] for r in await self._pool.fetch(queries.STATE_COUNTS)}
 
     async def record_dead_letter(self, message_id: str | None, reason: str, body: bytes) -> None:
-        excerpt = _storable_text(body[:512].decode(errors="replace"))
+        excerpt = storable_text(body[:512].decode(errors="replace"))
         await self._pool.execute(queries.RECORD_DEAD_LETTER, message_id, reason, excerpt)
 
     async def signing_key(self, candidate: bytes) -> bytes:
@@ -353,20 +362,6 @@ class Store:
 async def _keep_session(_: asyncpg.Connection) -> None:
     """No reset when a connection goes back to the pool: the store never changes session state
     (only SET LOCAL, inside transactions), and a reset costs a round trip per batch."""
-
-
-def _response_json(response: HttpResponse | None) -> str | None:
-    return None if response is None else _storable_json(response.model_dump_json(by_alias=True))
-
-
-# PostgreSQL's text and jsonb cannot hold U+0000, which endpoints and services may well send:
-# it is kept as U+FFFD, the replacement character.
-def _storable_text(text: str) -> str:
-    return text.replace("\x00", "\ufffd")
-
-
-def _storable_json(text: str) -> str:
-    return text.replace("\\u0000", "\\ufffd")
 
 
 def _refused(exc: BaseException) -> bool:

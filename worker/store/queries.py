@@ -31,7 +31,8 @@ RECORD = f"""t.task_id, t.plan_id, t.job_id, t.hub_name, t.state, t.result, t.re
     t.deadline, t.reply_to, t.correlation_id, t.event_pending, t.external_started_at,
     (t.message -> 'variables')::text AS variables, {_RETRIES} AS retries,
     CASE WHEN t.state = 'queued' THEN (t.history -> -1 ->> 'retryAt')::timestamptz END AS retry_at,
-    t.history::text AS history"""
+    t.history::text AS history, t.polls,
+    CASE WHEN t.state = 'polling' THEN t.next_poll_at END AS next_poll_at"""
 
 SELECT_TASKS = f"""
 SELECT {RECORD}, {_worker_alive("$2")} AS worker_alive
@@ -67,9 +68,10 @@ RETURNING t.task_id, t.attempts, {_RETRIES} AS retries, t.queued_at, t.started_a
 COMPLETE = f"""
 UPDATE tasks AS t
 SET state = 'completed', result = i.result, reason = i.reason, response = i.response::jsonb,
-    completed_at = now(), completed_by = 'worker', lease_until = NULL, updated_at = now()
-FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[])
-     AS i(task_id, attempts, result, reason, response)
+    outputs = t.outputs || i.outputs::jsonb, completed_at = now(), completed_by = 'worker',
+    lease_until = NULL, updated_at = now()
+FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[])
+     AS i(task_id, attempts, result, reason, response, outputs)
 WHERE t.task_id = i.task_id AND {_state_in("running")} AND t.attempts = i.attempts
 RETURNING t.task_id, t.completed_at
 """
@@ -89,11 +91,12 @@ RETURNING due.at
 """
 
 # A callback task whose invocation was accepted waits; fenced like COMPLETE. A callback that came
-# first has completed the task already, and then this changes nothing.
+# first has completed the task already, and then this changes nothing. The outputs evaluated on
+# the invocation's response give way to the service's output variables of the same name.
 WAIT = """
 UPDATE tasks AS t
 SET state = 'waiting', response = $3::jsonb, deadline = $4, started_deadline = $5,
-    lease_until = NULL, updated_at = now()
+    outputs = $6::jsonb || t.outputs, lease_until = NULL, updated_at = now()
 WHERE t.task_id = $1 AND t.state = 'running' AND t.attempts = $2
 RETURNING t.updated_at
 """
@@ -130,26 +133,107 @@ RETURNING {RECORD}
 
 SELECT_IN_PLAN = f"SELECT {RECORD} FROM tasks t WHERE t.task_id = $1 AND t.plan_id = $2"
 
-# Waiting tasks past their deadline, or past the time by which the service had to say it started;
-# SKIP LOCKED lets every worker sweep at once without two completing one task.
+# Waiting and polling tasks past their deadline, or waiting ones past the time by which the
+# service had to say it started; SKIP LOCKED lets every worker sweep at once without two completing
+# one task. A poll in flight then finds its task completed, and records nothing.
 SWEEP = f"""
-WITH due AS (
+WITH waiting AS (
     SELECT task_id FROM tasks
     WHERE state = 'waiting'
       AND (deadline <= now() OR (started_deadline <= now() AND external_started_at IS NULL))
     ORDER BY deadline
     LIMIT $1
     FOR UPDATE SKIP LOCKED
+), polling AS (
+    SELECT task_id FROM tasks
+    WHERE state = 'polling' AND deadline <= now()
+    ORDER BY deadline
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
 )
 UPDATE tasks AS t
 SET state = 'completed', result = 'failed',
-    reason = CASE WHEN t.deadline <= now() THEN 'timed out waiting for callback'
-                  ELSE 'external service did not start' END,
+    reason = CASE
+        WHEN t.state = 'polling' THEN 'poll criteria not met after ' || t.polls
+             || CASE WHEN t.polls = 1 THEN ' poll' ELSE ' polls' END || ': timed out after '
+             || round(extract(epoch FROM t.deadline - t.started_at))::bigint || ' s'
+        WHEN t.deadline <= now() THEN 'timed out waiting for callback'
+        ELSE 'external service did not start' END,
     completed_at = now(), completed_by = 'timeout', event_pending = true, updated_at = now(),
+    next_poll_at = NULL, worker_id = NULL,
     cancel_state = CASE WHEN {_HAS_CANCEL_REQUEST} THEN 'pending' END
-FROM due
+FROM (SELECT task_id FROM waiting UNION ALL SELECT task_id FROM polling) AS due
 WHERE t.task_id = due.task_id
 RETURNING {RECORD}
+"""
+
+# A poll task whose start request was answered polls from now on; fenced like COMPLETE.
+START_POLLING = """
+UPDATE tasks AS t
+SET state = 'polling', response = $3::jsonb, deadline = $4, next_poll_at = $5,
+    poll_request = $6::jsonb, poll_secrets = $7, outputs = t.outputs || $8::jsonb,
+    worker_id = NULL, lease_until = NULL, updated_at = now()
+WHERE t.task_id = $1 AND t.state = 'running' AND t.attempts = $2
+RETURNING t.updated_at
+"""
+
+# Due polls, each taken by this worker until its lease ends: the due time moves to the lease's
+# end, so that a poll whose worker dies is due again then (sooner, once RESCUE_POLLS sees it).
+TAKE_POLLS = """
+WITH due AS (
+    SELECT task_id, next_poll_at FROM tasks
+    WHERE state = 'polling' AND next_poll_at <= now()
+    ORDER BY next_poll_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE tasks AS t SET next_poll_at = now() + make_interval(secs => $2), worker_id = $3
+FROM due
+WHERE t.task_id = due.task_id
+RETURNING t.task_id, t.polls, due.next_poll_at AS due_at, t.message::text AS message,
+    t.poll_request::text AS poll_request, t.poll_secrets
+"""
+
+# A poll's answer that leaves its task polling. `polls` is the fence: only the poll that was
+# taken at that count records, once, so a poll made twice (its first worker died) counts once.
+POLLED = f"""
+UPDATE tasks AS t
+SET polls = t.polls + 1, reason = i.reason, response = coalesce(i.response::jsonb, t.response),
+    next_poll_at = now() + make_interval(secs => i.delay), worker_id = NULL
+FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::float8[])
+     AS i(task_id, polls, reason, response, delay)
+WHERE t.task_id = i.task_id AND {_state_in("polling")} AND t.polls = i.polls
+RETURNING t.task_id
+"""
+
+# A poll's answer that completes its task; fenced like POLLED. The event is published from the
+# row, as the sweeper's are: no task message is in hand.
+POLL_FINISHED = f"""
+UPDATE tasks AS t
+SET state = 'completed', polls = t.polls + 1, result = i.result, reason = i.reason,
+    response = coalesce(i.response::jsonb, t.response), outputs = t.outputs || i.outputs::jsonb,
+    completed_at = now(), completed_by = 'worker', event_pending = true, next_poll_at = NULL,
+    worker_id = NULL, lease_until = NULL, updated_at = now()
+FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[])
+     AS i(task_id, polls, result, reason, response, outputs)
+WHERE t.task_id = i.task_id AND {_state_in("polling")} AND t.polls = i.polls
+RETURNING {RECORD}
+"""
+
+# Polls in flight on a worker that is gone (its session lock with it) are due again at once.
+RESCUE_POLLS = """
+UPDATE tasks AS t SET next_poll_at = now(), worker_id = NULL
+WHERE t.state = 'polling' AND t.worker_id IS NOT NULL
+  AND t.worker_id NOT IN (
+      SELECT l.objid::bigint FROM pg_locks l
+      WHERE l.locktype = 'advisory' AND l.classid::bigint = $1 AND l.objsubid = 2 AND l.granted)
+RETURNING t.task_id
+"""
+
+# A stopping worker hands back the polls it took but did not make.
+RELEASE_POLLS = """
+UPDATE tasks SET next_poll_at = now(), worker_id = NULL
+WHERE state = 'polling' AND worker_id = $1 AND task_id = ANY($2::text[])
 """
 
 # An invoked task's cancelRequest is due when it is cancelled; a queued one was never invoked,
@@ -158,7 +242,8 @@ CANCEL = f"""
 UPDATE tasks AS t
 SET state = 'completed', result = 'canceled', reason = $2, completed_at = now(),
     completed_by = 'cancel', event_pending = true, lease_until = NULL, updated_at = now(),
-    cancel_state = CASE WHEN (t.state IN ('running', 'waiting') OR {_RETRIES} > 0)
+    next_poll_at = NULL, worker_id = NULL,
+    cancel_state = CASE WHEN (t.state IN ('running', 'waiting', 'polling') OR {_RETRIES} > 0)
                              AND {_HAS_CANCEL_REQUEST}
                         THEN 'pending' END
 WHERE t.task_id = $1 AND t.state <> 'completed'
@@ -237,7 +322,7 @@ LIMIT 1
 
 # What a task list shows of each task: no bodies.
 SUMMARY = """t.task_id, t.plan_id, t.job_id, t.hub_name, t.name, t.mode, t.state, t.result,
-    t.reason, t.attempts, t.queued_at, t.started_at, t.completed_at, t.deadline"""
+    t.reason, t.attempts, t.queued_at, t.started_at, t.completed_at, t.deadline, t.polls"""
 
 # Sortable fields of GET /tasks and the columns behind them (the only text spliced into SQL).
 ORDER_COLUMNS = {
@@ -293,7 +378,7 @@ STATE_COUNTS = "SELECT state, count(*) AS n FROM tasks GROUP BY state"
 OLDEST_WAITING = "SELECT min(started_at) FROM tasks WHERE state = 'waiting'"
 
 UNFINISHED = f"""
-SELECT {SUMMARY} FROM tasks t WHERE t.state IN ('running', 'waiting')
+SELECT {SUMMARY} FROM tasks t WHERE t.state IN ('running', 'waiting', 'polling')
 ORDER BY t.started_at LIMIT $1
 """
 

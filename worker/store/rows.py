@@ -45,6 +45,8 @@ def task_record(row: asyncpg.Record) -> TaskRecord:
         retries=row["retries"],
         retry_at=row["retry_at"],
         worker_alive=row.get("worker_alive", False),
+        polls=row["polls"],
+        next_poll_at=row["next_poll_at"],
     )
 
 
@@ -64,6 +66,7 @@ def task_summary(row: asyncpg.Record) -> TaskSummaryRecord:
         started_at=row["started_at"],
         completed_at=row["completed_at"],
         deadline=row["deadline"],
+        polls=row["polls"],
     )
 
 
