@@ -20,7 +20,8 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from callback_api.declarations import Route, Text
 from callback_api.problems import PROBLEM_TYPE
 from worker import __version__
-from worker.contract.models import Id, Result, State
+from worker.contract.models import Result, State
+from worker.contract.requests import Id
 from worker.contract.settings import Settings
 
 OPENAPI_VERSION: Final = "3.1.0"

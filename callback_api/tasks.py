@@ -23,8 +23,9 @@ from callback_api.inputs import query_of, read_body
 from callback_api.problems import Problem
 from callback_api.services import services
 from worker.contract.errors import invalid_fields
-from worker.contract.models import ID_PATTERN, MAX_TASK_BYTES, Result, State, TaskMessage, any_case
+from worker.contract.models import MAX_TASK_BYTES, Result, State, TaskMessage, any_case
 from worker.contract.records import TaskRecord
+from worker.contract.requests import ID_PATTERN
 from worker.logs import bind_task
 from worker.store.changes import ClaimRequest
 from worker.store.queries import ORDER_COLUMNS

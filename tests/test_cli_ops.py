@@ -55,6 +55,7 @@ async def test_status_json_is_what_get_queue_shows(
         "queued": 0,
         "running": 0,
         "waiting": 0,
+        "polling": 0,
         "completed": 2,
         "oldestWaitingAgeSeconds": None,
         "completedLastMinute": 2,

@@ -14,15 +14,14 @@ from worker.contract.judging import judge
 from worker.contract.models import (
     EventName,
     HttpResponse,
-    Method,
     Mode,
     Result,
     State,
     TaskEvent,
-    TaskRequest,
     parse_task,
 )
 from worker.contract.records import CompletedBy
+from worker.contract.requests import Method, TaskRequest
 from worker.contract.settings import Settings, load_settings
 
 

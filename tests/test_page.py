@@ -49,6 +49,7 @@ def board(**fields: object) -> Dashboard:
             dead_letters=0,
             queued=0,
             running=0,
+            polling=0,
             waiting=0,
             completed=0,
             completed_last_minute=0,

@@ -25,7 +25,8 @@ from tests.conftest import (
 )
 from tests.task_api import call
 from worker.contract import retries
-from worker.contract.models import HttpResponse, Names, Outcome, Result, RetryPolicy, State
+from worker.contract.models import HttpResponse, Names, Outcome, Result, State
+from worker.contract.requests import RetryPolicy
 from worker.contract.settings import Settings
 from worker.runner import MAX_ATTEMPTS, _retry_recorded
 from worker.service import running_worker

@@ -24,7 +24,8 @@ from yarl import URL
 from worker.call_errors import describe, transient
 from worker.contract.errors import EgressRefused
 from worker.contract.macros import expand, expand_json
-from worker.contract.models import SECRET_HEADERS, HttpResponse, Method, TaskRequest
+from worker.contract.models import HttpResponse
+from worker.contract.requests import SECRET_HEADERS, Method, TaskRequest
 from worker.contract.settings import BasicAuth, BearerAuth, ServiceConnection, Settings
 from worker.egress import EgressPolicy, EgressResolver
 

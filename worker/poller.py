@@ -22,8 +22,9 @@ from worker.completions import publish_completions
 from worker.contract import polling
 from worker.contract.errors import describe
 from worker.contract.macros import build_macros
-from worker.contract.models import HttpResponse, Outcome, Result, TaskMessage, TaskRequest
+from worker.contract.models import HttpResponse, Outcome, Result, TaskMessage
 from worker.contract.records import TaskRecord
+from worker.contract.requests import TaskRequest
 from worker.contract.response_macros import UnresolvedMacro
 from worker.invoke import InvokeFailure
 from worker.logs import bind_task
@@ -120,6 +121,12 @@ class Poller:
                 taken = await self._store.polls.take(room, self._lease, self._store.worker_id)
             except DB_UNAVAILABLE as exc:
                 log.warning("polls not taken: database unavailable (%s)", exc)
+                await self._wait(self._stop, 1.0)
+                continue
+            except Exception:
+                # A poller that stopped would leave every poll task to the other workers, or to
+                # none: it carries on, and the log shows what went wrong.
+                log.exception("polls not taken")
                 await self._wait(self._stop, 1.0)
                 continue
             now = datetime.now(UTC)

@@ -13,12 +13,9 @@ import time
 from worker.broker import Broker
 from worker.completions import publish_completions
 from worker.contract.macros import build_macros
-from worker.contract.models import (
-    REDACTED,
-    TaskMessage,
-    TaskRequest,
-)
+from worker.contract.models import TaskMessage
 from worker.contract.records import TaskRecord
+from worker.contract.requests import REDACTED, TaskRequest
 from worker.contract.tokens import GRACE_SECONDS, Signer
 from worker.invoke import InvokeFailure, Invoker
 from worker.logs import bind_task

@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import pytest_asyncio
 
-from worker.contract.models import HttpResponse, Method, TaskRequest
+from worker.contract.models import HttpResponse
+from worker.contract.requests import Method, TaskRequest
 from worker.contract.settings import Settings
 from worker.invoke import InvokeFailure, Invoker
 

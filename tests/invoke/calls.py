@@ -6,7 +6,8 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from worker.contract.models import HttpResponse, Method, TaskMessage, TaskRequest
+from worker.contract.models import HttpResponse, TaskMessage
+from worker.contract.requests import Method, TaskRequest
 from worker.contract.settings import ServiceConnection, Settings
 from worker.invoke import InvokeFailure, Invoker
 

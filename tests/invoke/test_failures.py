@@ -6,7 +6,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from tests.invoke.calls import echoed, failed, http_request, invoker_with, pick, succeeded
-from worker.contract.models import Method
+from worker.contract.requests import Method
 from worker.invoke import InvokeFailure, Invoker
 
 # --- time ----------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from tests.invoke.calls import (
     task_message,
 )
 from worker.contract.macros import build_macros
-from worker.contract.models import HttpResponse, Method, TaskRequest
+from worker.contract.models import HttpResponse
+from worker.contract.requests import Method, TaskRequest
 from worker.contract.settings import BasicAuth, BearerAuth, HeaderAuth, ServiceConnection
 from worker.invoke import Invoker
 

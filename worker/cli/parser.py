@@ -85,13 +85,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="how --criteria is written (default jmespath); azure: e.g. "
         "\"eq(root['status'], 'ok')\" over the response body",
     )
-    submit.add_argument(
+    mode = submit.add_mutually_exclusive_group()
+    mode.add_argument(
         "--callback",
         action="store_true",
         help="wait for the external service's TaskCompleted (waitForCompletion: callback)",
     )
+    mode.add_argument(
+        "--poll",
+        action="store_true",
+        help="poll the job the request starts until --criteria holds (waitForCompletion: poll)",
+    )
     submit.add_argument(
-        "--timeout", type=int, metavar="SECONDS", help="timeoutSeconds of a callback task"
+        "--poll-url",
+        metavar="URL",
+        help="URL each poll GETs (default: the start answer's Location, else --url); may use "
+        "$(response.body.PATH), $(response.headers.NAME), $(response.statusCode)",
+    )
+    submit.add_argument(
+        "--interval", type=float, metavar="SECONDS", help="seconds between polls (default 10)"
+    )
+    submit.add_argument("--max-polls", type=int, metavar="N", help="fail after N polls")
+    submit.add_argument(
+        "--failure-criteria", metavar="EXPR", help="the task fails on a poll where this holds"
+    )
+    submit.add_argument(
+        "--ignore-failures",
+        action="store_true",
+        help="a poll that cannot connect, times out, or answers 429 or 5xx only counts as a poll",
+    )
+    submit.add_argument(
+        "--output",
+        action="append",
+        default=[],
+        metavar="NAME=JMESPATH",
+        help="named output over {statusCode, headers, body} of the final response, repeatable",
+    )
+    submit.add_argument(
+        "--timeout",
+        type=int,
+        metavar="SECONDS",
+        help="timeoutSeconds of a callback or poll task",
     )
     submit.add_argument(
         "--retry",

@@ -67,6 +67,26 @@ def _task_from_args(args: argparse.Namespace) -> dict[str, JsonValue]:
     data.update(_flags(args, _TASK_FLAGS))
     if args.callback:
         data["waitForCompletion"] = "callback"
+    if args.poll:
+        data["waitForCompletion"] = "poll"
+    poll = _flags(
+        args,
+        (
+            ("interval", "intervalSeconds"),
+            ("max_polls", "maxAttempts"),
+            ("failure_criteria", "failureCriteria"),
+        ),
+    )
+    if args.ignore_failures:
+        poll["ignoreFailures"] = True
+    if args.poll_url is not None:
+        poll["request"] = {"method": "GET", "url": args.poll_url}
+    if poll:
+        data["poll"] = {**_object(data.get("poll")), **poll}
+    if args.output:
+        outputs = _object(data.get("outputs"))
+        outputs.update(_pairs(args.output, "=", "--output", "NAME=JMESPATH"))
+        data["outputs"] = outputs
     retry = _flags(args, (("retry", "attempts"), ("retry_delay", "delaySeconds")))
     if retry:
         data["retry"] = {**_object(data.get("retry")), **retry}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -11,7 +10,7 @@ from typing import Annotated, Final
 
 import orjson
 from pydantic import (
-    BaseModel,
+    AfterValidator,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -20,34 +19,25 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
-    model_validator,
 )
-from pydantic.alias_generators import to_camel
-from yarl import URL
 
 from worker.contract import criteria, response_macros
 from worker.contract.criteria import CriteriaSyntax
 from worker.contract.errors import InvalidTask, describe
+from worker.contract.requests import (
+    ID_PATTERN,
+    SECRET_HEADERS,
+    Id,
+    PollPolicy,
+    RetryPolicy,
+    TaskRequest,
+    WireModel,
+)
 
 REASON_HEADER: Final = "x-agentless-reason"
 MAX_TASK_BYTES: Final = 1_048_576
 DEFAULT_HUB: Final = "build"
 DEFAULT_PROJECT: Final = "default"
-
-# Header names (lower case) whose values never reach a log, a stored record or an event.
-SECRET_HEADERS: Final = frozenset(
-    {
-        "authorization",
-        "proxy-authorization",
-        "authtoken",
-        "cookie",
-        "set-cookie",
-        "x-api-key",
-        "api-key",
-        "x-auth-token",
-    }
-)
-REDACTED: Final = "***"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,17 +86,6 @@ class Mode(StrEnum):
     POLL = "poll"
 
 
-class Method(StrEnum):
-    OPTIONS = "OPTIONS"
-    GET = "GET"
-    HEAD = "HEAD"
-    POST = "POST"
-    PUT = "PUT"
-    DELETE = "DELETE"
-    TRACE = "TRACE"
-    PATCH = "PATCH"
-
-
 class EventName(StrEnum):
     STARTED = "TaskStarted"
     WAITING = "TaskWaiting"
@@ -147,109 +126,14 @@ def any_case(choices: Iterable[str], what: str | None = None) -> BeforeValidator
     return BeforeValidator(parse)
 
 
-def _method(value: object) -> object:
-    return value.upper() if isinstance(value, str) else value
-
-
-ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-Id = Annotated[str, StringConstraints(pattern=rf"^{ID_PATTERN.pattern}$")]
-HeaderName = Annotated[str, StringConstraints(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")]
-
-
-class WireModel(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
-
-
-class TaskRequest(WireModel):
-    """The HTTP call a task makes (also the shape of `cancelRequest`)."""
-
-    method: Annotated[Method, BeforeValidator(_method)] = Method.POST
-    url: str | None = None
-    connection: Id | None = None
-    url_suffix: str = ""
-    headers: dict[HeaderName, str] = Field(default_factory=dict)
-    body: JsonValue = None
-
-    @field_validator("url")
-    @classmethod
-    def _absolute_http(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            url = URL(value)
-        except ValueError as exc:
-            raise ValueError(f"not a URL: {exc}") from exc
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError("must be an absolute http:// or https:// URL")
-        return value
-
-    @field_validator("headers")
-    @classmethod
-    def _header_values(cls, headers: dict[str, str]) -> dict[str, str]:
-        for name, value in headers.items():
-            if "\r" in value or "\n" in value:
-                raise ValueError(f"header {name!r} has a line break in its value")
-        return headers
-
-    @model_validator(mode="after")
-    def _one_target(self) -> TaskRequest:
-        if (self.url is None) == (self.connection is None):
-            raise ValueError("give exactly one of request.url or request.connection")
-        if self.url is not None and self.url_suffix:
-            raise ValueError("request.urlSuffix goes with request.connection, not request.url")
-        return self
-
-    def redacted(self) -> dict[str, JsonValue]:
-        """This request as stored and shown: secret header values replaced."""
-        data: dict[str, JsonValue] = self.model_dump(mode="json", by_alias=True)
-        data["headers"] = {
-            name: REDACTED if name.lower() in SECRET_HEADERS else value
-            for name, value in self.headers.items()
-        }
-        return data
-
-
-# The longest wait before a retry, whatever the policy or the endpoint's Retry-After asks.
-MAX_RETRY_DELAY: Final = 3600
-
-
-class RetryPolicy(WireModel):
-    """Opt-in retries of transient failures (SPEC §4): at most `attempts` calls in all, the
-    n-th retry `delaySeconds * backoff ** (n - 1)` seconds after the failure."""
-
-    attempts: int = Field(default=3, ge=1, le=100)
-    delay_seconds: float = Field(default=1.0, ge=0, le=MAX_RETRY_DELAY)
-    backoff: float = Field(default=2.0, ge=1, le=10)
-
-    def delay(self, retry: int) -> float:
-        """Seconds before retry number `retry` (from 1)."""
-        return min(self.delay_seconds * self.backoff ** (retry - 1), MAX_RETRY_DELAY)
-
-
-# The longest interval between two polls, and the factor by which a Retry-After may stretch it.
-MAX_POLL_INTERVAL: Final = 86_400
-RETRY_AFTER_STRETCH: Final = 10
-
-
-class PollPolicy(WireModel):
-    """How a poll task follows the job its start request began (SPEC §4 `poll`)."""
-
-    request: TaskRequest | None = None
-    interval_seconds: float = Field(default=10, ge=1, le=MAX_POLL_INTERVAL)
-    max_attempts: int | None = Field(default=None, ge=1, le=1_000_000)
-    failure_criteria: str | None = Field(default=None, max_length=10_000)
-    ignore_failures: bool = False
-
-    def delay(self, retry_after: float | None) -> float:
-        """Seconds until the next poll: the interval, or longer if the answer asked for it."""
-        if retry_after is None or retry_after <= self.interval_seconds:
-            return self.interval_seconds
-        return min(retry_after, self.interval_seconds * RETRY_AFTER_STRETCH)
+def _jmespath(expression: str) -> str:
+    criteria.compile_expression(expression)
+    return expression
 
 
 OutputName = Annotated[str, StringConstraints(pattern=rf"^{ID_PATTERN.pattern}$")]
+# Compiled at validation, so that an invalid one is refused with its name (`outputs.NAME`).
+OutputExpression = Annotated[str, StringConstraints(max_length=10_000), AfterValidator(_jmespath)]
 
 
 class TaskMessage(WireModel):
@@ -274,7 +158,7 @@ class TaskMessage(WireModel):
     cancel_request: TaskRequest | None = None
     retry: RetryPolicy | None = None
     poll: PollPolicy | None = None
-    outputs: dict[OutputName, str] = Field(default_factory=dict, max_length=100)
+    outputs: dict[OutputName, OutputExpression] = Field(default_factory=dict, max_length=100)
     variables: dict[str, JsonValue] = Field(default_factory=dict)
 
     @field_validator("success_criteria")
@@ -288,36 +172,28 @@ class TaskMessage(WireModel):
             return value
         return None
 
-    @field_validator("outputs")
+    @field_validator("poll")
     @classmethod
-    def _outputs_compile(cls, outputs: dict[str, str]) -> dict[str, str]:
-        for name, expression in outputs.items():
+    def _poll_fits(cls, poll: PollPolicy | None, info: ValidationInfo) -> PollPolicy | None:
+        if poll is None:
+            return None
+        if info.data.get("wait_for_completion") is not Mode.POLL:
+            raise ValueError('goes with waitForCompletion "poll" only')
+        failure = poll.failure_criteria
+        syntax = info.data.get("criteria_syntax")
+        if failure is not None and failure.strip() and isinstance(syntax, CriteriaSyntax):
             try:
-                criteria.compile_expression(expression)
+                criteria.compile_criterion(failure, syntax)
             except ValueError as exc:
-                raise ValueError(f"output {name!r}: {exc}") from None
-        return outputs
-
-    @model_validator(mode="after")
-    def _poll_fits(self) -> TaskMessage:
-        if self.poll is None:
-            return self
-        if self.wait_for_completion is not Mode.POLL:
-            raise ValueError('poll goes with waitForCompletion "poll"')
-        failure = self.poll.failure_criteria
-        if failure is not None and failure.strip():
-            try:
-                criteria.compile_criterion(failure, self.criteria_syntax)
-            except ValueError as exc:
-                raise ValueError(f"poll.failureCriteria: {exc}") from None
-        request = self.poll.request
+                raise ValueError(f"failureCriteria is {exc}") from None
+        request = poll.request
         if request is not None:
             texts = [request.url or "", request.url_suffix, *request.headers.values()]
             try:
                 response_macros.check([*texts, *response_macros.strings(request.body)])
             except ValueError as exc:
-                raise ValueError(f"poll.request: {exc}") from None
-        return self
+                raise ValueError(f"request: {exc}") from None
+        return poll
 
     @property
     def polling(self) -> PollPolicy:

@@ -10,16 +10,8 @@ from yarl import URL
 
 from worker.contract import criteria, response_macros
 from worker.contract.judging import document, outputs
-from worker.contract.models import (
-    SECRET_HEADERS,
-    HttpResponse,
-    Method,
-    Outcome,
-    PollPolicy,
-    Result,
-    TaskMessage,
-    TaskRequest,
-)
+from worker.contract.models import HttpResponse, Outcome, Result, TaskMessage
+from worker.contract.requests import SECRET_HEADERS, Method, PollPolicy, TaskRequest
 from worker.contract.retries import retry_after
 
 # A status that says "still working on it" when no successCriteria says what done looks like.

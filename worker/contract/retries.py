@@ -13,7 +13,8 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Final
 
-from worker.contract.models import MAX_RETRY_DELAY, Outcome, Result, RetryPolicy
+from worker.contract.models import Outcome, Result
+from worker.contract.requests import MAX_RETRY_DELAY, RetryPolicy
 
 RETRY_STATUSES: Final = frozenset({429, 503})
 

@@ -12,7 +12,7 @@ from datetime import datetime
 import asyncpg
 
 from worker.contract.records import TaskRecord
-from worker.store import queries
+from worker.store import poll_queries as queries
 from worker.store.batch import Batcher
 from worker.store.changes import DuePoll, PollAnswer
 from worker.store.errors import DB_UNAVAILABLE

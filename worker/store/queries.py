@@ -11,7 +11,7 @@ def _worker_alive(namespace_param: str) -> str:
           AND l.objid::bigint = t.worker_id AND l.objsubid = 2 AND l.granted)"""
 
 
-def _state_in(*states: str) -> str:
+def state_in(*states: str) -> str:
     """`t.state` is one of `states`, written so that no index on state can serve it: statements
     that join a batch of task ids must find their rows by primary key and only then check the
     state. Given an indexable state condition, the planner picks an index on state whenever the
@@ -72,7 +72,7 @@ SET state = 'completed', result = i.result, reason = i.reason, response = i.resp
     lease_until = NULL, updated_at = now()
 FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[])
      AS i(task_id, attempts, result, reason, response, outputs)
-WHERE t.task_id = i.task_id AND {_state_in("running")} AND t.attempts = i.attempts
+WHERE t.task_id = i.task_id AND {state_in("running")} AND t.attempts = i.attempts
 RETURNING t.task_id, t.completed_at
 """
 
@@ -113,7 +113,7 @@ SET state = 'completed', result = i.result, reason = i.reason, completed_at = no
     completed_by = 'callback', event_pending = true, lease_until = NULL, updated_at = now()
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS i(task_id, plan_id, result, reason)
 WHERE t.task_id = i.task_id AND t.plan_id = i.plan_id AND t.mode = 'callback'
-  AND ({_state_in("running", "waiting")} OR ({_state_in("queued")} AND {_RETRIES} > 0))
+  AND ({state_in("running", "waiting")} OR ({state_in("queued")} AND {_RETRIES} > 0))
 RETURNING {RECORD}
 """
 
@@ -165,75 +165,6 @@ SET state = 'completed', result = 'failed',
 FROM (SELECT task_id FROM waiting UNION ALL SELECT task_id FROM polling) AS due
 WHERE t.task_id = due.task_id
 RETURNING {RECORD}
-"""
-
-# A poll task whose start request was answered polls from now on; fenced like COMPLETE.
-START_POLLING = """
-UPDATE tasks AS t
-SET state = 'polling', response = $3::jsonb, deadline = $4, next_poll_at = $5,
-    poll_request = $6::jsonb, poll_secrets = $7, outputs = t.outputs || $8::jsonb,
-    worker_id = NULL, lease_until = NULL, updated_at = now()
-WHERE t.task_id = $1 AND t.state = 'running' AND t.attempts = $2
-RETURNING t.updated_at
-"""
-
-# Due polls, each taken by this worker until its lease ends: the due time moves to the lease's
-# end, so that a poll whose worker dies is due again then (sooner, once RESCUE_POLLS sees it).
-TAKE_POLLS = """
-WITH due AS (
-    SELECT task_id, next_poll_at FROM tasks
-    WHERE state = 'polling' AND next_poll_at <= now()
-    ORDER BY next_poll_at
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE tasks AS t SET next_poll_at = now() + make_interval(secs => $2), worker_id = $3
-FROM due
-WHERE t.task_id = due.task_id
-RETURNING t.task_id, t.polls, due.next_poll_at AS due_at, t.message::text AS message,
-    t.poll_request::text AS poll_request, t.poll_secrets
-"""
-
-# A poll's answer that leaves its task polling. `polls` is the fence: only the poll that was
-# taken at that count records, once, so a poll made twice (its first worker died) counts once.
-POLLED = f"""
-UPDATE tasks AS t
-SET polls = t.polls + 1, reason = i.reason, response = coalesce(i.response::jsonb, t.response),
-    next_poll_at = now() + make_interval(secs => i.delay), worker_id = NULL
-FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::float8[])
-     AS i(task_id, polls, reason, response, delay)
-WHERE t.task_id = i.task_id AND {_state_in("polling")} AND t.polls = i.polls
-RETURNING t.task_id
-"""
-
-# A poll's answer that completes its task; fenced like POLLED. The event is published from the
-# row, as the sweeper's are: no task message is in hand.
-POLL_FINISHED = f"""
-UPDATE tasks AS t
-SET state = 'completed', polls = t.polls + 1, result = i.result, reason = i.reason,
-    response = coalesce(i.response::jsonb, t.response), outputs = t.outputs || i.outputs::jsonb,
-    completed_at = now(), completed_by = 'worker', event_pending = true, next_poll_at = NULL,
-    worker_id = NULL, lease_until = NULL, updated_at = now()
-FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[])
-     AS i(task_id, polls, result, reason, response, outputs)
-WHERE t.task_id = i.task_id AND {_state_in("polling")} AND t.polls = i.polls
-RETURNING {RECORD}
-"""
-
-# Polls in flight on a worker that is gone (its session lock with it) are due again at once.
-RESCUE_POLLS = """
-UPDATE tasks AS t SET next_poll_at = now(), worker_id = NULL
-WHERE t.state = 'polling' AND t.worker_id IS NOT NULL
-  AND t.worker_id NOT IN (
-      SELECT l.objid::bigint FROM pg_locks l
-      WHERE l.locktype = 'advisory' AND l.classid::bigint = $1 AND l.objsubid = 2 AND l.granted)
-RETURNING t.task_id
-"""
-
-# A stopping worker hands back the polls it took but did not make.
-RELEASE_POLLS = """
-UPDATE tasks SET next_poll_at = now(), worker_id = NULL
-WHERE state = 'polling' AND worker_id = $1 AND task_id = ANY($2::text[])
 """
 
 # An invoked task's cancelRequest is due when it is cancelled; a queued one was never invoked,
