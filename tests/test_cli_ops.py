@@ -75,10 +75,11 @@ async def test_status_table_shows_counts_and_live_workers(
     assert lines[0].split() == ["QUEUE", "TASKS"]
     assert lines[1].split() == ["ready", "0", "queued", "0"]
     assert lines[3].split() == ["consumers", "1", "waiting", "0"]
-    assert lines[4].split() == ["dead", "letters", "1", "completed", "1"]
-    assert lines[5].split() == ["oldest", "waiting", "-"]
-    assert " ".join(lines[8].split()) == "WORKER HOST PID VERSION IN FLIGHT STARTED LAST SEEN"
-    row = lines[9].split()
+    assert lines[4].split() == ["dead", "letters", "1", "polling", "0"]
+    assert lines[5].split() == ["completed", "1"]
+    assert lines[6].split() == ["oldest", "waiting", "-"]
+    assert " ".join(lines[9].split()) == "WORKER HOST PID VERSION IN FLIGHT STARTED LAST SEEN"
+    row = lines[10].split()
     assert row[:3] == [str(worker.worker_id), socket.gethostname(), str(os.getpid())]
 
 

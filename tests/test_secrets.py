@@ -92,12 +92,31 @@ async def test_no_secret_is_kept_logged_published_or_answered(
                 "headers": {"Authorization": f"Bearer {HEADER_SECRET}"},
             },
         )
-        for task in (header_task, connection_task):
+        # A poll task's credentials outlive its message: they are kept only sealed.
+        poll_task = task_message(
+            target,
+            waitForCompletion="poll",
+            request={
+                "url": f"{target.url}/jobs?quiet=1&key=ps",
+                "headers": {"Authorization": f"Bearer {HEADER_SECRET}"},
+            },
+            poll={
+                "intervalSeconds": 1,
+                "request": {
+                    "method": "GET",
+                    "url": f"{target.url}/jobs/1?quiet=1&key=pp",
+                    "headers": {"Authorization": f"Bearer {HEADER_SECRET}"},
+                },
+            },
+        )
+        for task in (header_task, connection_task, poll_task):
             await publish(channel, settings, task)
             await events.completed(str(task["taskId"]))
         await publish(channel, settings, callback_task)
         async with asyncio.timeout(10), events.changed:
-            await events.changed.wait_for(lambda: bool(events.named("TaskWaiting")))
+            await events.changed.wait_for(
+                lambda: bool(events.named("TaskWaiting", str(callback_task["taskId"])))
+            )
         token = target.headers["cb"][-1]["AuthToken"]
         assert target.headers["c"][-1]["Authorization"].startswith("Basic ")
 
@@ -157,4 +176,5 @@ async def test_no_secret_is_kept_logged_published_or_answered(
     assert leaks == []
     # The search would have found them: the endpoint did receive each one.
     assert target.headers["h"][-1]["X-Api-Key"] == HEADER_SECRET
+    assert target.headers["pp"][-1]["Authorization"] == f"Bearer {HEADER_SECRET}"
     assert "task completed" in places["logs"]  # the logs were written, and were searched

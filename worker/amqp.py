@@ -4,11 +4,15 @@ asks for, and the bound on a channel's frames."""
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel
 from yarl import URL
+
+log = logging.getLogger(__name__)
 
 # What a lost or refused connection, channel or publish looks like from aio-pika and aiormq.
 BROKER_ERRORS = (
@@ -69,3 +73,15 @@ def with_heartbeat(amqp_url: str) -> tuple[str, int]:
 
 class BrokerUnavailable(ConnectionError):
     """The broker cannot be asked now; the connection is being re-opened."""
+
+
+async def settle(call: Awaitable[None]) -> None:
+    """Ack or nack a message; if its channel is gone, the broker redelivers it and the redelivery
+    finds the recorded result."""
+    try:
+        await call
+    except BROKER_ERRORS as exc:
+        log.warning(
+            "could not settle the message (%s); it will be redelivered",
+            str(exc) or type(exc).__name__,
+        )

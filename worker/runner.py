@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from worker.amqp import BROKER_ERRORS
+from worker.amqp import settle
 from worker.broker import Broker
 from worker.completions import publish_completion
 from worker.contract import retries
@@ -27,6 +27,7 @@ from worker.contract.judging import judge, outputs
 from worker.contract.macros import build_macros, callback_headers
 from worker.contract.models import (
     EventName,
+    HttpResponse,
     Mode,
     Outcome,
     Result,
@@ -100,7 +101,7 @@ class Runner:
             # (a reject counts towards it on every RabbitMQ version; a nack no longer does).
             log.exception("task handling failed; message returned to the queue")
             await asyncio.sleep(1)
-            await _settle(message.reject(requeue=True))
+            await settle(message.reject(requeue=True))
         finally:
             self._metrics.tasks_in_flight.dec()
 
@@ -181,7 +182,7 @@ class Runner:
         )
         self._metrics.tasks_retried.inc()
         await self._broker.publish_later(message, delay)
-        await _settle(message.ack())
+        await settle(message.ack())
 
     async def _complete(
         self,
@@ -218,13 +219,13 @@ class Runner:
         await self._broker.publish_event(
             event, reply_to=message.reply_to, correlation_id=message.correlation_id
         )
-        await _settle(message.ack())
+        await settle(message.ack())
 
     async def _superseded(self, message: AbstractIncomingMessage, record: TaskRecord) -> None:
         """This attempt lost its task to another (or to a callback, a cancel)."""
         if record.state is not State.COMPLETED:
             log.info("attempt superseded by a newer one; its result is not recorded")
-            await _settle(message.ack())
+            await settle(message.ack())
             return
         log.info("attempt superseded; re-publishing the recorded result")
         await self._publish_completion(message, record)
@@ -253,19 +254,10 @@ class Runner:
             return begun
         if begun:
             log.info("task polling", extra={"statusCode": start.status_code})
-            await self._broker.publish_event(
-                task_event(
-                    EventName.WAITING,
-                    task,
-                    attempts=claimed.attempts,
-                    queued_at=claimed.queued_at,
-                    started_at=claimed.started_at,
-                    response=start,
-                )
-            )
+            await self._announce_waiting(task, claimed, start)
         else:
             log.info("task taken over before it could poll (a newer attempt, a cancel)")
-        await _settle(message.ack())
+        await settle(message.ack())
         return None
 
     async def _invoke_callback_task(
@@ -301,21 +293,26 @@ class Runner:
             # The callback came before the invocation's response and completed the task (its
             # event is the API's to publish), or a newer attempt holds the task.
             log.info("task already settled by its callback", extra={"state": first.state.value})
-            await _settle(message.ack())
+            await settle(message.ack())
             return None
         log.info("task waiting for its callback", extra={"deadline": deadline.isoformat()})
-        await self._broker.publish_event(
-            task_event(
-                EventName.WAITING,
-                task,
-                attempts=claimed.attempts,
-                queued_at=claimed.queued_at,
-                started_at=claimed.started_at,
-                response=outcome.response,
-            )
-        )
-        await _settle(message.ack())
+        await self._announce_waiting(task, claimed, outcome.response)
+        await settle(message.ack())
         return None
+
+    async def _announce_waiting(
+        self, task: TaskMessage, claimed: Claimed, response: HttpResponse | None
+    ) -> None:
+        """TaskWaiting: the invocation was answered, and the task waits (a callback, a poll)."""
+        event = task_event(
+            EventName.WAITING,
+            task,
+            attempts=claimed.attempts,
+            queued_at=claimed.queued_at,
+            started_at=claimed.started_at,
+            response=response,
+        )
+        await self._broker.publish_event(event)
 
     async def _claim(self, message: AbstractIncomingMessage, task: TaskMessage) -> Claimed | None:
         """Start an attempt; None when the message needed no run (and has been settled)."""
@@ -346,7 +343,7 @@ class Runner:
                 # Its invocation was answered and recorded, and the message's settling lost:
                 # the task's row carries it on from here.
                 log.info("task already past its invocation", extra={"state": got.state.value})
-                await _settle(message.ack())
+                await settle(message.ack())
                 return None
             # Another live worker runs this task now: wait until it finishes or its lease lapses.
             lease_until = got.lease_until or datetime.now(UTC)
@@ -378,7 +375,7 @@ class Runner:
             reply_to=message.reply_to,
             correlation_id=message.correlation_id,
         )
-        await _settle(message.ack())
+        await settle(message.ack())
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str, kind: str) -> None:
         log.warning("message dead-lettered: %s", reason, extra={"messageId": message.message_id})
@@ -389,7 +386,7 @@ class Runner:
         except DB_UNAVAILABLE as exc:
             # The broker's copy is the one that matters; this is the operators' history.
             log.warning("dead letter not recorded in the database: %s", exc)
-        await _settle(message.ack())
+        await settle(message.ack())
 
     async def _db(self, call: Callable[[], Awaitable[T]]) -> T:
         """The call, retried while the database is unreachable, until the process stops."""
@@ -418,15 +415,3 @@ def _retry_recorded(record: TaskRecord, claimed: Claimed) -> bool:
         and record.attempts == claimed.attempts
         and record.retries == claimed.retries + 1
     )
-
-
-async def _settle(call: Awaitable[None]) -> None:
-    """Ack or nack; if the message's channel is gone, the broker redelivers it and the redelivery
-    finds the recorded result."""
-    try:
-        await call
-    except BROKER_ERRORS as exc:
-        log.warning(
-            "could not settle the message (%s); it will be redelivered",
-            str(exc) or type(exc).__name__,
-        )
