@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # How often an idle poller looks for due polls: a poll is made within this of its due time.
-LOOK_INTERVAL: Final = 0.1
+LOOK_INTERVAL: Final = 0.05
 # The most polls one statement takes.
 TAKE_LIMIT: Final = 500
 # Beyond the response timeout, time for a poll's answer to be recorded before another worker may
@@ -51,6 +51,14 @@ TAKE_LIMIT: Final = 500
 LEASE_GRACE_SECONDS: Final = 10
 # Parsed task messages kept for the polls to come; past this many the cache starts anew.
 _PARSED_LIMIT: Final = 50_000
+# Polls taken this late mean that the poller is behind: new tasks wait for it to catch up.
+BEHIND_SECONDS: Final = 0.2
+# While polls are being made, new tasks start at a paced rate (per second) that halves whenever
+# the poller falls behind and grows again while it keeps up: slowed, never stopped.
+START_RATE_MIN: Final = 20.0
+START_RATE_MAX: Final = 5_000.0
+START_RATE_GROWTH: Final = 1.1
+START_RATE_FIRST: Final = 500.0
 
 
 class Poller:
@@ -72,16 +80,36 @@ class Poller:
         self._public_url = str(settings.public_url).rstrip("/")
         self._timeout = settings.callback_timeout
         self._limit = settings.concurrency
+        # The fewest polls worth a statement to take, unless the poller is idle.
+        self._batch = max(1, min(self._limit // 10, TAKE_LIMIT))
         self._lease = settings.response_timeout + LEASE_GRACE_SECONDS
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._room = asyncio.Event()
         self._stop = asyncio.Event()
-        # task id -> (its stored message, the message parsed, its poll request parsed)
-        self._parsed: dict[str, tuple[str, TaskMessage, TaskRequest]] = {}
+        # Set while the poller keeps up; cleared while due polls wait for it.
+        self._keeping_up = asyncio.Event()
+        self._keeping_up.set()
+        self._pacing = asyncio.Lock()
+        # From a pace the poller can follow: it is raised while the poller keeps up, which with
+        # no polls to make takes a couple of seconds.
+        self._start_rate = START_RATE_FIRST
+        self._next_start = 0.0
+        # task id -> (its stored message, the message parsed, its poll request, its macros)
+        self._parsed: dict[str, tuple[str, TaskMessage, TaskRequest, dict[str, str]]] = {}
 
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
+
+    async def keep_up(self) -> None:
+        """Pace new tasks while polls are being made, more slowly while polls are late: a poll is
+        a promise on a schedule, a new task waiting in the queue breaks none, and both share the
+        worker's one event loop."""
+        async with self._pacing:
+            now = time.monotonic()
+            if self._next_start > now:
+                await self._wait(self._stop, self._next_start - now)
+            self._next_start = max(now, self._next_start) + 1 / self._start_rate
 
     async def begin(
         self, task: TaskMessage, attempts: int, start: HttpResponse, macros: Mapping[str, str]
@@ -113,7 +141,8 @@ class Poller:
         """Take and make due polls until `stop()`."""
         while not self._stop.is_set():
             room = min(self._limit - len(self._in_flight), TAKE_LIMIT)
-            if room <= 0:
+            if room < self._batch:
+                # Nearly full: wait for a batch's worth of room rather than take a few at a time.
                 self._room.clear()
                 await self._wait(self._room, LOOK_INTERVAL)
                 continue
@@ -130,17 +159,27 @@ class Poller:
                 await self._wait(self._stop, 1.0)
                 continue
             now = datetime.now(UTC)
+            latest = 0.0
             for due in taken:
-                self._metrics.poll_lateness.observe(max((now - due.due_at).total_seconds(), 0))
+                late = max((now - due.due_at).total_seconds(), 0)
+                latest = max(latest, late)
+                self._metrics.poll_lateness.observe(late)
                 made = asyncio.create_task(self._poll(due))
                 self._in_flight[due.task_id] = made
                 made.add_done_callback(partial(self._made, due.task_id))
+            if len(taken) < room and latest < BEHIND_SECONDS:
+                self._keeping_up.set()
+                self._start_rate = min(self._start_rate * START_RATE_GROWTH, START_RATE_MAX)
+            else:
+                self._keeping_up.clear()
+                self._start_rate = max(self._start_rate / 2, START_RATE_MIN)
             if len(taken) < room:
                 await self._wait(self._stop, LOOK_INTERVAL)
 
     def _made(self, task_id: str, _: asyncio.Task[None]) -> None:
         self._in_flight.pop(task_id, None)
-        self._room.set()
+        if self._limit - len(self._in_flight) >= self._batch:
+            self._room.set()
 
     async def _wait(self, event: asyncio.Event, seconds: float) -> None:
         with suppress(TimeoutError):
@@ -162,27 +201,29 @@ class Poller:
                 await self._store.polls.release(self._store.worker_id, unfinished)
             log.info("unfinished polls handed back", extra={"count": len(unfinished)})
 
-    def _parse(self, due: DuePoll) -> tuple[TaskMessage, TaskRequest]:
+    def _parse(self, due: DuePoll) -> tuple[TaskMessage, TaskRequest, dict[str, str]]:
         cached = self._parsed.get(due.task_id)
         if cached is not None and cached[0] == due.message:
-            return cached[1], cached[2]
+            return cached[1], cached[2], cached[3]
         if len(self._parsed) >= _PARSED_LIMIT:
             self._parsed.clear()
         task = TaskMessage.model_validate_json(due.message)
         request = TaskRequest.model_validate_json(due.poll_request)
-        self._parsed[due.task_id] = (due.message, task, request)
-        return task, request
+        macros = build_macros(task, self._public_url, None)
+        self._parsed[due.task_id] = (due.message, task, request, macros)
+        return task, request, macros
 
     async def _poll(self, due: DuePoll) -> None:
         try:
-            task, request = self._parse(due)
+            task, request, macros = self._parse(due)
             bind_task(task.task_id, task.plan_id)
             if due.poll_secrets is not None:
                 secrets = self._sealer.unseal(due.poll_secrets, task.task_id)
                 request = request.model_copy(update={"headers": request.headers | secrets})
             number = due.polls + 1
             started = time.perf_counter()
-            answer = await self._invoker.invoke(request, build_macros(task, self._public_url, None))
+            answer = await self._invoker.invoke(request, macros)
+            answered = time.monotonic()
             self._metrics.invocation_duration.observe(time.perf_counter() - started)
             found: HttpResponse | Outcome
             if isinstance(answer, InvokeFailure):
@@ -190,7 +231,7 @@ class Poller:
             else:
                 found = answer
             verdict = polling.judge_poll(task, found, number)
-            await self._record(task, due, verdict)
+            await self._record(task, due, verdict, answered)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -198,7 +239,11 @@ class Poller:
             log.exception("poll failed; it will be made again", extra={"taskId": due.task_id})
 
     async def _record(
-        self, task: TaskMessage, due: DuePoll, verdict: Outcome | polling.PollAgain
+        self,
+        task: TaskMessage,
+        due: DuePoll,
+        verdict: Outcome | polling.PollAgain,
+        answered: float,
     ) -> None:
         if isinstance(verdict, polling.PollAgain):
             answer = PollAnswer(
@@ -207,6 +252,7 @@ class Poller:
                 storable_text(verdict.reason),
                 response_json(verdict.response),
                 delay=verdict.delay,
+                answered=answered,
             )
         else:
             answer = PollAnswer(

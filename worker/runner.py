@@ -112,6 +112,7 @@ class Runner:
             await self._dead_letter(message, str(exc), kind="invalid")
             return
         bind_task(task.task_id, task.plan_id)
+        await self._poller.keep_up()
         claimed = await self._claim(message, task)
         if claimed is None:
             return

@@ -104,3 +104,5 @@ class PollAnswer:
     delay: float = 0
     result: Result | None = None
     outputs_json: str = "{}"
+    # time.monotonic() when the answer came: the delay runs from then, not from its recording.
+    answered: float = 0

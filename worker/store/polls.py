@@ -7,6 +7,7 @@ because its first worker died, counts once, and a superseded worker records noth
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 
 import asyncpg
@@ -93,6 +94,7 @@ class PollStore:
         going_on = [a for a in batch if a.result is None]
         finished = [a for a in batch if a.result is not None]
         polled: set[str] = set()
+        now = time.monotonic()
         done: dict[str, TaskRecord] = {}
         async with self._pool.acquire() as conn, conn.transaction():
             if going_on:
@@ -102,7 +104,7 @@ class PollStore:
                     [a.polls for a in going_on],
                     [a.reason for a in going_on],
                     [a.response_json for a in going_on],
-                    [a.delay for a in going_on],
+                    [max(a.delay - (now - a.answered), 0) for a in going_on],
                 )
                 polled = {row["task_id"] for row in rows}
             if finished:
