@@ -53,8 +53,8 @@ LEASE_GRACE_SECONDS: Final = 10
 _PARSED_LIMIT: Final = 50_000
 # Polls taken this late mean that the poller is behind: new tasks wait for it to catch up.
 BEHIND_SECONDS: Final = 0.2
-# While polls are being made, new tasks start at a paced rate (per second) that halves whenever
-# the poller falls behind and grows again while it keeps up: slowed, never stopped.
+# New poll tasks start at a paced rate (per second) that halves whenever the poller falls behind
+# and grows again while it keeps up: slowed, never stopped.
 START_RATE_MIN: Final = 20.0
 START_RATE_MAX: Final = 5_000.0
 START_RATE_GROWTH: Final = 1.1
@@ -102,9 +102,9 @@ class Poller:
         return len(self._in_flight)
 
     async def keep_up(self) -> None:
-        """Pace new tasks while polls are being made, more slowly while polls are late: a poll is
-        a promise on a schedule, a new task waiting in the queue breaks none, and both share the
-        worker's one event loop."""
+        """Pace new poll tasks, more slowly while polls are late: a poll is a promise on a
+        schedule, a new task waiting in the queue breaks none, and both share the worker's one
+        event loop."""
         async with self._pacing:
             now = time.monotonic()
             if self._next_start > now:

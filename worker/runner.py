@@ -112,7 +112,9 @@ class Runner:
             await self._dead_letter(message, str(exc), kind="invalid")
             return
         bind_task(task.task_id, task.plan_id)
-        await self._poller.keep_up()
+        if task.wait_for_completion is Mode.POLL:
+            # New poll tasks add to the polls to make: they start at the pace the poller keeps.
+            await self._poller.keep_up()
         claimed = await self._claim(message, task)
         if claimed is None:
             return
