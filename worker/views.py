@@ -81,7 +81,8 @@ class TaskDetail(TaskSummary):
     )
     polls: int = Field(default=0, description="poll tasks: the polls made and recorded")
     next_poll_at: datetime | None = Field(
-        default=None, description="a polling task's next poll is due then"
+        default=None,
+        description="a polling task's next poll is due then; null while a poll is being made",
     )
     variables: dict[str, JsonValue] = Field(default_factory=dict)
     outputs: dict[str, JsonValue] = Field(default_factory=dict)

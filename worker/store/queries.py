@@ -32,7 +32,7 @@ RECORD = f"""t.task_id, t.plan_id, t.job_id, t.hub_name, t.state, t.result, t.re
     (t.message -> 'variables')::text AS variables, {_RETRIES} AS retries,
     CASE WHEN t.state = 'queued' THEN (t.history -> -1 ->> 'retryAt')::timestamptz END AS retry_at,
     t.history::text AS history, t.polls,
-    CASE WHEN t.state = 'polling' THEN t.next_poll_at END AS next_poll_at"""
+    CASE WHEN t.state = 'polling' AND t.worker_id IS NULL THEN t.next_poll_at END AS next_poll_at"""
 
 SELECT_TASKS = f"""
 SELECT {RECORD}, {_worker_alive("$2")} AS worker_alive
