@@ -179,6 +179,14 @@ def test_what_is_absent_shows_as_an_empty_cell() -> None:
     assert '<td class="id"></td>' in page
 
 
+def test_polling_tasks_are_counted_apart_from_waiting_and_queued_ones() -> None:
+    queue = board().queue.model_copy(update={"polling": 3, "waiting": 2, "queued": 5})
+    page = render(board(queue=queue))
+    shown = {key: figure(page, key) for key in ("queued", "waiting", "polling")}
+    assert shown == {"queued": "5", "waiting": "2", "polling": "3"}
+    assert "Running, waiting and polling" in page
+
+
 def test_an_empty_dashboard_says_so() -> None:
     page = render(board())
     assert page.count('<p class="none">None.</p>') == 4

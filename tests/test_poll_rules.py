@@ -84,6 +84,38 @@ def test_success_and_failure_criteria() -> None:
     assert outcome_of(got) == (Result.FAILED, "poll 1: HTTP 409")
 
 
+def test_criteria_in_azure_syntax_judge_polls_too() -> None:
+    t = task(
+        criteriaSyntax="azure",
+        successCriteria="eq(root['state'], 'DONE')",
+        poll={"failureCriteria": "in(root['state'], 'failed', 'canceled')"},
+    )
+    assert outcome_of(polling.judge_poll(t, answer(body={"state": "done"}), 2)) == (
+        Result.SUCCEEDED,
+        "poll 2: HTTP 200; successCriteria true",
+    )
+    assert outcome_of(polling.judge_poll(t, answer(body={"state": "Canceled"}), 2)) == (
+        Result.FAILED,
+        "poll 2: HTTP 200; failureCriteria true",
+    )
+    assert isinstance(
+        polling.judge_poll(t, answer(body={"state": "running"}), 2), polling.PollAgain
+    )
+    with pytest.raises(InvalidTask, match="failureCriteria"):
+        parse_task(
+            orjson.dumps(
+                {
+                    "taskId": "t",
+                    "planId": "p",
+                    "request": {"url": START},
+                    "waitForCompletion": "poll",
+                    "criteriaSyntax": "azure",
+                    "poll": {"failureCriteria": "eq(root['state'],"},
+                }
+            )
+        )
+
+
 def test_without_success_criteria_a_202_is_in_progress_and_other_2xx_succeed() -> None:
     t = task()
     assert isinstance(polling.judge_poll(t, answer(202), 1), polling.PollAgain)
