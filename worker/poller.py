@@ -86,9 +86,6 @@ class Poller:
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._room = asyncio.Event()
         self._stop = asyncio.Event()
-        # Set while the poller keeps up; cleared while due polls wait for it.
-        self._keeping_up = asyncio.Event()
-        self._keeping_up.set()
         self._pacing = asyncio.Lock()
         # From a pace the poller can follow: it is raised while the poller keeps up, which with
         # no polls to make takes a couple of seconds.
@@ -168,10 +165,8 @@ class Poller:
                 self._in_flight[due.task_id] = made
                 made.add_done_callback(partial(self._made, due.task_id))
             if len(taken) < room and latest < BEHIND_SECONDS:
-                self._keeping_up.set()
                 self._start_rate = min(self._start_rate * START_RATE_GROWTH, START_RATE_MAX)
             else:
-                self._keeping_up.clear()
                 self._start_rate = max(self._start_rate / 2, START_RATE_MIN)
             if len(taken) < room:
                 await self._wait(self._stop, LOOK_INTERVAL)
@@ -246,23 +241,19 @@ class Poller:
         answered: float,
     ) -> None:
         if isinstance(verdict, polling.PollAgain):
-            answer = PollAnswer(
-                task.task_id,
-                due.polls,
-                storable_text(verdict.reason),
-                response_json(verdict.response),
-                delay=verdict.delay,
-                answered=answered,
-            )
+            delay, result, outputs = verdict.delay, None, "{}"
         else:
-            answer = PollAnswer(
-                task.task_id,
-                due.polls,
-                storable_text(verdict.reason),
-                response_json(verdict.response),
-                result=verdict.result,
-                outputs_json=outputs_json(verdict.outputs),
-            )
+            delay, result, outputs = 0.0, verdict.result, outputs_json(verdict.outputs)
+        answer = PollAnswer(
+            task.task_id,
+            due.polls,
+            storable_text(verdict.reason),
+            response_json(verdict.response),
+            delay=delay,
+            result=result,
+            outputs_json=outputs,
+            answered=answered,
+        )
         recorded = await self._retrying(answer)
         if recorded is True:
             self._metrics.polls.labels("again").inc()

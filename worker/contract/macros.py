@@ -10,6 +10,7 @@ import orjson
 from pydantic import JsonValue
 
 from worker.contract.models import TaskMessage
+from worker.contract.response_macros import map_strings
 
 _MACRO: Final = re.compile(r"\$\(([^()\s]+)\)")
 
@@ -45,13 +46,7 @@ def expand(text: str, macros: Mapping[str, str]) -> str:
 
 
 def expand_json(value: JsonValue, macros: Mapping[str, str]) -> JsonValue:
-    if isinstance(value, str):
-        return expand(value, macros)
-    if isinstance(value, list):
-        return [expand_json(item, macros) for item in value]
-    if isinstance(value, dict):
-        return {key: expand_json(item, macros) for key, item in value.items()}
-    return value
+    return map_strings(value, lambda text: expand(text, macros))
 
 
 def callback_headers(task: TaskMessage, plan_url: str, token: str) -> dict[str, str]:

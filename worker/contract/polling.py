@@ -142,7 +142,7 @@ def _resolved(request: TaskRequest, start: HttpResponse) -> TaskRequest:
     def fill(text: str) -> str:
         return response_macros.resolve(text, status, headers, body)
 
-    resolved_body: JsonValue = response_macros.resolve_json(request.body, status, headers, body)
+    resolved_body: JsonValue = response_macros.map_strings(request.body, fill)
     return TaskRequest.model_validate(
         {
             "method": request.method,

@@ -4,7 +4,7 @@ request is told of its task's start response (SPEC §4), resolved once when poll
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 import orjson
@@ -96,15 +96,14 @@ def resolve(text: str, status: int, headers: Mapping[str, str], body: JsonValue)
     return _MACRO.sub(lambda match: _value(match[1], status, headers, body), text)
 
 
-def resolve_json(
-    value: JsonValue, status: int, headers: Mapping[str, str], body: JsonValue
-) -> JsonValue:
+def map_strings(value: JsonValue, fill: Callable[[str], str]) -> JsonValue:
+    """`value` with `fill` applied to every string in it, keys aside (for macros of any kind)."""
     if isinstance(value, str):
-        return resolve(value, status, headers, body)
+        return fill(value)
     if isinstance(value, list):
-        return [resolve_json(item, status, headers, body) for item in value]
+        return [map_strings(item, fill) for item in value]
     if isinstance(value, dict):
-        return {key: resolve_json(item, status, headers, body) for key, item in value.items()}
+        return {key: map_strings(item, fill) for key, item in value.items()}
     return value
 
 

@@ -24,7 +24,7 @@ from worker.contract.settings import redact_url
 from worker.store import batches, queries
 from worker.store.batch import Batcher
 from worker.store.changes import CallbackCompletion, Claimed, ClaimRequest, Completion
-from worker.store.errors import DB_UNAVAILABLE, Executor
+from worker.store.errors import DB_UNAVAILABLE, Executor, refused
 from worker.store.polls import PollStore
 from worker.store.rows import dead_letter, task_record, task_summary, worker_record
 from worker.store.schema import migrate
@@ -48,21 +48,21 @@ class Store:
         self.worker_id = 0
         self.polls = PollStore(pool, self.lock_namespace)
         self._claims: Batcher[ClaimRequest, Claimed | TaskRecord] = Batcher(
-            self._flush_claims, key=lambda c: c.task_id, isolate=_refused, gather_turns=GATHER_TURNS
+            self._flush_claims, key=lambda c: c.task_id, isolate=refused, gather_turns=GATHER_TURNS
         )
         self._completions: Batcher[Completion, datetime | TaskRecord] = Batcher(
             self._flush_completions,
             key=lambda c: c.task_id,
-            isolate=_refused,
+            isolate=refused,
             gather_turns=GATHER_TURNS,
         )
         # Callers wait on these with a person or a service at the other end: a second flush may
         # start while one is in flight, so that a slow commit does not hold up the next.
         self._callbacks: Batcher[CallbackCompletion, tuple[bool, TaskRecord | None]] = Batcher(
-            self._flush_callbacks, key=lambda c: c.task_id, isolate=_refused, parallel=2
+            self._flush_callbacks, key=lambda c: c.task_id, isolate=refused, parallel=2
         )
         self._published: Batcher[list[str], None] = Batcher(
-            self._flush_published, key=id, isolate=_refused
+            self._flush_published, key=id, isolate=refused
         )
         self._marking: set[asyncio.Task[None]] = set()
 
@@ -362,7 +362,3 @@ class Store:
 async def _keep_session(_: asyncpg.Connection) -> None:
     """No reset when a connection goes back to the pool: the store never changes session state
     (only SET LOCAL, inside transactions), and a reset costs a round trip per batch."""
-
-
-def _refused(exc: BaseException) -> bool:
-    return not isinstance(exc, DB_UNAVAILABLE)

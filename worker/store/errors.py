@@ -22,3 +22,9 @@ DB_UNAVAILABLE = (
     # does not run a reset query: see _keep_session) until its socket is seen closed.
     asyncpg.exceptions.InternalClientError,
 )
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether the database refused a statement (a batch then retries its items one by one), as
+    opposed to being unreachable."""
+    return not isinstance(exc, DB_UNAVAILABLE)

@@ -16,7 +16,7 @@ from worker.contract.records import TaskRecord
 from worker.store import poll_queries as queries
 from worker.store.batch import Batcher
 from worker.store.changes import DuePoll, PollAnswer
-from worker.store.errors import DB_UNAVAILABLE
+from worker.store.errors import refused
 from worker.store.rows import task_record
 
 # Turns of the event loop a batch of answers waits for more: polls come due together.
@@ -30,7 +30,7 @@ class PollStore:
         self._answers: Batcher[PollAnswer, bool | TaskRecord | None] = Batcher(
             self._flush_answers,
             key=lambda a: a.task_id,
-            isolate=lambda exc: not isinstance(exc, DB_UNAVAILABLE),
+            isolate=refused,
             gather_turns=GATHER_TURNS,
         )
 
