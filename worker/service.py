@@ -116,7 +116,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
         worker = Worker(settings, store, broker, signer, consumer, metrics, worker_id, consuming)
         if settings.worker_port:
             await stack.enter_async_context(
-                probe_server(settings.api_host, settings.worker_port, worker.ready, metrics)
+                probe_server(settings.worker_host, settings.worker_port, worker.ready, metrics)
             )
         log.info("worker started", extra={"workerId": worker_id, "prefix": settings.prefix})
         try:

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         settings = load_settings(args.config)
     except ConfigError as exc:
         _fail(str(exc))
-    logs.configure(settings.effective_log_format, getattr(logging, args.log_level.upper()))
+    level = args.log_level or settings.log_level or "info"
+    logs.configure(settings.effective_log_format, getattr(logging, level.upper()))
     try:
         code = COMMANDS[args.command](settings, args)
     except (ConfigError, UsageError) as exc:

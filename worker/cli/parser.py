@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=".env-style file of AGENTLESS_* settings; the environment wins over it",
     )
     parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="default: AGENTLESS_LOG_LEVEL, else info",
     )
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 

@@ -146,6 +146,9 @@ class Settings(BaseSettings):
     egress_allow: CommaList = []
     log_format: Literal["console", "json"] | None = None
     worker_port: int = Field(default=9464, ge=0, le=65535)
+    worker_host: str = "127.0.0.1"
+    # None: the command line's --log-level, whose default is info, decides.
+    log_level: Literal["debug", "info", "warning", "error"] | None = None
 
     @field_validator("amqp_url")
     @classmethod
@@ -160,6 +163,11 @@ class Settings(BaseSettings):
         if URL(value).scheme not in ("postgresql", "postgres"):
             raise ValueError("must be a postgresql:// URL")
         return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("api_tokens", mode="before")
     @classmethod
