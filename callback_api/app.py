@@ -23,10 +23,11 @@ from worker.broker import Broker
 from worker.completions import Announcer
 from worker.contract.models import Names
 from worker.contract.settings import Settings
-from worker.metrics import Metrics
+from worker.metrics import ClusterGauges, Metrics
 from worker.relay import Relay
 from worker.service import Worker, open_signer, running_worker
 from worker.store.database import Store
+from worker.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def with_worker(settings: Settings) -> Callable[[web.Application], AsyncIterator
                 worker.broker,
                 worker.signer,
                 worker.metrics,
+                ClusterGauges(worker.metrics.registry),
                 announcer,
                 worker.ready,
             )
@@ -95,14 +97,30 @@ def standalone(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         ):
             signer = await open_signer(settings, store)
             announcer = Announcer(broker, store)
-            app[services_key] = Services(settings, store, broker, signer, Metrics(), announcer)
-            relay = asyncio.create_task(Relay(store, broker).run(), name="relay")
+            metrics = Metrics()
+            app[services_key] = Services(
+                settings, store, broker, signer, metrics, ClusterGauges(metrics.registry), announcer
+            )
+            # Deadlines are swept wherever an API runs, so that they hold while no worker does.
+            sweeper = Sweeper(
+                store,
+                broker,
+                metrics=metrics,
+                invoker=None,
+                signer=signer,
+                public_url=str(settings.public_url).rstrip("/"),
+            )
+            duties = [
+                asyncio.create_task(Relay(store, broker).run(), name="relay"),
+                asyncio.create_task(sweeper.run(), name="sweeper"),
+            ]
             try:
                 yield
             finally:
                 await announcer.drain(ANNOUNCE_GRACE_SECONDS)
-                relay.cancel()
-                await asyncio.gather(relay, return_exceptions=True)
+                for duty in duties:
+                    duty.cancel()
+                await asyncio.gather(*duties, return_exceptions=True)
 
     return context
 

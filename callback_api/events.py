@@ -123,6 +123,7 @@ async def _completed(request: web.Request, event: PlanEvent) -> web.Response:
     record = _exists(record, event.task_id, plan_id)
     if completed:
         log.info("task completed", extra={"result": event.result.value, "reason": reason})
+        svc.metrics.record_completed(record)
         svc.announcer.announce(record)
         return _accepted(record)
     if record.completed_by is CompletedBy.CALLBACK and record.result is event.result:

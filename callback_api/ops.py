@@ -3,12 +3,15 @@ themselves are worker/probe.py's, which the worker's own port serves too."""
 
 from __future__ import annotations
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
+import asyncio
+from datetime import UTC, datetime
 
-from callback_api.services import services
-from worker.contract.models import State
+from aiohttp import web
+
+from callback_api.services import Services, services
+from worker.amqp import BrokerUnavailable
 from worker.probe import readiness
+from worker.store.errors import DB_UNAVAILABLE
 from worker.views import Dashboard, QueueView, WorkerList, dashboard, worker_views
 
 
@@ -28,14 +31,35 @@ async def get_workers(request: web.Request) -> web.Response:
     return web.json_response(text=WorkerList(workers).model_dump_json(by_alias=True))
 
 
-async def get_metrics(request: web.Request) -> web.Response:
+async def get_metrics(request: web.Request) -> web.StreamResponse:
     svc = services(request)
-    # Waiting and polling tasks belong to no process: their counts are read from the database at
-    # each scrape.
-    counts = await svc.store.state_counts()
-    svc.metrics.tasks_waiting.set(counts.get(State.WAITING, 0))
-    svc.metrics.tasks_polling.set(counts.get(State.POLLING, 0))
-    return web.Response(body=svc.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    await read_cluster(svc)
+    return await svc.metrics.exposition(request)
+
+
+async def read_cluster(svc: Services) -> None:
+    """Before each scrape of the API's /metrics: what belongs to no process, from the database
+    and the broker at once. What cannot be read keeps its last value, and says so through
+    agentless_dependency_up."""
+
+    async def database() -> bool:
+        try:
+            state = await svc.store.cluster_state()
+        except DB_UNAVAILABLE:
+            return False
+        svc.cluster.show(state, datetime.now(UTC))
+        return True
+
+    async def broker() -> bool:
+        try:
+            depths = await svc.broker.queue_depths()
+        except BrokerUnavailable:
+            return False
+        svc.cluster.show_queue(depths.ready, depths.dead, depths.consumers)
+        return True
+
+    reached = await asyncio.gather(broker(), database())
+    svc.metrics.show_dependencies(broker=reached[0], database=reached[1])
 
 
 async def _ready(request: web.Request) -> bool:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from worker.completions import Announcer
     from worker.contract.settings import Settings
     from worker.contract.tokens import Signer
-    from worker.metrics import Metrics
+    from worker.metrics import ClusterGauges, Metrics
     from worker.store.database import Store
 
 
@@ -25,6 +25,8 @@ class Services:
     broker: Broker
     signer: Signer
     metrics: Metrics
+    # The gauges of the whole deployment, which only the API exports (ops.read_cluster).
+    cluster: ClusterGauges
     announcer: Announcer
     # Whether the worker of this process is ready, under `agentless run`.
     worker_ready: Callable[[], Awaitable[bool]] | None = None

@@ -249,6 +249,7 @@ async def cancel_task(request: web.Request) -> web.Response:
         )
     bind_task(record.task_id, record.plan_id)
     log.info("task completed", extra={"result": record.result, "reason": record.reason})
+    svc.metrics.record_completed(record)
     svc.announcer.announce(record)
     answer = TaskStatus(task_id=record.task_id, state=record.state, result=record.result)
     return _json(answer.model_dump(mode="json", by_alias=True))

@@ -62,7 +62,12 @@ async def test_worker_port_serves_metrics_health_and_readiness(
                 if 'agentless_dead_letters_total{reason="invalid"} 1.0' in text:
                     break
                 await asyncio.sleep(0.1)
-        assert 'agentless_tasks_completed_total{mode="apiResponse",result="failed"} 1.0' in text
+        completed = 'completed_by="worker",mode="apiResponse",result="failed"'
+        assert f"agentless_tasks_completed_total{{{completed}}} 1.0" in text
+        # What belongs to no process is the API's to export, never a false 0 from each worker.
+        assert "agentless_tasks{" not in text
+        assert "agentless_oldest_waiting_task_age_seconds" not in text
+        assert 'agentless_dependency_up{dependency="database"} 1.0' in text
         assert "agentless_tasks_received_total 2.0" in text
         assert "agentless_invocation_duration_seconds_count 1.0" in text
         async with session.get(f"{base}/healthz") as response:

@@ -186,11 +186,12 @@ async def test_queue_workers_and_metrics(api: Api, events: Events, target: Targe
         metrics = await response.text()
     for line in (
         "agentless_tasks_received_total 1.0",
-        'agentless_tasks_completed_total{mode="apiResponse",result="failed"} 1.0',
+        "agentless_tasks_completed_total"
+        '{completed_by="worker",mode="apiResponse",result="failed"} 1.0',
         "agentless_invocation_duration_seconds_count 1.0",
         'agentless_task_duration_seconds_count{mode="apiResponse"} 1.0',
         "agentless_tasks_in_flight 0.0",
-        "agentless_tasks_waiting 0.0",
+        'agentless_tasks{state="waiting"} 0.0',
     ):
         assert line in metrics, line
 

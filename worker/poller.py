@@ -262,9 +262,7 @@ class Poller:
         if isinstance(recorded, TaskRecord):
             assert recorded.result is not None
             self._metrics.polls.labels(recorded.result.value).inc()
-            self._metrics.tasks_completed.labels(
-                recorded.result.value, task.wait_for_completion
-            ).inc()
+            self._metrics.record_completed(recorded)
             log.info(
                 "task completed",
                 extra={"result": recorded.result.value, "reason": recorded.reason},

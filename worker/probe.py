@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from worker.views import Health, Readiness
 
-if TYPE_CHECKING:
-    from worker.metrics import Metrics
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 async def healthz(_: web.Request) -> web.Response:
@@ -34,15 +32,12 @@ def readiness(
 
 @asynccontextmanager
 async def probe_server(
-    host: str, port: int, ready: Callable[[], Awaitable[bool]], metrics: Metrics
+    host: str, port: int, ready: Callable[[], Awaitable[bool]], get_metrics: Handler
 ) -> AsyncIterator[None]:
     """A worker's own /metrics, /healthz and /readyz on `host`:`port`."""
 
     async def is_ready(_: web.Request) -> bool:
         return await ready()
-
-    async def get_metrics(_: web.Request) -> web.Response:
-        return web.Response(body=metrics.render(), content_type="text/plain")
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)

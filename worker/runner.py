@@ -36,7 +36,7 @@ from worker.contract.models import (
     TaskMessage,
     parse_task,
 )
-from worker.contract.records import TaskRecord
+from worker.contract.records import CompletedBy, TaskRecord
 from worker.contract.settings import Settings
 from worker.contract.tokens import GRACE_SECONDS, Signer
 from worker.invoke import InvokeFailure, Invoker
@@ -202,9 +202,12 @@ class Runner:
         if isinstance(recorded, TaskRecord):
             await self._superseded(message, recorded)
             return
-        self._metrics.tasks_completed.labels(outcome.result.value, task.wait_for_completion).inc()
-        self._metrics.end_to_end_duration.labels(task.wait_for_completion.value).observe(
-            (recorded - claimed.queued_at).total_seconds()
+        self._metrics.completed(
+            task.wait_for_completion,
+            outcome.result.value,
+            CompletedBy.WORKER,
+            queued_at=claimed.queued_at,
+            completed_at=recorded,
         )
         log.info(
             "task completed",

@@ -46,6 +46,13 @@ class Worker:
     # Done when the consume loop ends; if it ends before the worker is stopped, it has failed.
     consuming: asyncio.Task[None]
 
+    async def show_dependencies(self) -> None:
+        """At each scrape of the worker's own /metrics."""
+        self.metrics.show_dependencies(
+            broker=self.broker.is_ready and self.consumer.broker.is_ready,
+            database=await self.store.ping(),
+        )
+
     async def ready(self) -> bool:
         return (
             self.broker.is_ready
@@ -106,6 +113,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
         sweeper = Sweeper(
             store,
             broker,
+            metrics=metrics,
             invoker=invoker,
             signer=signer,
             public_url=str(settings.public_url).rstrip("/"),
@@ -116,7 +124,12 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
         worker = Worker(settings, store, broker, signer, consumer, metrics, worker_id, consuming)
         if settings.worker_port:
             await stack.enter_async_context(
-                probe_server(settings.worker_host, settings.worker_port, worker.ready, metrics)
+                probe_server(
+                    settings.worker_host,
+                    settings.worker_port,
+                    worker.ready,
+                    metrics.handler(worker.show_dependencies),
+                )
             )
         log.info("worker started", extra={"workerId": worker_id, "prefix": settings.prefix})
         try:

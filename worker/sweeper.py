@@ -1,7 +1,9 @@
-"""A worker's duties over the store: callback deadlines and cancel requests.
+"""Duties over the store: deadlines of waiting and polling tasks, polls of dead workers, and cancel
+requests.
 
-Every worker sweeps; SKIP LOCKED in the statements lets any number sweep at once without two
-acting on one task.
+Every worker sweeps all three; every API process sweeps deadlines, so that they are kept while no
+worker runs (a deployment scaled to its API alone). SKIP LOCKED in the statements lets any number
+sweep at once without two acting on one task.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from worker.contract.requests import REDACTED, TaskRequest
 from worker.contract.tokens import GRACE_SECONDS, Signer
 from worker.invoke import InvokeFailure, Invoker
 from worker.logs import bind_task
+from worker.metrics import Metrics
 from worker.store.database import Store
 from worker.store.errors import DB_UNAVAILABLE
 
@@ -36,12 +39,16 @@ class Sweeper:
         store: Store,
         broker: Broker,
         *,
-        invoker: Invoker,
+        metrics: Metrics,
+        invoker: Invoker | None,
         signer: Signer,
         public_url: str,
     ) -> None:
+        """Without an `invoker` (the API), only deadlines are swept: rescued polls and cancel
+        requests are for workers to make."""
         self._store = store
         self._broker = broker
+        self._metrics = metrics
         self._invoker = invoker
         self._signer = signer
         self._public_url = public_url
@@ -58,6 +65,7 @@ class Sweeper:
     async def sweep_once(self) -> None:
         timed_out = await self._store.sweep()
         for record in timed_out:
+            self._metrics.record_completed(record)
             log.info(
                 "task completed",
                 extra={
@@ -68,6 +76,8 @@ class Sweeper:
                 },
             )
         await publish_completions(self._broker, self._store, timed_out)
+        if self._invoker is None:
+            return
         now = time.monotonic()
         if now - self._rescued_at >= RESCUE_INTERVAL:
             self._rescued_at = now
@@ -75,9 +85,9 @@ class Sweeper:
                 log.info("polls of workers that died are due again", extra={"count": rescued})
         requests = await self._store.take_cancel_requests()
         if requests:
-            await asyncio.gather(*(self._invoke_cancel_request(r) for r in requests))
+            await asyncio.gather(*(self._invoke_cancel_request(self._invoker, r) for r in requests))
 
-    async def _invoke_cancel_request(self, record: TaskRecord) -> None:
+    async def _invoke_cancel_request(self, invoker: Invoker, record: TaskRecord) -> None:
         """Best effort, once: the outcome is logged, and changes nothing about the task."""
         bind_task(record.task_id, record.plan_id)
         task = TaskMessage.model_validate_json(record.message)
@@ -92,7 +102,7 @@ class Sweeper:
                 request.model_dump(by_alias=True) | {"headers": kept}
             )
         token = self._signer.issue(task.task_id, task.plan_id, time.time() + GRACE_SECONDS)
-        answer = await self._invoker.invoke(request, build_macros(task, self._public_url, token))
+        answer = await invoker.invoke(request, build_macros(task, self._public_url, token))
         if isinstance(answer, InvokeFailure):
             log.warning("cancelRequest failed: %s", answer.reason)
         else:

@@ -56,6 +56,8 @@ class TaskRecord:
     # Poll tasks: the polls recorded, and when a polling task's next one is due.
     polls: int = 0
     next_poll_at: datetime | None = None
+    # Callback and poll tasks: when the task began to wait (its invocation was accepted).
+    waiting_since: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,3 +111,15 @@ class Overview:
     failures: list[TaskSummaryRecord]
     workers: list[WorkerRecord]
     dead_letters: list[DeadLetterRecord]
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterState:
+    """What the metrics export of the whole deployment: unfinished tasks by state, the oldest
+    queued and waiting ones, the overdue ones, the live workers."""
+
+    states: dict[str, int]
+    oldest_queued_at: datetime | None
+    oldest_waiting_since: datetime | None
+    overdue: int
+    workers: int

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 
 import asyncpg
+import orjson
 from pydantic import JsonValue
 
 from worker.contract.errors import ConfigError
@@ -19,7 +20,13 @@ from worker.contract.models import (
     Outcome,
     Result,
 )
-from worker.contract.records import Overview, TaskRecord, TaskSummaryRecord, WorkerRecord
+from worker.contract.records import (
+    ClusterState,
+    Overview,
+    TaskRecord,
+    TaskSummaryRecord,
+    WorkerRecord,
+)
 from worker.contract.settings import redact_url
 from worker.store import batches, queries
 from worker.store.batch import Batcher
@@ -29,6 +36,7 @@ from worker.store.polls import PollStore
 from worker.store.rows import dead_letter, task_record, task_summary, worker_record
 from worker.store.schema import migrate
 from worker.store.storable import outputs_json, response_json, storable_text
+from worker.store.throughput import MinuteCount, last_minutes
 
 log = logging.getLogger(__name__)
 
@@ -322,14 +330,27 @@ class Store:
                 ],
             )
 
+    async def throughput(self) -> list[MinuteCount]:
+        """Completions per minute over the last hour, oldest first (the operations page)."""
+        return await last_minutes(self._pool)
+
     async def unregister_worker(self, worker_id: int) -> None:
         await self._pool.execute(queries.UNREGISTER_WORKER, worker_id)
 
     async def live_workers(self) -> list[WorkerRecord]:
         return [worker_record(row) for row in await self._pool.fetch(queries.LIVE_WORKERS)]
 
-    async def state_counts(self) -> dict[str, int]:
-        return {r["state"]: r["n"] for r in await self._pool.fetch(queries.STATE_COUNTS)}
+    async def cluster_state(self) -> ClusterState:
+        """What the metrics export of the whole deployment (metrics.ClusterGauges)."""
+        row = await self._pool.fetchrow(queries.CLUSTER_STATE)
+        assert row is not None
+        return ClusterState(
+            states=orjson.loads(row["states"]),
+            oldest_queued_at=row["oldest_queued_at"],
+            oldest_waiting_since=row["oldest_waiting_since"],
+            overdue=row["overdue"],
+            workers=row["workers"],
+        )
 
     async def record_dead_letter(self, message_id: str | None, reason: str, body: bytes) -> None:
         excerpt = storable_text(body[:512].decode(errors="replace"))

@@ -9,7 +9,7 @@ START_POLLING = """
 UPDATE tasks AS t
 SET state = 'polling', response = $3::jsonb, deadline = $4, next_poll_at = $5,
     poll_request = $6::jsonb, poll_secrets = $7, outputs = t.outputs || $8::jsonb,
-    worker_id = NULL, lease_until = NULL, updated_at = now()
+    worker_id = NULL, lease_until = NULL, waiting_since = now(), updated_at = now()
 WHERE t.task_id = $1 AND t.state = 'running' AND t.attempts = $2
 RETURNING t.updated_at
 """

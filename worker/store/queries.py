@@ -32,7 +32,8 @@ RECORD = f"""t.task_id, t.plan_id, t.job_id, t.hub_name, t.state, t.result, t.re
     (t.message -> 'variables')::text AS variables, {_RETRIES} AS retries,
     CASE WHEN t.state = 'queued' THEN (t.history -> -1 ->> 'retryAt')::timestamptz END AS retry_at,
     t.history::text AS history, t.polls,
-    CASE WHEN t.state = 'polling' AND t.worker_id IS NULL THEN t.next_poll_at END AS next_poll_at"""
+    CASE WHEN t.state = 'polling' AND t.worker_id IS NULL THEN t.next_poll_at END AS next_poll_at,
+    t.waiting_since"""
 
 SELECT_TASKS = f"""
 SELECT {RECORD}, {_worker_alive("$2")} AS worker_alive
@@ -96,7 +97,7 @@ RETURNING due.at
 WAIT = """
 UPDATE tasks AS t
 SET state = 'waiting', response = $3::jsonb, deadline = $4, started_deadline = $5,
-    outputs = $6::jsonb || t.outputs, lease_until = NULL, updated_at = now()
+    outputs = $6::jsonb || t.outputs, lease_until = NULL, waiting_since = now(), updated_at = now()
 WHERE t.task_id = $1 AND t.state = 'running' AND t.attempts = $2
 RETURNING t.updated_at
 """
@@ -307,6 +308,22 @@ RETURNING queued_at
 STATE_COUNTS = "SELECT state, count(*) AS n FROM tasks GROUP BY state"
 
 OLDEST_WAITING = "SELECT min(started_at) FROM tasks WHERE state = 'waiting'"
+
+# What the metrics export of the whole deployment, in one round trip. Only unfinished tasks are
+# counted (a partial index holds them), never the completed ones, which grow without bound. A task
+# is overdue once its deadline has passed by more than the sweep takes.
+CLUSTER_STATE = """
+SELECT
+    (SELECT coalesce(jsonb_object_agg(state, n), '{}')::text FROM (
+        SELECT state, count(*) AS n FROM tasks WHERE state <> 'completed' GROUP BY state) s
+    ) AS states,
+    (SELECT min(queued_at) FROM tasks WHERE state = 'queued') AS oldest_queued_at,
+    (SELECT min(coalesce(waiting_since, started_at)) FROM tasks
+     WHERE state IN ('waiting', 'polling')) AS oldest_waiting_since,
+    (SELECT count(*) FROM tasks
+     WHERE state IN ('waiting', 'polling') AND deadline < now() - interval '30 seconds') AS overdue,
+    (SELECT count(*) FROM workers WHERE last_seen > now() - interval '30 seconds') AS workers
+"""
 
 UNFINISHED = f"""
 SELECT {SUMMARY} FROM tasks t WHERE t.state IN ('running', 'waiting', 'polling')

@@ -47,6 +47,7 @@ def task_record(row: asyncpg.Record) -> TaskRecord:
         worker_alive=row.get("worker_alive", False),
         polls=row["polls"],
         next_poll_at=row["next_poll_at"],
+        waiting_since=row["waiting_since"],
     )
 
 
