@@ -1,18 +1,26 @@
 """The operations page (GET /): the dashboard rendered on the server from Jinja2 templates
-(callback_api/templates), refreshing itself.
+(callback_api/templates), refreshing itself, with the last hour's throughput as an SVG chart.
 
-No JavaScript and no build step: a meta refresh re-renders it, so it works in any browser and
-under a Content-Security-Policy that forbids scripts outright.
+No JavaScript and no build step: a meta refresh re-renders it, and the chart is drawn here, as
+inline SVG, so it works in any browser and under a Content-Security-Policy that forbids scripts
+(and every other resource) outright.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import orjson
 from aiohttp import web
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from callback_api.ops import current_dashboard
+from callback_api.services import services
+from worker.store.throughput import MINUTES
 from worker.text import duration, shorten
-from worker.views import Dashboard
+from worker.views import Dashboard, MinuteThroughput
 
 REFRESH_SECONDS = 5
 EXCERPT_CHARS = 160
@@ -50,7 +58,132 @@ templates = Environment(
     # files on the event loop for every request.
     auto_reload=False,
 )
-templates.filters.update(duration=duration, shorten=shorten, flatten=flatten)
+
+
+def pretty(value: object) -> str:
+    """A JSON value as indented JSON text, for a <pre>."""
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
+
+
+templates.filters.update(duration=duration, shorten=shorten, flatten=flatten, pretty=pretty)
+
+
+# The chart's frame, in the SVG's own units: it scales to the page's width, at which one unit is
+# about one pixel, so that its labels read at the size of the page's small print.
+CHART_WIDTH = 1200
+CHART_HEIGHT = 220
+PLOT_LEFT = 56
+PLOT_RIGHT = CHART_WIDTH - 16
+PLOT_TOP = 30
+PLOT_BOTTOM = CHART_HEIGHT - 46
+# At most this many steps up the count axis, each 1, 2 or 5 times a power of ten.
+MAX_STEPS = 4
+# A time on the time axis every this many minutes of the clock.
+TICK_MINUTES = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    at: float
+    label: str
+
+
+@dataclass(frozen=True, slots=True)
+class Bar:
+    """One minute's column: the succeeded tasks at the bottom, the others stacked on them."""
+
+    minute: MinuteThroughput
+    label: str
+    x: float
+    width: float
+    succeeded_top: float
+    succeeded_height: float
+    other_top: float
+    other_height: float
+
+
+@dataclass(frozen=True, slots=True)
+class Chart:
+    bars: list[Bar]
+    x_ticks: list[Tick]
+    y_ticks: list[Tick]
+    succeeded: int
+    other: int
+    busiest: Bar | None
+    zone: str
+    width: int = CHART_WIDTH
+    height: int = CHART_HEIGHT
+    left: int = PLOT_LEFT
+    right: int = PLOT_RIGHT
+    top: int = PLOT_TOP
+    bottom: int = PLOT_BOTTOM
+
+
+def count_axis(peak: int) -> tuple[int, int]:
+    """The count axis for a busiest minute of `peak`: its top and its step, both whole. With no
+    completions at all, 0 to 1."""
+    peak = max(peak, 1)
+    magnitude = 1
+    while True:
+        for step in (magnitude, 2 * magnitude, 5 * magnitude):
+            steps = math.ceil(peak / step)
+            if steps <= MAX_STEPS:
+                return step * steps, step
+        magnitude *= 10
+
+
+def quiet_hour(now: datetime) -> list[MinuteThroughput]:
+    """The last hour's minutes with no completion in them, for a board that was given none."""
+    last = now.replace(second=0, microsecond=0)
+    return [
+        MinuteThroughput(minute=last - timedelta(minutes=back), succeeded=0, other=0)
+        for back in reversed(range(MINUTES))
+    ]
+
+
+def chart(board: Dashboard) -> Chart:
+    """Where the throughput chart's bars, ticks and labels go."""
+    minutes = board.throughput or quiet_hour(board.generated_at)
+    zone = board.generated_at.tzinfo
+    top, step = count_axis(max(m.succeeded + m.other for m in minutes))
+    column = (PLOT_RIGHT - PLOT_LEFT) / len(minutes)
+    height = PLOT_BOTTOM - PLOT_TOP
+
+    def y(count: int) -> float:
+        return round(PLOT_BOTTOM - height * count / top, 2)
+
+    bars = []
+    x_ticks = []
+    for index, minute in enumerate(minutes):
+        local = minute.minute.astimezone(zone)
+        x = PLOT_LEFT + index * column
+        label = local.strftime("%H:%M")
+        if local.minute % TICK_MINUTES == 0:
+            x_ticks.append(Tick(round(x, 2), label))
+        succeeded_top = y(minute.succeeded)
+        other_top = y(minute.succeeded + minute.other)
+        bars.append(
+            Bar(
+                minute=minute,
+                label=label,
+                x=round(x + column * 0.1, 2),
+                width=round(column * 0.8, 2),
+                succeeded_top=succeeded_top,
+                succeeded_height=round(PLOT_BOTTOM - succeeded_top, 2),
+                other_top=other_top,
+                other_height=round(succeeded_top - other_top, 2),
+            )
+        )
+    busiest = max(bars, key=lambda b: b.minute.succeeded + b.minute.other)
+    return Chart(
+        bars=bars,
+        x_ticks=x_ticks,
+        y_ticks=[Tick(y(value), str(value)) for value in range(0, top + 1, step)],
+        succeeded=sum(m.succeeded for m in minutes),
+        other=sum(m.other for m in minutes),
+        busiest=busiest if busiest.minute.succeeded + busiest.minute.other else None,
+        zone=board.generated_at.strftime("%Z") or "local time",
+    )
 
 
 def render(board: Dashboard) -> str:
@@ -60,9 +193,21 @@ def render(board: Dashboard) -> str:
         now=board.generated_at,
         refresh_seconds=REFRESH_SECONDS,
         excerpt_chars=EXCERPT_CHARS,
+        chart=chart(board),
     )
 
 
 async def get_page(request: web.Request) -> web.Response:
     board = await current_dashboard(request)
+    # The chart's query is the page's alone: GET /queue, which shares the dashboard, has no use
+    # for it.
+    minutes = await services(request).store.throughput()
+    board = board.model_copy(
+        update={
+            "throughput": [
+                MinuteThroughput.model_validate(m, from_attributes=True, by_name=True)
+                for m in minutes
+            ]
+        }
+    )
     return web.Response(text=render(board), content_type="text/html", headers=HEADERS)

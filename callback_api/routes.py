@@ -6,7 +6,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from callback_api import azure, events, openapi, ops, ops_page, tasks
+from callback_api import azure, events, openapi, ops, ops_page, task_page, tasks
 from callback_api.declarations import Route, Text, routes_key
 from callback_api.server import Deadlines
 from callback_api.services import services_key
@@ -232,9 +232,10 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/tasks/{taskId}",
         tasks.get_task,
-        "A task's state and result",
+        "A task's state and result (as an HTML page when Accept prefers text/html)",
         "api",
         "tasks",
+        query=task_page.TaskQuery,
         responses={200: TaskDetail, 404: "no such task"},
     ),
     Route(

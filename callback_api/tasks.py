@@ -19,6 +19,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from callback_api import task_page
 from callback_api.inputs import query_of, read_body
 from callback_api.problems import Problem
 from callback_api.services import services
@@ -181,7 +182,11 @@ async def get_task(request: web.Request) -> web.Response:
     record = await services(request).store.get(task_id)
     if record is None:
         raise Problem(404, f"there is no task {task_id!r}")
-    return _json(TaskDetail.from_record(record).model_dump(mode="json", by_alias=True))
+    detail = TaskDetail.from_record(record)
+    # A browser (following a link of the operations page) gets the page; API clients the JSON.
+    if task_page.wants_page(request):
+        return await task_page.get_page(request, detail)
+    return _json(detail.model_dump(mode="json", by_alias=True), headers={"Vary": "Accept"})
 
 
 def _task_id(request: web.Request) -> str:

@@ -168,6 +168,14 @@ class QueueView(View):
     completed_last_minute: int
 
 
+class MinuteThroughput(View):
+    """The tasks that completed in one minute: succeeded (with issues too), or not."""
+
+    minute: datetime = Field(description="the minute's start")
+    succeeded: int
+    other: int = Field(description="every other result: failed, canceled, …")
+
+
 class Dashboard(View):
     """Everything the operations page shows."""
 
@@ -177,6 +185,10 @@ class Dashboard(View):
     workers: list[WorkerView]
     dead_letters: list[DeadLetterView]
     generated_at: datetime
+    # The page's chart, read for the page alone (GET /queue has no use for it).
+    throughput: list[MinuteThroughput] = Field(
+        default_factory=list, description="the last hour's minutes, oldest first"
+    )
 
 
 def worker_views(records: list[WorkerRecord]) -> list[WorkerView]:
