@@ -1,0 +1,1 @@
+"""Tests of the deployment files: the container image, compose, Kubernetes."""
