@@ -142,7 +142,8 @@ async def test_worker_refuses_to_start_with_an_actionable_message(
     settings: Settings, db: asyncpg.Connection, env: dict[str, str], message: str
 ) -> None:
     code, _, err = await processes.run(settings, "worker", timeout=60, **env)
-    assert code == 2
+    # An address that does not answer is worth trying again later (4); the rest is to fix (2).
+    assert code == (4 if message.startswith("cannot reach") else 2)
     assert message in err
     assert "Traceback" not in err
 

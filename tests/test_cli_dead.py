@@ -243,7 +243,8 @@ async def test_dead_refuses_an_unreachable_broker(settings: Settings) -> None:
     code, _, err = await processes.run(
         settings, "dead", "list", AGENTLESS_AMQP_URL="amqp://guest:guest@127.0.0.1:1/"
     )
-    assert code == 2
+    # Unavailable, to be tried again later (SPEC §8).
+    assert code == 4
     assert "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/" in err
     assert "Traceback" not in err
 

@@ -8,7 +8,11 @@ from contextlib import asynccontextmanager
 
 from aiohttp import web
 
+from worker.contract.errors import CannotListen
 from worker.views import Health, Readiness
+
+# What else AGENTLESS_WORKER_PORT can be set to, should its port be taken.
+PORT_OFF = "to turn the worker's probe server off"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -34,7 +38,8 @@ def readiness(
 async def probe_server(
     host: str, port: int, ready: Callable[[], Awaitable[bool]], get_metrics: Handler
 ) -> AsyncIterator[None]:
-    """A worker's own /metrics, /healthz and /readyz on `host`:`port`."""
+    """A worker's own /metrics, /healthz and /readyz on `host`:`port` (AGENTLESS_WORKER_HOST and
+    AGENTLESS_WORKER_PORT); CannotListen, naming them, if it cannot listen there."""
 
     async def is_ready(_: web.Request) -> bool:
         return await ready()
@@ -46,7 +51,11 @@ async def probe_server(
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise CannotListen(exc, host, port, setting="AGENTLESS_WORKER", port_off=PORT_OFF) from exc
     try:
         yield
     finally:

@@ -4,10 +4,13 @@ subcommand to its handler)."""
 from __future__ import annotations
 
 import argparse
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
 from worker import __version__
+from worker.cli.events import IDLE_SECONDS
+from worker.cli.exits import EXIT_CODES
 from worker.contract.models import Result, State
 from worker.store.queries import ORDER_COLUMNS
 
@@ -15,11 +18,44 @@ from worker.store.queries import ORDER_COLUMNS
 MAX_LISTED = 1000
 
 
+# What the long-running commands exit with.
+SERVE_EXITS = """exit codes:
+  0  stopped by SIGTERM or SIGINT
+  1  the consume loop died
+  2  a setting to fix, or a port already in use (the message names the setting)
+  4  RabbitMQ or PostgreSQL did not answer at start-up: try again later"""
+# What the commands that read or change one task exit with.
+TASK_EXITS = """exit codes:
+  0  done
+  1  no such task{also}
+  2  the id is not an id
+  4  the database{broker} is unavailable: try again later"""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Paragraphs wrapped to the terminal as usual, but each line of a text kept apart, so that
+    the exit codes stay a table."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(_fill(line, width, indent) for line in text.splitlines())
+
+
+def _fill(line: str, width: int, indent: str) -> str:
+    """One line wrapped; an indented one (a row of a table) hangs under its text."""
+    margin = line[: len(line) - len(line.lstrip())]
+    hang = margin + "   " if margin else ""
+    return textwrap.fill(
+        line.strip(), width, initial_indent=indent + margin, subsequent_indent=indent + hang
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agentless",
         description="Agentless task worker: HTTP tasks from RabbitMQ, judged by JMESPath, "
         "state in PostgreSQL. Configured by AGENTLESS_* environment variables.",
+        epilog=EXIT_CODES,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"agentless {__version__}")
     parser.add_argument(
@@ -37,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser(
         "worker",
+        epilog=SERVE_EXITS,
+        formatter_class=_HelpFormatter,
         help="consume and run tasks until SIGTERM",
         description="Consume the task "
         "queue and run tasks until SIGTERM or SIGINT; then finish in-flight tasks and exit 0.",
@@ -45,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser(
         "run",
+        epilog=SERVE_EXITS,
+        formatter_class=_HelpFormatter,
         help="a worker and the HTTP API in one process",
         description="Run a worker and the HTTP API (AGENTLESS_API_HOST:AGENTLESS_API_PORT) in "
         "one process: for a laptop and the quick start.",
@@ -53,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     api = commands.add_parser(
         "api",
+        epilog=SERVE_EXITS,
+        formatter_class=_HelpFormatter,
         help="the HTTP API alone",
         description="Serve the callback API and the task API on "
         "AGENTLESS_API_HOST:AGENTLESS_API_PORT; any number may run against one broker and "
@@ -62,9 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = commands.add_parser(
         "submit",
+        epilog=SUBMIT_EXITS,
+        formatter_class=_HelpFormatter,
         help="queue a task; with --wait, print its result",
         description="Queue a task from a JSON file (SPEC §4) and/or flags; flags win over the "
-        "file. With --wait, print the TaskCompleted event and exit 0 only if it succeeded.",
+        "file. With --wait, print the TaskCompleted event and exit 0 only if it succeeded; "
+        "while it waits, a line on stderr shows how the task is doing, if stderr is a terminal.",
     )
     submit.add_argument("file", nargs="?", type=Path, help="task message JSON file, or - for stdin")
     submit.add_argument("--url", help="absolute http(s) URL to call")
@@ -155,7 +200,101 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.set_defaults(command="submit")
     _add_operations(commands)
+    _add_task_commands(commands)
     return parser
+
+
+SUBMIT_EXITS = """exit codes:
+  0  queued (with --wait: the task succeeded)
+  1  with --wait: the task's result is not succeeded
+  2  invalid input: the message says what to fix
+  3  --wait-timeout passed: the task stays queued or running
+  4  RabbitMQ is unavailable: try again later"""
+
+
+def _add_task_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The commands that follow tasks as they run, read and cancel one, and serve health checks."""
+    events = commands.add_parser(
+        "events",
+        help="print task events as they are published",
+        description="Print the task events published from now on (TaskStarted, TaskWaiting, "
+        "TaskCompleted), one line each: the time, the event, taskId, hub, and a TaskCompleted's "
+        "result and reason. Without --follow: with --task, until that task's TaskCompleted "
+        "(printed at once if the task has already completed); without --task, until "
+        f"{IDLE_SECONDS:g} s pass without an event.",
+        epilog="""exit codes:
+  0  done, or stopped by SIGINT or SIGTERM
+  2  --hub or --task is not an id
+  4  RabbitMQ (or, for --task without --follow, PostgreSQL) is unavailable""",
+        formatter_class=_HelpFormatter,
+    )
+    events.add_argument("--follow", "-f", action="store_true", help="until SIGINT or SIGTERM")
+    events.add_argument("--hub", help="only this hubName's events (exact, as in routing keys)")
+    events.add_argument("--task", metavar="ID", help="only this taskId's events")
+    events.add_argument("--json", action="store_true", help="each event's JSON body, one a line")
+    events.set_defaults(command="events")
+
+    task = commands.add_parser(
+        "task",
+        help="one task in detail",
+        description="Show a task as GET /tasks/{taskId} does: state, result, reason, times, "
+        "attempts, the request (secrets redacted), the response, the events received.",
+        epilog=TASK_EXITS.format(also="", broker=""),
+        formatter_class=_HelpFormatter,
+    )
+    task.add_argument("id", metavar="ID", help="the taskId")
+    task.add_argument("--json", action="store_true", help="GET /tasks/{taskId}'s JSON")
+    task.set_defaults(command="task")
+
+    cancel = commands.add_parser(
+        "cancel",
+        help="cancel a queued, running or waiting task",
+        description="Complete a task with the result canceled, as POST /tasks/{taskId}/cancel "
+        "does, and publish its TaskCompleted event; its cancelRequest, if any, is called by a "
+        "worker. A task already completed is left as it is.",
+        epilog=TASK_EXITS.format(also=", or it has already completed", broker=" or RabbitMQ"),
+        formatter_class=_HelpFormatter,
+    )
+    cancel.add_argument("id", metavar="ID", help="the taskId")
+    cancel.set_defaults(command="cancel")
+
+    logs = commands.add_parser(
+        "logs",
+        help="the log lines a task's service posted",
+        description="Print the log lines the task's service posted, oldest first, as "
+        "GET /tasks/{taskId}/logs gives them.",
+        epilog=TASK_EXITS.format(also="", broker=""),
+        formatter_class=_HelpFormatter,
+    )
+    logs.add_argument("id", metavar="ID", help="the taskId")
+    logs.add_argument(
+        "--follow", "-f", action="store_true", help="print new lines until the task completes"
+    )
+    logs.set_defaults(command="logs")
+
+    check = commands.add_parser(
+        "check",
+        help="exit 0 if this machine's agentless processes are ready (a health check)",
+        description="Ask GET /readyz of the worker's probe server (AGENTLESS_WORKER_HOST, "
+        "AGENTLESS_WORKER_PORT) and of the API (AGENTLESS_API_HOST, AGENTLESS_API_PORT) on "
+        "this machine; a port that refuses the connection is skipped. For a container's "
+        "HEALTHCHECK.",
+        epilog="""exit codes:
+  0  at least one answers 200, and none anything else
+  1  one answers anything else (503: not ready), or does not answer in 2 s
+  2  both ports are 0
+  4  no port is listening""",
+        formatter_class=_HelpFormatter,
+    )
+    check.set_defaults(command="check")
+
+    openapi = commands.add_parser(
+        "openapi",
+        help="print the API's OpenAPI document",
+        description="Print the OpenAPI 3.1 document that GET /openapi.json serves, built "
+        "from the route table, without connecting to anything.",
+    )
+    openapi.set_defaults(command="openapi")
 
 
 def _add_operations(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -19,7 +19,7 @@ from worker.amqp import BROKER_ERRORS
 from worker.broker import Broker
 from worker.cli import dead
 from worker.cli.tables import Column, render
-from worker.contract.errors import ConfigError, UsageError
+from worker.contract.errors import Unavailable, UsageError
 from worker.contract.models import Names
 from worker.contract.settings import Settings, redact_url
 from worker.store.database import Store
@@ -232,7 +232,9 @@ async def _broker(settings: Settings, command: str) -> AsyncIterator[Broker]:
             yield broker
         except BROKER_ERRORS as exc:
             why = str(exc) or type(exc).__name__
-            raise ConfigError(f"RabbitMQ at {redact_url(settings.amqp_url)} failed: {why}") from exc
+            raise Unavailable(
+                f"RabbitMQ at {redact_url(settings.amqp_url)} failed: {why}; try again"
+            ) from exc
 
 
 def _terminal_width() -> int | None:

@@ -1,4 +1,5 @@
-"""`agentless submit`: a task from a file and flags, queued; with --wait, its result."""
+"""`agentless submit`: a task from a file and flags, queued; with --wait, its result (and, on a
+terminal, how it is doing meanwhile: progress.py)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ import aio_pika
 import orjson
 from pydantic import JsonValue
 
-from worker.amqp import BROKER_ERRORS
-from worker.contract.errors import ConfigError, InvalidTask, UsageError
+from worker.cli.connect import broker_connection
+from worker.cli.events import EventFeed
+from worker.cli.exits import EXIT_DONE, EXIT_NOT_SUCCEEDED, EXIT_WAIT_TIMEOUT
+from worker.cli.progress import Progress
+from worker.contract.errors import InvalidTask, UsageError
 from worker.contract.models import Names, Result, TaskEvent, TaskMessage, parse_task
-from worker.contract.settings import Settings, redact_url
+from worker.contract.settings import Settings
 from worker.topology import declare_topology
-
-EXIT_NOT_SUCCEEDED = 1
-EXIT_WAIT_TIMEOUT = 3
 
 
 def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
@@ -137,22 +138,18 @@ def _read(path: Path) -> bytes:
 
 async def _submit(settings: Settings, task: TaskMessage, *, wait: bool, wait_timeout: float) -> int:
     names = Names(settings.prefix)
-    try:
-        connection = await aio_pika.connect(
-            settings.amqp_url,
-            client_properties={"connection_name": "agentless submit"},
-            timeout=10,
-        )
-    except BROKER_ERRORS as exc:
-        raise ConfigError(
-            f"cannot reach RabbitMQ at {redact_url(settings.amqp_url)}: {exc}"
-        ) from exc
+    connection = await broker_connection(settings, "submit")
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         await declare_topology(channel, names)
         reply_queue = None
+        progress: tuple[Progress, EventFeed] | None = None
         if wait:
             reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            if sys.stderr.isatty():
+                # Bound before the task is published, so that none of its events is missed.
+                feed = await EventFeed.bound(channel, names, task.hub_name)
+                progress = Progress(task, sys.stderr), feed
         body = task.model_dump_json(by_alias=True, exclude_none=True).encode()
         await channel.default_exchange.publish(
             aio_pika.Message(
@@ -167,19 +164,31 @@ async def _submit(settings: Settings, task: TaskMessage, *, wait: bool, wait_tim
         )
         if reply_queue is None:
             print(orjson.dumps({"taskId": task.task_id, "planId": task.plan_id}).decode())
-            return 0
+            return EXIT_DONE
+        showing = (
+            None
+            if progress is None
+            else asyncio.create_task(progress[0].run(progress[1], settings))
+        )
         try:
             event = await asyncio.wait_for(_next_reply(reply_queue, task.task_id), wait_timeout)
         except TimeoutError:
-            print(
-                f"agentless: no result for task {task.task_id} within {wait_timeout:g} s; "
-                "it stays queued or running",
-                file=sys.stderr,
-            )
-            return EXIT_WAIT_TIMEOUT
+            event = None
+        finally:
+            if showing is not None and progress is not None:
+                showing.cancel()
+                await asyncio.gather(showing, return_exceptions=True)
+                progress[0].clear()
+    if event is None:
+        print(
+            f"agentless: no result for task {task.task_id} within {wait_timeout:g} s; "
+            "it stays queued or running",
+            file=sys.stderr,
+        )
+        return EXIT_WAIT_TIMEOUT
     print(orjson.dumps(orjson.loads(event), option=orjson.OPT_INDENT_2).decode())
     result = TaskEvent.model_validate_json(event).result
-    return 0 if result is Result.SUCCEEDED else EXIT_NOT_SUCCEEDED
+    return EXIT_DONE if result is Result.SUCCEEDED else EXIT_NOT_SUCCEEDED
 
 
 async def _next_reply(queue: aio_pika.abc.AbstractQueue, task_id: str) -> bytes:

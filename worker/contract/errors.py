@@ -3,6 +3,8 @@ says what to fix."""
 
 from __future__ import annotations
 
+import errno
+import socket
 from typing import NamedTuple
 
 from pydantic import ValidationError
@@ -14,6 +16,37 @@ class AgentlessError(Exception):
 
 class ConfigError(AgentlessError):
     """A setting is missing, malformed or points at something unreachable."""
+
+
+class CannotListen(ConfigError):
+    """A server cannot listen where its settings say: the port is taken, or the host is not an
+    address of this machine. `setting` is the settings' common prefix, such as
+    AGENTLESS_WORKER for AGENTLESS_WORKER_HOST and AGENTLESS_WORKER_PORT."""
+
+    def __init__(
+        self, exc: OSError, host: str, port: int, *, setting: str, port_off: str = ""
+    ) -> None:
+        where = f"port {port} ({setting}_PORT) on {host or 'every address'}"
+        if exc.errno == errno.EADDRINUSE:
+            also = f", or 0 {port_off}" if port_off else ""
+            message = (
+                f"{where} is in use by another process; set {setting}_PORT to a free port{also}"
+            )
+        elif exc.errno == errno.EACCES:
+            message = f"{where} needs privileges this process lacks; set {setting}_PORT above 1023"
+        elif exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+            message = (
+                f"{setting}_HOST {host!r} is not an address of this machine; set it to one of "
+                "its addresses, or 0.0.0.0 to listen on all of them"
+            )
+        else:
+            message = f"cannot listen on {where}: {exc.strerror or exc}"
+        super().__init__(message)
+
+
+class Unavailable(AgentlessError):
+    """The broker, the database or the API cannot be reached now; trying again later may work.
+    The message names the address and what to check."""
 
 
 class InvalidTask(AgentlessError):
