@@ -237,7 +237,7 @@ async def list_tasks(request: web.Request) -> web.Response:
 async def cancel_task(request: web.Request) -> web.Response:
     task_id = _task_id(request)
     svc = services(request)
-    record = await svc.store.cancel(task_id, "canceled by request")
+    record = await svc.store.cancel(task_id)
     if record is None:
         existing = await svc.store.get(task_id)
         if existing is None:

@@ -67,7 +67,27 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
     """Open the store and broker, consume until the block ends, then drain in-flight tasks."""
     connections = settings.load_connections()
     metrics = Metrics()
+    worker: Worker | None = None
+
+    async def ready() -> bool:
+        return worker is not None and await worker.ready()
+
+    async def show_dependencies() -> None:
+        if worker is not None:
+            await worker.show_dependencies()
+
     async with AsyncExitStack() as stack:
+        if settings.worker_port:
+            # First, before anything connects: a port that is taken stops the worker before it
+            # takes a task. Until the worker is up, the server answers that it is not ready.
+            await stack.enter_async_context(
+                probe_server(
+                    settings.worker_host,
+                    settings.worker_port,
+                    ready,
+                    metrics.handler(show_dependencies),
+                )
+            )
         store = await stack.enter_async_context(Store.open(settings.database_url))
         name = f"agentless worker {settings.prefix} {socket.gethostname()}:{os.getpid()}"
         # Consuming and publishing on connections of their own: the broker throttles a
@@ -122,15 +142,6 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
         polling = asyncio.create_task(poller.run(), name="poller")
         relaying = asyncio.create_task(Relay(store, broker).run(), name="relay")
         worker = Worker(settings, store, broker, signer, consumer, metrics, worker_id, consuming)
-        if settings.worker_port:
-            await stack.enter_async_context(
-                probe_server(
-                    settings.worker_host,
-                    settings.worker_port,
-                    worker.ready,
-                    metrics.handler(worker.show_dependencies),
-                )
-            )
         log.info("worker started", extra={"workerId": worker_id, "prefix": settings.prefix})
         try:
             yield worker

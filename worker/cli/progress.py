@@ -104,6 +104,7 @@ class Progress:
             for task in (watching, reading):
                 task.cancel()
             await asyncio.gather(watching, reading, return_exceptions=True)
+            self.clear()
 
     async def _watch(self, feed: EventFeed) -> None:
         with suppress(ConnectionError):

@@ -2,9 +2,9 @@
 one place in the core that reaches into callback_api, because `agentless run` starts both.
 Signals are handled here.
 
-Before anything connects, each makes sure it can listen where its settings say: a second
-`agentless run` on one machine stops at once, naming the port and the setting, rather than
-after its worker has taken tasks."""
+The API's sockets are opened before anything connects, so that a port that is taken stops the
+process at once, naming the port and the setting (the worker's probe server does the same for
+its own port, first thing)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import orjson
 
 from worker.contract.errors import CannotListen
 from worker.contract.settings import Settings
-from worker.probe import PORT_OFF
 from worker.runtime import new_event_loop, settle_heap
 from worker.service import running_worker
 
@@ -29,7 +28,6 @@ BACKLOG = 128
 
 
 def cmd_worker(settings: Settings, _: argparse.Namespace) -> int:
-    _probe_port_free(settings)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(_worker(settings))
 
@@ -80,8 +78,6 @@ def _serve(settings: Settings, *, worker: bool) -> int:
     from callback_api.server import deadlines_key, raise_open_files_limit  # noqa: PLC0415
 
     app = create_app(settings, worker=worker)
-    if worker:
-        _probe_port_free(settings)
     sockets = _listen(settings.api_host, settings.api_port, setting="AGENTLESS_API")
     raise_open_files_limit()
     app.on_startup.append(_settle_heap)
@@ -100,20 +96,7 @@ def _serve(settings: Settings, *, worker: bool) -> int:
     return 1 if app[failed_key] else 0
 
 
-def _probe_port_free(settings: Settings) -> None:
-    """CannotListen now if the worker's probe server could not listen on its port (the probe
-    server says so itself too, should the port be taken in between)."""
-    if settings.worker_port:
-        for sock in _listen(
-            settings.worker_host,
-            settings.worker_port,
-            setting="AGENTLESS_WORKER",
-            port_off=PORT_OFF,
-        ):
-            sock.close()
-
-
-def _listen(host: str, port: int, *, setting: str, port_off: str = "") -> list[socket.socket]:
+def _listen(host: str, port: int, *, setting: str) -> list[socket.socket]:
     """Sockets listening on `port` of every address `host` names, as aiohttp would open them;
     CannotListen, naming the settings, if one cannot."""
     sockets: list[socket.socket] = []
@@ -133,5 +116,5 @@ def _listen(host: str, port: int, *, setting: str, port_off: str = "") -> list[s
     except OSError as exc:
         for sock in sockets:
             sock.close()
-        raise CannotListen(exc, host, port, setting=setting, port_off=port_off) from exc
+        raise CannotListen(exc, host, port, setting=setting) from exc
     return sockets

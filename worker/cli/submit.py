@@ -143,13 +143,12 @@ async def _submit(settings: Settings, task: TaskMessage, *, wait: bool, wait_tim
         channel = await connection.channel(publisher_confirms=True)
         await declare_topology(channel, names)
         reply_queue = None
-        progress: tuple[Progress, EventFeed] | None = None
+        feed = None
         if wait:
             reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
             if sys.stderr.isatty():
                 # Bound before the task is published, so that none of its events is missed.
                 feed = await EventFeed.bound(channel, names, task.hub_name)
-                progress = Progress(task, sys.stderr), feed
         body = task.model_dump_json(by_alias=True, exclude_none=True).encode()
         await channel.default_exchange.publish(
             aio_pika.Message(
@@ -167,18 +166,17 @@ async def _submit(settings: Settings, task: TaskMessage, *, wait: bool, wait_tim
             return EXIT_DONE
         showing = (
             None
-            if progress is None
-            else asyncio.create_task(progress[0].run(progress[1], settings))
+            if feed is None
+            else asyncio.create_task(Progress(task, sys.stderr).run(feed, settings))
         )
         try:
             event = await asyncio.wait_for(_next_reply(reply_queue, task.task_id), wait_timeout)
         except TimeoutError:
             event = None
         finally:
-            if showing is not None and progress is not None:
+            if showing is not None:
                 showing.cancel()
                 await asyncio.gather(showing, return_exceptions=True)
-                progress[0].clear()
     if event is None:
         print(
             f"agentless: no result for task {task.task_id} within {wait_timeout:g} s; "

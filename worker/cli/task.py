@@ -24,8 +24,6 @@ from worker.store.database import Store
 from worker.text import duration, one_line, shorten
 from worker.views import TaskDetail
 
-# The reason a cancelled task records, whoever cancelled it (the API records the same).
-CANCEL_REASON = "canceled by request"
 # How long a cancel waits for the broker to take its TaskCompleted event; past that, a worker's
 # or an API's relay publishes it.
 ANNOUNCE_SECONDS = 10
@@ -155,7 +153,7 @@ async def _cancel(settings: Settings, task_id: str) -> int:
             settings.amqp_url, Names(settings.prefix), connection_name="agentless cancel"
         ) as broker,
     ):
-        record = await store.cancel(task_id, CANCEL_REASON)
+        record = await store.cancel(task_id)
         if record is None:
             existing = await store.get(task_id)
             if existing is None:
