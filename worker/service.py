@@ -156,7 +156,9 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
 
 
 async def open_signer(settings: Settings, store: Store) -> Signer:
-    """The signer of callback tokens: AGENTLESS_SIGNING_KEY, or the key kept in the database."""
-    if settings.signing_key is not None:
-        return Signer(hashlib.sha256(settings.signing_key.get_secret_value().encode()).digest())
+    """The signer of callback tokens: AGENTLESS_SIGNING_KEY's keys, or the key kept in the
+    database."""
+    if settings.signing_keys:
+        # Hashed, so that any text of 32 bytes or more makes a key of the HMAC's own size.
+        return Signer(*(hashlib.sha256(key.encode()).digest() for key in settings.signing_keys))
     return Signer(await store.signing_key(new_key()))

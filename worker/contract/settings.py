@@ -123,10 +123,38 @@ def _split(value: object) -> object:
 
 CommaList = Annotated[list[str], NoDecode]
 
+# A key is a secret to be guessed by no one: as long as the HMAC-SHA256 it keys.
+MIN_SIGNING_KEY_BYTES = 32
+
+
+def split_signing_keys(value: SecretStr) -> tuple[str, ...]:
+    """The comma-separated keys of AGENTLESS_SIGNING_KEY; ValueError, naming a key only by its
+    place in the list, when one is empty or too short."""
+    keys = tuple(key.strip() for key in value.get_secret_value().split(","))
+    for number, key in enumerate(keys, 1):
+        place = f"key {number} of {len(keys)}" if len(keys) > 1 else "the key"
+        size = len(key.encode())
+        if not size:
+            raise ValueError(
+                f"{place} is empty: list keys separated by single commas, or leave the setting "
+                "unset to use the key kept in the database"
+            )
+        if size < MIN_SIGNING_KEY_BYTES:
+            raise ValueError(
+                f"{place} is {size} bytes long, and every key must be at least "
+                f"{MIN_SIGNING_KEY_BYTES} bytes (`openssl rand -base64 32` makes one)"
+            )
+    return keys
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="AGENTLESS_", extra="ignore", frozen=True, validate_default=True
+        env_prefix="AGENTLESS_",
+        extra="ignore",
+        frozen=True,
+        validate_default=True,
+        # A refused value may be a key, a token or a URL with its password: errors never echo it.
+        hide_input_in_errors=True,
     )
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
@@ -169,6 +197,13 @@ class Settings(BaseSettings):
     def _level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
+    @field_validator("signing_key")
+    @classmethod
+    def _signing_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            split_signing_keys(value)
+        return value
+
     @field_validator("api_tokens", mode="before")
     @classmethod
     def _tokens(cls, value: object) -> object:
@@ -189,6 +224,11 @@ class Settings(BaseSettings):
                 except ValueError as exc:
                     raise ValueError(f"{item!r} is not a valid CIDR") from exc
         return items
+
+    @property
+    def signing_keys(self) -> tuple[str, ...]:
+        """AGENTLESS_SIGNING_KEY's keys, the one that signs first; () when it is not set."""
+        return () if self.signing_key is None else split_signing_keys(self.signing_key)
 
     @property
     def deny_rule(self) -> EgressRule:
