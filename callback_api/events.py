@@ -2,7 +2,15 @@
 
 Every route here takes the task's callback token (Bearer, or Basic with the token as password,
 as Azure's server-task helper library sends it); a forged or expired token is refused before any
-database read.
+database read, and a token of another task or plan with 403.
+
+Replays: once its task has completed, a token changes nothing more. A TaskCompleted that comes
+again is answered 200 only when it asks for what was done: the task was completed by a
+TaskCompleted, with the same result (its token, plan and taskId already match, or it would not get
+this far; the event name and result may differ in case, and `jobId` is not read, since the token
+names the task). Anything else about a completed task is refused with 409: another result, a task
+completed by its deadline, a cancellation or its own response, TaskStarted and TaskAssigned, log
+lines on every log route, a new log, and timeline record updates. Reading the record still answers.
 """
 
 from __future__ import annotations
@@ -127,7 +135,9 @@ async def _completed(request: web.Request, event: PlanEvent) -> web.Response:
         svc.announcer.announce(record)
         return _accepted(record)
     if record.completed_by is CompletedBy.CALLBACK and record.result is event.result:
-        return _accepted(record)  # an exact repeat: nothing changes
+        # A repeat of the TaskCompleted that completed it (a retry whose answer was lost, or a
+        # replay): it asks for nothing that was not done, and changes nothing.
+        return _accepted(record)
     raise Problem(409, _conflict(record, event.result), state=record.state, result=record.result)
 
 
@@ -182,6 +192,22 @@ def _conflict(record: TaskRecord, result: Result | None) -> str:
             return f"task {record.task_id!r} already completed at {when}: {record.reason}"
 
 
+async def _refused(request: web.Request, grant: Grant, final: str) -> Problem:
+    """Why a change to the grant's task was not made: the plan has no such task (404), or the
+    task has completed and `final` says what of it can no longer change (409)."""
+    record = _exists(
+        await services(request).store.in_plan(grant.task_id, grant.plan_id),
+        grant.task_id,
+        grant.plan_id,
+    )
+    return _final(record, final)
+
+
+def _final(record: TaskRecord, final: str) -> Problem:
+    detail = f"task {record.task_id!r} already completed; {final}"
+    return Problem(409, detail, state=record.state, result=record.result)
+
+
 def _accepted(record: TaskRecord) -> web.Response:
     answer = TaskStatus(task_id=record.task_id, state=record.state, result=record.result)
     return web.json_response(text=answer.model_dump_json(by_alias=True))
@@ -215,11 +241,11 @@ async def _append(request: web.Request, grant: Grant, *, as_json: bool) -> web.R
     _check_plan(grant, request)
     bind_task(grant.task_id, grant.plan_id)
     lines = _lines(await read_body(request, MAX_LOG_BYTES), as_json=as_json)
-    svc = services(request)
-    if lines and not await svc.store.append_log_lines(
+    # Even no lines are refused once the task has completed: the token is of no more use.
+    if not await services(request).store.append_log_lines(
         grant.task_id, grant.plan_id, lines, LOG_LINES_CAP
     ):
-        raise Problem(404, f"plan {grant.plan_id!r} has no task {grant.task_id!r}")
+        raise await _refused(request, grant, "its log is final")
     return web.json_response(text=LinesAccepted(count=len(lines)).model_dump_json(by_alias=True))
 
 
@@ -249,7 +275,7 @@ async def post_create_log(request: web.Request) -> web.Response:
     path = data.get("path") if isinstance(data, dict) else None
     number = await services(request).store.create_log(grant.task_id, grant.plan_id)
     if number is None:
-        raise Problem(404, f"plan {grant.plan_id!r} has no task {grant.task_id!r}")
+        raise await _refused(request, grant, "its log is final")
     now = datetime.now(UTC)
     created = TaskLog(
         id=number,
@@ -326,10 +352,10 @@ async def patch_timeline_records(request: web.Request) -> web.Response:
             grant.task_id, grant.plan_id, outputs, secret
         )
     else:
-        # Progress alone changes nothing we keep, before or after completion.
-        merged, record = True, await svc.store.in_plan(grant.task_id, grant.plan_id)
+        # Progress alone changes nothing we keep; still, a completed task's record is final.
+        record = await svc.store.in_plan(grant.task_id, grant.plan_id)
+        merged = record is not None and record.state is not State.COMPLETED
     record = _exists(record, grant.task_id, grant.plan_id)
     if not merged:
-        detail = f"task {record.task_id!r} already completed; its output variables are final"
-        raise Problem(409, detail, state=record.state, result=record.result)
+        raise _final(record, "its record and output variables are final")
     return _timeline_records(record)

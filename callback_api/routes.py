@@ -78,9 +78,11 @@ _CALLBACK_ERRORS: dict[int, type[BaseModel] | Text | str] = {
     408: _LATE_BODY,
     413: "the body is over the size limit",
 }
+_LOG_FINAL = "the task already completed: its log is final"
 _LOG_ANSWERS: dict[int, type[BaseModel] | Text | str] = {
     200: LinesAccepted,
     400: "not UTF-8, or JSON that is not a list of lines",
+    409: _LOG_FINAL,
     **_CALLBACK_ERRORS,
 }
 _EVENT_ERRORS = {
@@ -157,7 +159,7 @@ ROUTES: tuple[Route, ...] = (
         "callbacks",
         body=(NewLog,),
         body_required=False,
-        responses={200: TaskLog, 400: "the body is not JSON", **_CALLBACK_ERRORS},
+        responses={200: TaskLog, 400: "the body is not JSON", 409: _LOG_FINAL, **_CALLBACK_ERRORS},
         location=azure.LOGS,
     ),
     Route(
@@ -192,7 +194,7 @@ ROUTES: tuple[Route, ...] = (
         responses={
             200: TimelineRecords,
             400: "the body is not JSON, or not a list of records",
-            409: "the task already completed: its output variables are final",
+            409: "the task already completed: its record and output variables are final",
             **_CALLBACK_ERRORS,
         },
         location=azure.RECORDS,

@@ -206,7 +206,11 @@ FROM due WHERE t.task_id = due.task_id
 RETURNING {RECORD}
 """
 
-LOCK_TASK_IN_PLAN = "SELECT 1 FROM tasks WHERE task_id = $1 AND plan_id = $2 FOR UPDATE"
+# A completed task's log is final, as its outputs are: lines are kept only until it completes.
+# The row lock orders them against the completion: kept before it, or refused after it.
+LOCK_TASK_IN_PLAN = """
+SELECT 1 FROM tasks WHERE task_id = $1 AND plan_id = $2 AND state <> 'completed' FOR UPDATE
+"""
 
 APPEND_LOG_LINES = """
 INSERT INTO task_logs (task_id, at, line)
@@ -231,7 +235,7 @@ LOG_LINES_DROPPED = "SELECT log_lines_dropped FROM tasks WHERE task_id = $1"
 
 CREATE_LOG = """
 UPDATE tasks SET logs_created = logs_created + 1, updated_at = now()
-WHERE task_id = $1 AND plan_id = $2
+WHERE task_id = $1 AND plan_id = $2 AND state <> 'completed'
 RETURNING logs_created
 """
 
