@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import secrets
 import time
 import uuid
@@ -78,7 +79,9 @@ async def test_rotation_keeps_every_waiting_token_until_its_key_is_removed(
     db: asyncpg.Connection,
     events: Events,
     target: Target,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     async with serving(settings, OLD) as api:
         old_tokens = await queue_waiting(api, channel, events, target, WAITING + 1)
     kept_back, *rotated = sorted(old_tokens)
@@ -124,6 +127,12 @@ async def test_rotation_keeps_every_waiting_token_until_its_key_is_removed(
         )
     states = await db.fetch("SELECT state, count(*) AS n FROM tasks GROUP BY state ORDER BY state")
     assert [tuple(row) for row in states] == [("completed", WAITING + 1), ("waiting", 1)]
+    # Three processes' worth of logs, the refusal's among them: no key in any line.
+    assert ("task completed" in caplog.text, OLD in caplog.text, NEW in caplog.text) == (
+        True,
+        False,
+        False,
+    )
 
 
 async def test_poll_headers_sealed_under_the_old_key_are_opened_after_rotation(
