@@ -251,7 +251,8 @@ class Store:
     async def append_log_lines(
         self, task_id: str, plan_id: str, lines: list[str], cap: int
     ) -> bool:
-        """Store the lines in order, dropping the oldest past `cap`; False if no such task."""
+        """Store the lines in order, dropping the oldest past `cap`; False, keeping none, if the
+        plan has no such task or it has completed (its log is final then)."""
         async with self._pool.acquire() as conn, conn.transaction():
             if await conn.fetchval(queries.LOCK_TASK_IN_PLAN, task_id, plan_id) is None:
                 return False
