@@ -4,7 +4,6 @@ themselves are worker/probe.py's, which the worker's own port serves too."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 
 from aiohttp import web
 
@@ -17,7 +16,8 @@ from worker.views import Dashboard, QueueView, WorkerList, dashboard, worker_vie
 
 async def current_dashboard(request: web.Request) -> Dashboard:
     svc = services(request)
-    return dashboard(await svc.broker.queue_depths(), await svc.store.overview())
+    depths, overview = await svc.broker.queue_depths(), await svc.store.overview()
+    return dashboard(depths, overview, svc.store.clock.now())
 
 
 async def get_queue(request: web.Request) -> web.Response:
@@ -47,7 +47,7 @@ async def read_cluster(svc: Services) -> None:
             state = await svc.store.cluster_state()
         except DB_UNAVAILABLE:
             return False
-        svc.cluster.show(state, datetime.now(UTC))
+        svc.cluster.show(state, svc.store.clock.now())
         return True
 
     async def broker() -> bool:

@@ -7,7 +7,7 @@ Rendered with the operations page's templates and headers: no script, every valu
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Final
 
 from aiohttp import web
@@ -122,5 +122,5 @@ async def get_page(request: web.Request, detail: TaskDetail) -> web.Response:
         dropped_lines=dropped,
         lines=[LogLine(at=at, line=line) for at, line in lines],
     )
-    page = render(detail, logs, datetime.now(UTC))
+    page = render(detail, logs, services(request).store.clock.now())
     return web.Response(text=page, content_type="text/html", headers={**HEADERS, "Vary": "Accept"})

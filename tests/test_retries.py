@@ -86,6 +86,20 @@ def test_retry_after_as_a_date_or_seconds() -> None:
     assert retries.retry_after(None, now) is None
 
 
+def test_a_retry_after_date_counts_from_the_response_date_not_this_clock() -> None:
+    # The endpoint's clock is an hour off ours: its own Date says when "90 s from now" is.
+    headers = {
+        "date": "Tue, 01 Dec 2026 13:00:00 GMT",
+        "retry-after": "Tue, 01 Dec 2026 13:01:30 GMT",
+    }
+    assert [
+        retries.asked_delay(headers),
+        retries.asked_delay({"retry-after": "30"}),
+        retries.asked_delay({"date": "not a date", "retry-after": "Tue, 01 Dec 2026 11:00:00 GMT"}),
+        retries.asked_delay({}),
+    ] == [90, 30, 0, None]
+
+
 def test_delays_share_a_few_queues() -> None:
     assert [retries.bucket(s) for s in (0, 0.2, 1, 99.5, 101, 1234, 3600)] == [
         0,

@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Mapping
 from contextlib import suppress
-from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
@@ -122,13 +121,12 @@ class Poller:
             return Outcome(Result.FAILED, f"poll request: {describe(exc)}", start)
         stored, secrets = polling.split_secrets(request)
         sealed = self._sealer.seal(secrets, task.task_id) if secrets else None
-        now = datetime.now(UTC)
         return await self._store.polls.start(
             task.task_id,
             attempts,
             response_json=response_json(start),
-            deadline=now + timedelta(seconds=task.timeout_seconds or self._timeout),
-            first_poll_at=now + timedelta(seconds=polling.first_delay(task.polling, start)),
+            timeout_seconds=task.timeout_seconds or self._timeout,
+            first_delay=polling.first_delay(task.polling, start),
             poll_request_json=stored.model_dump_json(by_alias=True),
             poll_secrets=sealed,
             outputs_json="{}",
@@ -155,7 +153,8 @@ class Poller:
                 log.exception("polls not taken")
                 await self._wait(self._stop, 1.0)
                 continue
-            now = datetime.now(UTC)
+            # Due times are the database's: lateness is measured by its clock.
+            now = self._store.clock.now()
             latest = 0.0
             for due in taken:
                 late = max((now - due.due_at).total_seconds(), 0)

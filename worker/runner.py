@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -271,11 +271,13 @@ class Runner:
     ) -> Outcome | None:
         """Hand the external service its token; then the task waits, and the message is settled
         (never held while waiting). The invocation's failure is returned, to be recorded."""
-        now = datetime.now(UTC)
-        deadline = now + timedelta(seconds=task.timeout_seconds or self._callback_timeout)
+        # Counted from the attempt's start by the database's clock (its claim's now()): the
+        # deadline, and the token's expiry with it, hold whatever this machine's clock says.
+        started = claimed.started_at
+        deadline = started + timedelta(seconds=task.timeout_seconds or self._callback_timeout)
         started_deadline = None
         if task.started_timeout_seconds is not None:
-            started_deadline = now + timedelta(seconds=task.started_timeout_seconds)
+            started_deadline = started + timedelta(seconds=task.started_timeout_seconds)
         token = self._signer.issue(task.task_id, task.plan_id, deadline.timestamp() + GRACE_SECONDS)
         outcome = await self._invoke(
             task,
@@ -352,8 +354,9 @@ class Runner:
                 await settle(message.ack())
                 return None
             # Another live worker runs this task now: wait until it finishes or its lease lapses.
-            lease_until = got.lease_until or datetime.now(UTC)
-            wait = min(max((lease_until - datetime.now(UTC)).total_seconds(), 0.5), 5.0)
+            # The lease is the database's time: read by its clock.
+            now = self._store.clock.now()
+            wait = min(max(((got.lease_until or now) - now).total_seconds(), 0.5), 5.0)
             await self._pause(wait)
 
     async def _invoke(

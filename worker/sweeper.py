@@ -101,7 +101,11 @@ class Sweeper:
             request = TaskRequest.model_validate(
                 request.model_dump(by_alias=True) | {"headers": kept}
             )
-        token = self._signer.issue(task.task_id, task.plan_id, time.time() + GRACE_SECONDS)
+        # By the database's clock, which the API checks expiry against.
+        completed = record.completed_at or self._store.clock.now()
+        token = self._signer.issue(
+            task.task_id, task.plan_id, completed.timestamp() + GRACE_SECONDS
+        )
         answer = await invoker.invoke(request, build_macros(task, self._public_url, token))
         if isinstance(answer, InvokeFailure):
             log.warning("cancelRequest failed: %s", answer.reason)

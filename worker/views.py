@@ -5,7 +5,7 @@ The models are the OpenAPI document's schemas too, so what is served cannot drif
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
 import orjson
@@ -195,8 +195,9 @@ def worker_views(records: list[WorkerRecord]) -> list[WorkerView]:
     return [WorkerView.model_validate(r, from_attributes=True, by_name=True) for r in records]
 
 
-def dashboard(depths: QueueDepths, overview: Overview) -> Dashboard:
-    now = datetime.now(UTC)
+def dashboard(depths: QueueDepths, overview: Overview, now: datetime) -> Dashboard:
+    """What the queue page and `agentless status` show; ages as of `now`, by the database's
+    clock (the store's Clock), as the times they are counted from are."""
     workers = worker_views(overview.workers)
     oldest = overview.oldest_waiting_since
     queue = QueueView(

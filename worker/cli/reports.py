@@ -9,7 +9,7 @@ import shutil
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from itertools import zip_longest
 
 import orjson
@@ -32,7 +32,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(board.queue.model_dump(mode="json", by_alias=True))
     else:
-        print(_status_tables(board, datetime.now(UTC)))
+        print(_status_tables(board, board.generated_at))
     return 0
 
 
@@ -41,7 +41,8 @@ async def _dashboard(settings: Settings) -> Dashboard:
         Store.open(settings.database_url, pool_size=2) as store,
         _broker(settings, "status") as broker,
     ):
-        return dashboard(await broker.queue_depths(), await store.overview())
+        depths, overview = await broker.queue_depths(), await store.overview()
+        return dashboard(depths, overview, store.clock.now())
 
 
 def _status_tables(board: Dashboard, now: datetime) -> str:
@@ -108,7 +109,7 @@ def cmd_tasks(settings: Settings, args: argparse.Namespace) -> int:
         )
         if value is not None
     }
-    summaries, total = asyncio.run(
+    summaries, total, now = asyncio.run(
         _tasks(settings, filters, args.order, descending=not args.asc, limit=args.limit)
     )
     if args.json:
@@ -117,7 +118,6 @@ def cmd_tasks(settings: Settings, args: argparse.Namespace) -> int:
     if not summaries:
         print("no tasks match", file=sys.stderr)
         return 0
-    now = datetime.now(UTC)
     print(
         render(
             [
@@ -152,12 +152,14 @@ _SUMMARIES = TypeAdapter(list[TaskSummary])
 
 async def _tasks(
     settings: Settings, filters: dict[str, str], order: str, *, descending: bool, limit: int
-) -> tuple[list[TaskSummary], int]:
+) -> tuple[list[TaskSummary], int, datetime]:
+    """The tasks, how many match, and the time by the database's clock (their ages' now)."""
     async with Store.open(settings.database_url, pool_size=1) as store:
         records, total = await store.list_tasks(
             filters, order, descending=descending, offset=0, limit=limit
         )
-    return [TaskSummary.of(record) for record in records], total
+        now = store.clock.now()
+    return [TaskSummary.of(record) for record in records], total, now
 
 
 def cmd_dead_list(settings: Settings, args: argparse.Namespace) -> int:

@@ -51,21 +51,23 @@ def _task_id(text: str) -> str:
 
 def cmd_task(settings: Settings, args: argparse.Namespace) -> int:
     task_id = _task_id(args.id)
-    detail = asyncio.run(_detail(settings, task_id))
+    detail, now = asyncio.run(_detail(settings, task_id))
     if detail is None:
         print(_no_such_task(task_id), file=sys.stderr)
         return EXIT_NOT_SUCCEEDED
     if args.json:
         print(detail.model_dump_json(by_alias=True, indent=2))
     else:
-        print(summary(detail, datetime.now(UTC)))
+        print(summary(detail, now))
     return EXIT_DONE
 
 
-async def _detail(settings: Settings, task_id: str) -> TaskDetail | None:
+async def _detail(settings: Settings, task_id: str) -> tuple[TaskDetail | None, datetime]:
+    """The task, and the time by the database's clock (its ages' now)."""
     async with Store.open(settings.database_url, pool_size=1) as store:
         record = await store.get(task_id)
-    return None if record is None else TaskDetail.from_record(record)
+        now = store.clock.now()
+    return None if record is None else TaskDetail.from_record(record), now
 
 
 def summary(task: TaskDetail, now: datetime) -> str:

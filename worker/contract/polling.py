@@ -12,7 +12,7 @@ from worker.contract import criteria, response_macros
 from worker.contract.judging import document, outputs
 from worker.contract.models import HttpResponse, Outcome, Result, TaskMessage
 from worker.contract.requests import SECRET_HEADERS, Method, PollPolicy, TaskRequest
-from worker.contract.retries import retry_after
+from worker.contract.retries import asked_delay
 
 # A status that says "still working on it" when no successCriteria says what done looks like.
 IN_PROGRESS = 202
@@ -37,7 +37,7 @@ def _polls(count: int) -> str:
 
 def first_delay(policy: PollPolicy, start: HttpResponse) -> float:
     """Seconds from the start response to the first poll."""
-    return policy.delay(retry_after(start.headers.get("retry-after")))
+    return policy.delay(asked_delay(start.headers))
 
 
 def judge_poll(
@@ -90,7 +90,7 @@ def _again(
             response,
             outputs=outputs(task.outputs, response),
         )
-    asked = None if response is None else retry_after(response.headers.get("retry-after"))
+    asked = None if response is None else asked_delay(response.headers)
     return PollAgain(policy.delay(asked), reason, response)
 
 

@@ -8,6 +8,7 @@ verdict and final.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -45,7 +46,7 @@ def plan(policy: RetryPolicy | None, outcome: Outcome, retries: int) -> Retry | 
             return None
         asked = None
     elif response.status_code in RETRY_STATUSES:
-        asked = retry_after(response.headers.get("retry-after"))
+        asked = asked_delay(response.headers)
     else:
         return None
     if retries + 1 >= policy.attempts:
@@ -61,6 +62,14 @@ def plan(policy: RetryPolicy | None, outcome: Outcome, retries: int) -> Retry | 
     return Retry(retries + 1, delay)
 
 
+def asked_delay(headers: Mapping[str, str]) -> float | None:
+    """Seconds that a response's Retry-After asks for, or None. A date in it is counted from the
+    response's own Date: both are the endpoint's clock, so that neither its clock nor ours being
+    off changes the delay."""
+    sent = headers.get("date")
+    return retry_after(headers.get("retry-after"), None if sent is None else _http_date(sent))
+
+
 def retry_after(value: str | None, now: datetime | None = None) -> float | None:
     """Seconds that a Retry-After header asks for (delay-seconds or an HTTP date), or None."""
     if value is None:
@@ -68,14 +77,19 @@ def retry_after(value: str | None, now: datetime | None = None) -> float | None:
     value = value.strip()
     if value.isdigit():
         return float(value)
+    when = _http_date(value)
+    if when is None:
+        return None
+    seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    return max(seconds, 0.0)
+
+
+def _http_date(value: str) -> datetime | None:
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    seconds = (when - (now or datetime.now(UTC))).total_seconds()
-    return max(seconds, 0.0)
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def bucket(seconds: float) -> int:

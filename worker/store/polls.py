@@ -8,7 +8,6 @@ because its first worker died, counts once, and a superseded worker records noth
 from __future__ import annotations
 
 import time
-from datetime import datetime
 
 import asyncpg
 
@@ -40,20 +39,21 @@ class PollStore:
         attempts: int,
         *,
         response_json: str | None,
-        deadline: datetime,
-        first_poll_at: datetime,
+        timeout_seconds: float,
+        first_delay: float,
         poll_request_json: str,
         poll_secrets: bytes | None,
         outputs_json: str,
     ) -> bool:
-        """Mark the attempt's task polling; False when another attempt, or a cancel, has it."""
+        """Mark the attempt's task polling, its deadline `timeout_seconds` from now and its first
+        poll `first_delay` from now; False when another attempt, or a cancel, has it."""
         started = await self._pool.fetchval(
             queries.START_POLLING,
             task_id,
             attempts,
             response_json,
-            deadline,
-            first_poll_at,
+            timeout_seconds,
+            first_delay,
             poll_request_json,
             poll_secrets,
             outputs_json,
