@@ -25,6 +25,7 @@ from worker.call_errors import describe, transient
 from worker.contract.errors import EgressRefused
 from worker.contract.macros import expand, expand_json
 from worker.contract.models import HttpResponse
+from worker.contract.redaction import redact_headers
 from worker.contract.requests import SECRET_HEADERS, Method, TaskRequest
 from worker.contract.settings import BasicAuth, BearerAuth, ServiceConnection, Settings
 from worker.egress import EgressPolicy, EgressResolver
@@ -235,7 +236,7 @@ class Invoker:
                     body = b"" if call.method == Method.HEAD else await self._read(response)
                     return HttpResponse.model_construct(
                         status_code=response.status,
-                        headers=_headers(response.headers),
+                        headers=_headers(response.headers, call.secret_headers),
                         body=_parse(body),
                         elapsed_ms=_elapsed_ms(started),
                     )
@@ -315,13 +316,15 @@ def _deflate_wbits(first: bytes) -> int:
     return zlib.MAX_WBITS if cmf & 0x0F == 8 and cmf >> 4 <= 7 else -zlib.MAX_WBITS
 
 
-def _headers(raw: CIMultiDictProxy[str]) -> dict[str, str]:
+def _headers(raw: CIMultiDictProxy[str], secret: frozenset[str]) -> dict[str, str]:
+    """The response's headers as judged and kept: one value per name, and no secret value, so
+    that no criterion, output, record or event ever holds one."""
     headers: dict[str, str] = {}
     for name, value in raw.items():
         key = name.lower()
         previous = headers.get(key)
         headers[key] = value if previous is None else f"{previous}, {value}"
-    return headers
+    return redact_headers(headers, secret)
 
 
 def _parse(body: bytes) -> JsonValue:

@@ -235,7 +235,8 @@ async def test_response_headers_are_lower_case_and_repeated_ones_joined(
     response = succeeded(await invoker.invoke(http_request(server.make_url("/repeated")), {}))
     assert pick(response.headers, "x-multi", "set-cookie", "content-type") == {
         "x-multi": "one, two",
-        "set-cookie": "a=1, b=2",
+        # A secret, whatever its repetitions held (tests/test_redaction.py).
+        "set-cookie": "***",
         "content-type": "text/plain; charset=utf-8",
     }
     assert all(name == name.lower() for name in response.headers)

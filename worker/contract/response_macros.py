@@ -10,6 +10,8 @@ from typing import Final
 import orjson
 from pydantic import JsonValue
 
+from worker.contract.requests import REDACTED
+
 _MACRO: Final = re.compile(r"\$\((response(?:\.[^()\s]*)?)\)", re.IGNORECASE)
 # One step of a body path: a name, then any number of [n] indexes; or indexes alone.
 _STEP: Final = re.compile(r"([^.\[\]]+)?((?:\[\d+\])*)")
@@ -69,6 +71,12 @@ def _value(name: str, status: int, headers: Mapping[str, str], body: JsonValue) 
         found = headers.get(rest.lower())
         if found is None:
             raise UnresolvedMacro(f"$({name}): the start response has no {rest} header")
+        if found == REDACTED:
+            # Its value was never kept; a poll sent with the placeholder would only be refused.
+            raise UnresolvedMacro(
+                f"$({name}): the start response's {rest} header is secret, and is not passed on; "
+                "give the poll request its own credentials, or a service connection"
+            )
         return found
     value = body
     walked = "body"
