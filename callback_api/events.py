@@ -16,7 +16,6 @@ lines on every log route, a new log, and timeline record updates. Reading the re
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Final
 
@@ -81,8 +80,10 @@ def grant_of(request: web.Request) -> Grant:
             "with an empty user name and the token as password",
             headers=_CHALLENGE,
         )
+    svc = services(request)
     try:
-        return services(request).signer.verify(token)
+        # Expiry by the database's clock, which set the deadline the expiry follows.
+        return svc.signer.verify(token, now=svc.store.clock.timestamp())
     except TokenError as exc:
         raise Problem(
             401, f"{exc}; use the AuthToken sent with this task", headers=_CHALLENGE
@@ -138,7 +139,12 @@ async def _completed(request: web.Request, event: PlanEvent) -> web.Response:
         # A repeat of the TaskCompleted that completed it (a retry whose answer was lost, or a
         # replay): it asks for nothing that was not done, and changes nothing.
         return _accepted(record)
-    raise Problem(409, _conflict(record, event.result), state=record.state, result=record.result)
+    detail = _conflict(record, event.result)
+    if record.state is State.WAITING and record.deadline is not None:
+        # Its deadline passed a moment ago, by the database's clock; the sweep is on its way.
+        when = record.deadline.isoformat()
+        detail = f"task {record.task_id!r} timed out waiting for callback at {when}"
+    raise Problem(409, detail, state=record.state, result=record.result)
 
 
 async def _started(request: web.Request, event: PlanEvent) -> web.Response:
@@ -276,7 +282,7 @@ async def post_create_log(request: web.Request) -> web.Response:
     number = await services(request).store.create_log(grant.task_id, grant.plan_id)
     if number is None:
         raise await _refused(request, grant, "its log is final")
-    now = datetime.now(UTC)
+    now = services(request).store.clock.now()
     created = TaskLog(
         id=number,
         # Only a string is a path; anything else in the body is not echoed back as one.

@@ -7,13 +7,14 @@ import asyncio
 import logging
 import zlib
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from datetime import datetime
 
 import asyncpg
 import orjson
 from pydantic import JsonValue
 
+from worker.contract.clock import Clock
 from worker.contract.errors import ConfigError
 from worker.contract.models import (
     HttpResponse,
@@ -31,6 +32,7 @@ from worker.contract.settings import redact_url
 from worker.store import batches, queries
 from worker.store.batch import Batcher
 from worker.store.changes import CallbackCompletion, Claimed, ClaimRequest, Completion
+from worker.store.clock import follow, keep_measuring, measure
 from worker.store.errors import DB_UNAVAILABLE, Executor, refused
 from worker.store.polls import PollStore
 from worker.store.rows import dead_letter, task_record, task_summary, worker_record
@@ -57,6 +59,8 @@ class Store:
         # Advisory locks of this schema's workers are told apart from other schemas' by this key.
         self.lock_namespace = zlib.crc32(schema.encode()) & 0x7FFF_FFFF
         self.worker_id = 0
+        # The database's clock, for what this process decides by the time of day.
+        self.clock = Clock()
         self.polls = PollStore(pool, self.lock_namespace)
         self._claims: Batcher[ClaimRequest, Claimed | TaskRecord] = Batcher(
             self._flush_claims, key=lambda c: c.task_id, isolate=refused, gather_turns=GATHER_TURNS
@@ -92,11 +96,19 @@ class Store:
             raise ConfigError(
                 f"cannot reach PostgreSQL at {redact_url(database_url)}: {exc}"
             ) from exc
+        measuring = None
         try:
             async with pool.acquire() as conn:
                 schema = await migrate(conn)
-            yield cls(pool, schema)
+            store = cls(pool, schema)
+            follow(store.clock, await measure(pool))
+            measuring = asyncio.create_task(keep_measuring(pool, store.clock))
+            yield store
         finally:
+            if measuring is not None:
+                measuring.cancel()
+                with suppress(asyncio.CancelledError):
+                    await measuring
             await pool.close()
 
     async def ping(self) -> bool:

@@ -42,13 +42,15 @@ FROM tasks t WHERE t.task_id = ANY($1::text[])
 
 # A task is claimed when it is new or queued, or when its running attempt's worker is gone or
 # overran its lease; a completed task, or a different task under the same id, is never claimed.
+# The queue time is the message's (its publisher's clock), never later than the database's now:
+# a publisher's clock ahead would date a task after its start.
 CLAIM = f"""
 INSERT INTO tasks AS t (task_id, plan_id, job_id, hub_name, project_id, name, mode, state,
                         attempts, digest, message, reply_to, correlation_id, worker_id,
                         lease_until, queued_at, started_at)
 SELECT i.task_id, i.plan_id, i.job_id, i.hub_name, i.project_id, i.name, i.mode, 'running', 1,
        i.digest, i.message::jsonb, i.reply_to, i.correlation_id, $14,
-       now() + make_interval(secs => i.lease), coalesce(i.queued_at, now()), now()
+       now() + make_interval(secs => i.lease), least(i.queued_at, now()), now()
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
             $8::bytea[], $9::text[], $10::timestamptz[], $11::float8[], $12::text[], $13::text[])
      AS i(task_id, plan_id, job_id, hub_name, project_id, name, mode, digest, message, queued_at,
@@ -107,7 +109,8 @@ _HAS_CANCEL_REQUEST = "coalesce(jsonb_typeof(t.message -> 'cancelRequest'), 'nul
 # The external service's TaskCompleted: accepted while the task runs or waits, whichever came
 # first of the invocation's response and the callback; and while it is queued for a retry, since
 # a valid token means that an earlier invocation reached the service (it may have timed out on
-# the way back). The retry then finds the task completed.
+# the way back). The retry then finds the task completed. Not past the deadline, by the
+# database's clock, though no sweep has yet failed the task.
 COMPLETE_BY_CALLBACK = f"""
 UPDATE tasks AS t
 SET state = 'completed', result = i.result, reason = i.reason, completed_at = now(),
@@ -115,6 +118,7 @@ SET state = 'completed', result = i.result, reason = i.reason, completed_at = no
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS i(task_id, plan_id, result, reason)
 WHERE t.task_id = i.task_id AND t.plan_id = i.plan_id AND t.mode = 'callback'
   AND ({state_in("running", "waiting")} OR ({state_in("queued")} AND {_RETRIES} > 0))
+  AND (t.deadline IS NULL OR now() < t.deadline)
 RETURNING {RECORD}
 """
 
