@@ -9,7 +9,10 @@ be switched at run time to misbehave the way networks do:
 - `black_hole()` / `lift()`: connections are accepted and kept, but nothing crosses in either
   direction (not even a close) until the black hole is lifted; then what was held goes on, as
   TCP's retransmissions would carry it once a partition heals;
-- `cut()`: every current connection is reset on both sides at once.
+- `cut()`: every current connection is reset on both sides at once;
+- `sever()`, during a black hole: the upstream gives up on every connection it had (as a server's
+  TCP keepalives would while the client is out of reach): those are reset on its side at once,
+  while the client hears nothing until the black hole is lifted, and then a reset.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class _Link:
     # Bytes that came from the upstream since the client last sent anything.
     response_bytes: int = 0
     closed: bool = False
+    # The upstream side was reset by `sever()`: the client's side goes when the black hole lifts.
+    severed: bool = False
 
     def reset(self) -> None:
         if self.closed:
@@ -131,6 +136,17 @@ class Proxy:
         self.resets += len(links)
         return len(links)
 
+    def sever(self) -> int:
+        """Reset the upstream side of every connection that reached the upstream, leaving the
+        client's side silent until `lift()`; how many there were."""
+        severed = 0
+        for link in list(self._links):
+            if link.upstream is not None and not link.closed:
+                link.severed = True
+                _reset(link.upstream)
+                severed += 1
+        return severed
+
     async def accepted_at_least(self, count: int) -> None:
         """Wait until `count` connections have been accepted since the proxy started."""
         async with self._changed:
@@ -193,6 +209,8 @@ class Proxy:
             except OSError:
                 chunk = None  # the sender reset its connection
             await self._flowing.wait()
+            if link.severed:
+                link.reset()
             if link.closed:
                 return
             if chunk is None:

@@ -127,6 +127,27 @@ class Runner:
             )
             await self._complete(message, task, claimed, Outcome(Result.ABANDONED, reason))
             return
+        attempted = await self._attempt(message, task, claimed, time.monotonic())
+        if attempted is None:
+            return
+        outcome, confirmed = attempted
+        match retries.plan(task.retry, outcome, claimed.retries):
+            case retries.Retry() as retry:
+                await self._retry(message, task, claimed, outcome, retry, started=confirmed)
+                return
+            case retries.NoRetry(reason=reason):
+                outcome = Outcome(outcome.result, reason, outcome.response)
+        await self._complete(message, task, claimed, outcome, started=confirmed)
+
+    async def _attempt(
+        self,
+        message: AbstractIncomingMessage,
+        task: TaskMessage,
+        claimed: Claimed,
+        claimed_at: float,
+    ) -> tuple[Outcome, asyncio.Task[None] | None] | None:
+        """Make the attempt's call: its outcome, and its TaskStarted's publish if that may still
+        be under way; None when the message has been settled already."""
         started = task_event(
             EventName.STARTED,
             task,
@@ -134,32 +155,50 @@ class Runner:
             queued_at=claimed.queued_at,
             started_at=claimed.started_at,
         )
-        if task.wait_for_completion is Mode.POLL:
-            outcome = await self._start_polling(message, task, claimed, started)
-            if outcome is None:
-                return
-        elif task.wait_for_completion is Mode.CALLBACK:
+        if task.wait_for_completion is Mode.CALLBACK:
             # Confirmed before the call: the service may report back at once, and the API's
-            # events must not overtake this one.
+            # events must not overtake this one. (The confirm may wait out a broker cut off past
+            # the lease: what follows checks the attempt still holds its task.)
             await self._broker.publish_event(started)
-            outcome = await self._invoke_callback_task(message, task, claimed)
-            if outcome is None:
-                return
-        else:
-            # The confirm comes while the endpoint answers; TaskCompleted, published only after
-            # it, still follows TaskStarted.
-            confirmed = asyncio.create_task(self._broker.publish_event(started))
-            try:
-                outcome = await self._invoke(task, build_macros(task, self._public_url, None))
-            finally:
-                await confirmed
-        match retries.plan(task.retry, outcome, claimed.retries):
-            case retries.Retry() as retry:
-                await self._retry(message, task, claimed, outcome, retry)
-                return
-            case retries.NoRetry(reason=reason):
-                outcome = Outcome(outcome.result, reason, outcome.response)
-        await self._complete(message, task, claimed, outcome)
+        if not await self._still_holds(message, task, claimed, claimed_at):
+            return None
+        if task.wait_for_completion is not Mode.API_RESPONSE:
+            if task.wait_for_completion is Mode.POLL:
+                outcome = await self._start_polling(message, task, claimed, started)
+            else:
+                outcome = await self._invoke_callback_task(message, task, claimed)
+            return None if outcome is None else (outcome, None)
+        # The confirm comes while the endpoint answers; TaskCompleted, published only after it,
+        # still follows TaskStarted. The result is recorded without waiting for it: a broker cut
+        # off past the lease must not leave an attempt that was made unrecorded, for another
+        # worker to make again.
+        confirmed = asyncio.create_task(self._broker.publish_event(started))
+        try:
+            outcome = await self._invoke(task, build_macros(task, self._public_url, None))
+        except BaseException:
+            await asyncio.gather(confirmed, return_exceptions=True)
+            raise
+        return outcome, confirmed
+
+    async def _still_holds(
+        self, message: AbstractIncomingMessage, task: TaskMessage, claimed: Claimed, since: float
+    ) -> bool:
+        """Whether the attempt may call its endpoint. Not if another worker may have taken the
+        task over: this worker lost its liveness lock, or its claim is so old that the lease
+        could end before the call does. Then the lease is renewed in the database, if the
+        attempt still holds its task (waiting while this worker holds no lock); if it does not,
+        the message is settled as the newer record says, and no call is made."""
+        fresh = time.monotonic() - since < LEASE_GRACE_SECONDS / 2
+        if fresh and self._store.live.is_set():
+            return True
+        renewed = await self._db(
+            lambda: self._store.renew_lease(task.task_id, claimed.attempts, self._lease)
+        )
+        if isinstance(renewed, TaskRecord):
+            log.info("attempt taken over before its call; not calling the endpoint")
+            await self._superseded(message, renewed)
+            return False
+        return True
 
     async def _retry(
         self,
@@ -168,14 +207,19 @@ class Runner:
         claimed: Claimed,
         outcome: Outcome,
         retry: retries.Retry,
+        *,
+        started: asyncio.Task[None] | None = None,
     ) -> None:
         """Queue the task again, by way of a delay queue: no worker slot or unacknowledged
         message is held while it waits. Recorded first, so that a crash before the message is
-        settled only brings the retry forward."""
+        settled only brings the retry forward. `started` is the TaskStarted publish, if it may
+        still be under way."""
         delay = retries.bucket(retry.delay)
         recorded = await self._db(
             lambda: self._store.retry(task.task_id, claimed.attempts, outcome, delay)
         )
+        if started is not None:
+            await started
         if isinstance(recorded, TaskRecord) and not _retry_recorded(recorded, claimed):
             await self._superseded(message, recorded)
             return
@@ -193,12 +237,18 @@ class Runner:
         task: TaskMessage,
         claimed: Claimed,
         outcome: Outcome,
+        *,
+        started: asyncio.Task[None] | None = None,
     ) -> None:
+        """Record the attempt's result; then, its TaskStarted confirmed (`started`, if that may
+        still be under way), publish its TaskCompleted and acknowledge the message."""
         if task.outputs and outcome.outputs is None:
             outcome = replace(outcome, outputs=outputs(task.outputs, outcome.response))
         recorded = await self._db(
             lambda: self._store.complete(task.task_id, claimed.attempts, outcome)
         )
+        if started is not None:
+            await started
         if isinstance(recorded, TaskRecord):
             await self._superseded(message, recorded)
             return

@@ -11,7 +11,7 @@ from datetime import datetime
 from worker.contract.records import TaskRecord
 from worker.store import queries
 from worker.store.changes import CallbackCompletion, Claimed, ClaimRequest, Completion
-from worker.store.errors import Executor
+from worker.store.errors import Executor, NotLive
 from worker.store.rows import task_record
 
 
@@ -43,6 +43,9 @@ async def claims(
         worker_id,
         lock_namespace,
     )
+    if not rows and not await conn.fetchval(queries.HOLDS_OWN_LOCK, lock_namespace, worker_id):
+        # The statement claims nothing at all for a worker that lost its lock.
+        raise NotLive(f"worker {worker_id} does not hold its liveness lock")
     claimed = {
         row["task_id"]: Claimed(
             row["attempts"], row["retries"], row["queued_at"], row["started_at"]

@@ -20,6 +20,7 @@ from worker.contract.models import (
     HttpResponse,
     Outcome,
     Result,
+    State,
 )
 from worker.contract.records import (
     ClusterState,
@@ -33,7 +34,7 @@ from worker.store import batches, queries
 from worker.store.batch import Batcher
 from worker.store.changes import CallbackCompletion, Claimed, ClaimRequest, Completion
 from worker.store.clock import follow, keep_measuring, measure
-from worker.store.errors import DB_UNAVAILABLE, Executor, refused
+from worker.store.errors import DB_UNAVAILABLE, Executor, NotLive, refused
 from worker.store.polls import PollStore
 from worker.store.rows import dead_letter, task_record, task_summary, worker_record
 from worker.store.schema import migrate
@@ -59,6 +60,10 @@ class Store:
         # Advisory locks of this schema's workers are told apart from other schemas' by this key.
         self.lock_namespace = zlib.crc32(schema.encode()) & 0x7FFF_FFFF
         self.worker_id = 0
+        # Whether the registered worker holds its liveness lock (registry.py). A store that
+        # registers no worker claims on no lock, and counts as live throughout.
+        self.live = asyncio.Event()
+        self.live.set()
         # The database's clock, for what this process decides by the time of day.
         self.clock = Clock()
         self.polls = PollStore(pool, self.lock_namespace)
@@ -132,6 +137,22 @@ class Store:
         return await self._completions.submit(
             Completion(task_id, attempts, outcome, response, outputs)
         )
+
+    async def renew_lease(
+        self, task_id: str, attempts: int, lease_seconds: float
+    ) -> datetime | TaskRecord:
+        """Start the attempt's lease again, if the attempt still holds its task and this worker
+        its lock: the new end of the lease, or the task's record; NotLive without the lock."""
+        async with self._pool.acquire() as conn:
+            until: datetime | None = await conn.fetchval(
+                queries.RENEW_LEASE, task_id, attempts, lease_seconds, self.lock_namespace
+            )
+            if until is not None:
+                return until
+            record = (await self._records(conn, [task_id]))[task_id]
+            if record.state is State.RUNNING and record.attempts == attempts:
+                raise NotLive(f"worker {self.worker_id} does not hold its liveness lock")
+            return record
 
     async def retry(
         self, task_id: str, attempts: int, outcome: Outcome, delay: float

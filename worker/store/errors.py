@@ -28,3 +28,8 @@ def refused(exc: BaseException) -> bool:
     """Whether the database refused a statement (a batch then retries its items one by one), as
     opposed to being unreachable."""
     return not isinstance(exc, DB_UNAVAILABLE)
+
+
+class NotLive(ConnectionError):
+    """This worker does not hold its liveness lock now (its session was lost, and another worker
+    may already have taken over its tasks): it claims nothing until it holds the lock again."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.store.queries import RECORD, state_in
+from worker.store.queries import RECORD, holds_own_lock, state_in
 
 # A poll task whose start request was answered polls from now on; fenced like COMPLETE. Its
 # deadline and first poll are set by the database's clock, which sweeps and takes them.
@@ -18,10 +18,11 @@ RETURNING t.updated_at
 
 # Due polls, each taken by this worker until its lease ends: the due time moves to the lease's
 # end, so that a poll whose worker dies is due again then (sooner, once RESCUE_POLLS sees it).
-TAKE_POLLS = """
+# None while the worker does not hold its lock: RESCUE_POLLS would hand them on at once.
+TAKE_POLLS = f"""
 WITH due AS (
     SELECT task_id, next_poll_at FROM tasks
-    WHERE state = 'polling' AND next_poll_at <= now()
+    WHERE state = 'polling' AND next_poll_at <= now() AND {holds_own_lock("$4", "$3")}
     ORDER BY next_poll_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED

@@ -62,7 +62,9 @@ class PollStore:
 
     async def take(self, limit: int, lease_seconds: float, worker_id: int) -> list[DuePoll]:
         """Up to `limit` due polls, taken by this worker for `lease_seconds`."""
-        rows = await self._pool.fetch(queries.TAKE_POLLS, limit, lease_seconds, worker_id)
+        rows = await self._pool.fetch(
+            queries.TAKE_POLLS, limit, lease_seconds, worker_id, self._lock_namespace
+        )
         return [
             DuePoll(
                 task_id=row["task_id"],

@@ -11,6 +11,14 @@ def _worker_alive(namespace_param: str) -> str:
           AND l.objid::bigint = t.worker_id AND l.objsubid = 2 AND l.granted)"""
 
 
+def holds_own_lock(namespace_param: str, worker_param: str) -> str:
+    """Whether the worker `worker_param` holds its session lock now. Worker id 0 is a store that
+    registered no worker (a tool, a test), which holds none and needs none."""
+    return f"""({worker_param}::bigint = 0 OR EXISTS (SELECT 1 FROM pg_locks l
+        WHERE l.locktype = 'advisory' AND l.classid::bigint = {namespace_param}
+          AND l.objid::bigint = {worker_param}::bigint AND l.objsubid = 2 AND l.granted))"""
+
+
 def state_in(*states: str) -> str:
     """`t.state` is one of `states`, written so that no index on state can serve it: statements
     that join a batch of task ids must find their rows by primary key and only then check the
@@ -42,8 +50,9 @@ FROM tasks t WHERE t.task_id = ANY($1::text[])
 
 # A task is claimed when it is new or queued, or when its running attempt's worker is gone or
 # overran its lease; a completed task, or a different task under the same id, is never claimed.
-# The queue time is the message's (its publisher's clock), never later than the database's now:
-# a publisher's clock ahead would date a task after its start.
+# Nor does a worker claim anything while it does not hold its own lock: other workers would take
+# its attempts over at once. The queue time is the message's (its publisher's clock), never later
+# than the database's now: a publisher's clock ahead would date a task after its start.
 CLAIM = f"""
 INSERT INTO tasks AS t (task_id, plan_id, job_id, hub_name, project_id, name, mode, state,
                         attempts, digest, message, reply_to, correlation_id, worker_id,
@@ -55,6 +64,7 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text
             $8::bytea[], $9::text[], $10::timestamptz[], $11::float8[], $12::text[], $13::text[])
      AS i(task_id, plan_id, job_id, hub_name, project_id, name, mode, digest, message, queued_at,
           lease, reply_to, correlation_id)
+WHERE {holds_own_lock("$15", "$14")}
 ON CONFLICT (task_id) DO UPDATE
 SET state = 'running', attempts = t.attempts + 1, worker_id = EXCLUDED.worker_id,
     lease_until = EXCLUDED.lease_until, started_at = now(), updated_at = now(),
@@ -367,6 +377,17 @@ INSERT INTO workers (host, pid, version) VALUES ($1, $2, $3) RETURNING worker_id
 
 # Held for the process's life on a connection of its own (what _worker_alive looks for).
 LOCK_WORKER = "SELECT pg_advisory_lock($1, $2)"
+
+HOLDS_OWN_LOCK = f"SELECT {holds_own_lock('$1', '$2')}"
+
+# An attempt about to invoke its endpoint long after its claim: its lease starts again, if the
+# attempt still holds its task and its worker its lock.
+RENEW_LEASE = f"""
+UPDATE tasks AS t SET lease_until = now() + make_interval(secs => $3), updated_at = now()
+WHERE t.task_id = $1 AND t.state = 'running' AND t.attempts = $2
+  AND {holds_own_lock("$4", "t.worker_id")}
+RETURNING t.lease_until
+"""
 
 HEARTBEAT = "UPDATE workers SET last_seen = now(), in_flight = $2 WHERE worker_id = $1"
 

@@ -1,0 +1,452 @@
+"""Partitions with a healthy peer: two workers, A and B, share the queue and the database, and A
+alone is cut off, from RabbitMQ or from PostgreSQL, through a TCP proxy, for longer than its
+lease. Every task gets one result; an endpoint is called twice for a task only where a second
+attempt was due by the README's rule; and A, while cut off, holds no more messages than its
+prefetch, and calls no endpoint for a task it could no longer record."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import signal
+import time
+import uuid
+import zlib
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import asyncpg
+import pytest
+import pytest_asyncio
+from aio_pika.abc import AbstractChannel
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from yarl import URL
+
+from tests import processes
+from tests.conftest import Events, free_port, publish
+from tests.faults.outages import Service
+from tests.processes import Child, wait_until_ready
+from tests.proxy import Proxy
+from worker.contract.models import Outcome, Result, State
+from worker.contract.records import TaskRecord
+from worker.contract.settings import Settings
+from worker.runner import LEASE_GRACE_SECONDS
+from worker.store.changes import Claimed, ClaimRequest
+from worker.store.database import Store
+from worker.store.errors import NotLive
+from worker.store.registry import (
+    HEARTBEAT_SECONDS,
+    HEARTBEAT_TIMEOUT,
+    SESSION_KEEPALIVES,
+    registered_worker,
+)
+
+RESPONSE_TIMEOUT = 1
+LEASE = RESPONSE_TIMEOUT + LEASE_GRACE_SECONDS
+# A's AMQP heartbeat: the broker drops A's silent connection, and hands its unacknowledged
+# messages to B, within a few seconds of the cut.
+HEARTBEAT = 1
+CONCURRENCY = 16
+# When PostgreSQL would end the sessions of a worker it cannot reach: its keepalives' idle time,
+# then their probes, and a margin.
+SEVER_AFTER = (
+    int(SESSION_KEEPALIVES["tcp_keepalives_idle"])
+    + int(SESSION_KEEPALIVES["tcp_keepalives_interval"])
+    * int(SESSION_KEEPALIVES["tcp_keepalives_count"])
+    + 2
+)
+# Tasks queued over the run, half of them callback tasks, at a pace that keeps both workers busy
+# before, during and after the cut.
+TOTAL = 600
+PER_SECOND = 20
+# Each invocation is answered after this long (and up to 200 ms more), so that A has tasks in
+# flight when it is cut off.
+ANSWER_SECONDS = 0.5
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return settings.model_copy(
+        update={"response_timeout": RESPONSE_TIMEOUT, "concurrency": CONCURRENCY}
+    )
+
+
+class CountingService(Service):
+    """The fault suite's service for both modes, counting the invocations of each task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.calls[request.query["key"]] += 1
+        await asyncio.sleep(float(request.query.get("delay", "0")))
+        return await super().handle(request)
+
+
+@pytest_asyncio.fixture
+async def service() -> AsyncIterator[tuple[str, CountingService]]:
+    endpoint = CountingService()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", endpoint.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    async with aiohttp.ClientSession() as session:
+        endpoint.session = session
+        yield str(server.make_url("/")).rstrip("/"), endpoint
+        for task in list(endpoint.background):
+            task.cancel()
+    await server.close()
+
+
+@dataclass
+class Cluster:
+    """The API and workers A and B, as processes; A's connections to RabbitMQ go through
+    `broker`, and to PostgreSQL through `database`."""
+
+    api: Child
+    a: Child
+    b: Child
+    a_port: int
+    broker: Proxy
+    database: Proxy
+    in_flight: list[float] = field(default_factory=list)
+
+    async def a_in_flight(self, session: aiohttp.ClientSession) -> float | None:
+        """The tasks A's handlers hold now, by its own metrics (which need no database)."""
+        try:
+            async with session.get(f"http://127.0.0.1:{self.a_port}/metrics") as response:
+                text = await response.text()
+        except aiohttp.ClientError:
+            return None
+        found = re.search(r"^agentless_tasks_in_flight (\S+)$", text, re.MULTILINE)
+        return None if found is None else float(found.group(1))
+
+    async def watch_a(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            while True:
+                seen = await self.a_in_flight(session)
+                if seen is not None:
+                    self.in_flight.append(seen)
+                await asyncio.sleep(0.25)
+
+
+@dataclass(frozen=True)
+class Tally:
+    submitted: int
+    completed: int
+    conflicting: int
+    invoked_twice: int
+    rerun: int
+    # Tasks invoked more often than they had attempts: an attempt that called its endpoint twice.
+    over_invoked: int
+
+
+def tally(
+    scenario: str,
+    rows: list[asyncpg.Record],
+    events: Events,
+    calls: Counter[str],
+    **more: object,
+) -> Tally:
+    results: dict[str, set[object]] = {}
+    for event in events.named("TaskCompleted"):
+        results.setdefault(str(event["taskId"]), set()).add(event["result"])
+    figures = Tally(
+        submitted=len(rows),
+        completed=sum(1 for r in rows if r["state"] == "completed"),
+        conflicting=sum(1 for found in results.values() if len(found) > 1),
+        invoked_twice=sum(1 for r in rows if calls[r["task_id"]] > 1),
+        rerun=sum(1 for r in rows if r["attempts"] > 1),
+        over_invoked=sum(1 for r in rows if calls[r["task_id"]] > r["attempts"]),
+    )
+    extra = "".join(f" / {name.replace('_', ' ')} {value}" for name, value in more.items())
+    print(
+        f"\n{scenario}: submitted {figures.submitted} / completed {figures.completed} / "
+        f"conflicting results {figures.conflicting} / invoked twice {figures.invoked_twice} / "
+        f"attempts re-run {figures.rerun}{extra}"
+    )
+    return figures
+
+
+Fault = Callable[[Cluster], Awaitable[str]]
+
+
+async def run_with_a_partitioned(
+    settings: Settings,
+    channel: AbstractChannel,
+    db: asyncpg.Connection,
+    events: Events,
+    url: str,
+    fault: Fault,
+) -> tuple[list[asyncpg.Record], str, Cluster]:
+    """Run TOTAL tasks on A and B, A's connections through proxies; `fault` once a tenth have
+    completed. The rows once every task has completed."""
+    amqp, database = URL(settings.amqp_url), URL(settings.database_url)
+    assert amqp.host is not None
+    assert amqp.port is not None
+    assert database.host is not None
+    assert database.port is not None
+    port = free_port()
+    env = {"AGENTLESS_API_PORT": str(port), "AGENTLESS_PUBLIC_URL": f"http://127.0.0.1:{port}"}
+    run = uuid.uuid4().hex[:6]
+    async with (
+        Proxy(amqp.host, amqp.port) as broker,
+        Proxy(database.host, database.port) as database_proxy,
+    ):
+        api = await processes.start(settings, "api", **env)
+        b = await processes.start(settings, "worker", **env)
+        a_port = free_port()
+        a = await processes.start(
+            settings,
+            "worker",
+            **env,
+            AGENTLESS_WORKER_PORT=str(a_port),
+            AGENTLESS_AMQP_URL=str(
+                amqp.with_host(broker.host).with_port(broker.port).update_query(heartbeat=HEARTBEAT)
+            ),
+            AGENTLESS_DATABASE_URL=str(
+                database.with_host(database_proxy.host).with_port(database_proxy.port)
+            ),
+        )
+        cluster = Cluster(api, a, b, a_port, broker, database_proxy)
+        watching = asyncio.create_task(cluster.watch_a())
+        try:
+            await wait_until_ready(f"http://127.0.0.1:{port}/readyz", api)
+            await wait_until_ready(f"http://127.0.0.1:{a_port}/readyz", a)
+
+            async def submit() -> None:
+                for i in range(TOTAL):
+                    task_id = f"p-{run}-{i}"
+                    task: dict[str, object] = {
+                        "taskId": task_id,
+                        "planId": "plan-p",
+                        "waitForCompletion": "callback" if i % 2 else "apiResponse",
+                        "request": {"url": f"{url}/work?key={task_id}&delay={ANSWER_SECONDS}"},
+                    }
+                    await publish(channel, settings, task)
+                    await asyncio.sleep(1 / PER_SECOND)
+
+            submitting = asyncio.create_task(submit())
+            await events.completed_count(TOTAL // 10, timeout=60)
+            what = await fault(cluster)
+            await submitting
+            await events.completed_count(TOTAL, timeout=120)
+        finally:
+            watching.cancel()
+            for child in (a, b, api):
+                child.process.send_signal(signal.SIGTERM)
+            for child in (a, b, api):
+                await asyncio.wait_for(child.process.wait(), 30)
+    rows = await db.fetch("SELECT task_id, state, result, attempts FROM tasks ORDER BY task_id")
+    return list(rows), what, cluster
+
+
+def worker_logs(child: Child) -> str:
+    return child.logs()[-4000:]
+
+
+async def test_a_worker_cut_from_the_broker_past_its_lease(
+    settings: Settings,
+    channel: AbstractChannel,
+    db: asyncpg.Connection,
+    events: Events,
+    service: tuple[str, CountingService],
+) -> None:
+    """A's broker path is black-holed for longer than its lease, then heals. The broker drops
+    A's connection at its heartbeat and hands the messages A held to B; A's attempts in flight
+    still record their results (its database is fine), so B finds them done or running under a
+    live worker, and no attempt is made twice."""
+    url, endpoint = service
+
+    async def black_hole(cluster: Cluster) -> str:
+        # First A's claims are held up for a moment, so that A holds a full prefetch of
+        # messages whose claims land after its broker path is gone: their TaskStarted cannot
+        # be confirmed until it heals, past their lease.
+        cluster.database.black_hole()
+        await asyncio.sleep(1)
+        cluster.broker.black_hole()
+        started = time.monotonic()
+        await asyncio.sleep(0.5)
+        cluster.database.lift()
+        try:
+            await asyncio.sleep(LEASE + 4)
+        finally:
+            cluster.broker.lift()
+        return f"A cut from RabbitMQ for {time.monotonic() - started:.0f} s (lease {LEASE} s)"
+
+    rows, what, cluster = await run_with_a_partitioned(
+        settings, channel, db, events, url, black_hole
+    )
+    figures = tally(
+        "A cut from the broker",
+        rows,
+        events,
+        endpoint.calls,
+        fault=what,
+        most_tasks_A_held=f"{max(cluster.in_flight):g}",
+    )
+    assert len(rows) == TOTAL, worker_logs(cluster.a)
+    assert {(r["state"], r["result"]) for r in rows} == {("completed", "succeeded")}
+    assert figures.conflicting == 0
+    assert figures.over_invoked == 0
+    assert (figures.rerun, figures.invoked_twice) == (0, 0), worker_logs(cluster.a)
+    assert max(cluster.in_flight) <= CONCURRENCY
+
+
+async def test_a_worker_cut_from_postgresql_past_its_lease(
+    settings: Settings,
+    channel: AbstractChannel,
+    db: asyncpg.Connection,
+    events: Events,
+    service: tuple[str, CountingService],
+) -> None:
+    """A's database path is black-holed for longer than its lease. A takes its session for lost
+    at its next heartbeat and claims nothing more; PostgreSQL ends A's sessions (here, when the
+    proxy severs them, as its TCP keepalives would), and A's lock with them; the messages A holds
+    stay A's (its broker connection is fine), at most its prefetch of them, and their attempts
+    are recorded once the path heals. B runs everything else meanwhile."""
+    url, endpoint = service
+    noticed: list[float] = []
+
+    async def black_hole(cluster: Cluster) -> str:
+        cluster.database.black_hole()
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(HEARTBEAT_SECONDS + HEARTBEAT_TIMEOUT + 5):
+                while "worker lost its database session" not in cluster.a.logs():
+                    await asyncio.sleep(0.1)
+            noticed.append(time.monotonic() - started)
+            await asyncio.sleep(SEVER_AFTER - (time.monotonic() - started))
+            severed = cluster.database.sever()
+            # The server has no session of A's left, and no lock: any worker may take A's
+            # running attempts over from here (B only could if it had their messages).
+            async with asyncio.timeout(5):
+                while await a_locks(settings, db, cluster.a):
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(LEASE + 4 - (time.monotonic() - started))
+        finally:
+            cluster.database.lift()
+        return (
+            f"A cut from PostgreSQL for {time.monotonic() - started:.0f} s (lease {LEASE} s), "
+            f"{severed} sessions ended by the server at {SEVER_AFTER} s"
+        )
+
+    rows, what, cluster = await run_with_a_partitioned(
+        settings, channel, db, events, url, black_hole
+    )
+    figures = tally(
+        "A cut from PostgreSQL",
+        rows,
+        events,
+        endpoint.calls,
+        fault=what,
+        A_noticed_after=f"{noticed[0]:.1f} s",
+        most_tasks_A_held=f"{max(cluster.in_flight):g}",
+    )
+    logs = cluster.a.logs()
+    assert len(rows) == TOTAL, worker_logs(cluster.a)
+    assert {(r["state"], r["result"]) for r in rows} == {("completed", "succeeded")}
+    assert figures.conflicting == 0
+    assert figures.over_invoked == 0
+    assert (figures.rerun, figures.invoked_twice) == (0, 0), worker_logs(cluster.a)
+    assert max(cluster.in_flight) <= CONCURRENCY
+    assert noticed[0] <= HEARTBEAT_SECONDS + HEARTBEAT_TIMEOUT + 1
+    assert "worker lock re-acquired" in logs
+
+
+async def a_locks(settings: Settings, db: asyncpg.Connection, a: Child) -> int:
+    """How many liveness locks the worker process `a` holds, by the server's word."""
+    schema = settings.database_url.rsplit("search_path=", 1)[1]
+    count: int = await db.fetchval(
+        """SELECT count(*) FROM pg_locks l JOIN workers w ON l.objid::bigint = w.worker_id
+           WHERE l.locktype = 'advisory' AND l.classid::bigint = $1 AND l.objsubid = 2
+             AND l.granted AND w.pid = $2""",
+        zlib.crc32(schema.encode()) & 0x7FFF_FFFF,
+        a.process.pid,
+    )
+    return count
+
+
+async def test_a_worker_whose_liveness_session_ends_claims_nothing_until_it_locks_again(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """PostgreSQL ends the session that holds A's lock while A's pool still works (an operator's
+    pg_terminate_backend, an idle-session timeout, the server's keepalives on that session alone).
+    From that moment another worker may take A's running attempt over: A claims nothing, and
+    renews no lease, until it holds its lock again; and the attempt that was taken over can no
+    longer record its result."""
+    async with (
+        Store.open(settings.database_url) as a,
+        registered_worker(a, settings.database_url, lambda: 0),
+        Store.open(settings.database_url) as b,
+        registered_worker(b, settings.database_url, lambda: 0),
+    ):
+        first = await a.claim(claim_request("lv-1"))
+        assert isinstance(first, Claimed)
+        ended = await db.fetchval(
+            """SELECT pg_terminate_backend(l.pid) FROM pg_locks l
+               WHERE l.locktype = 'advisory' AND l.classid::bigint = $1
+                 AND l.objid::bigint = $2 AND l.objsubid = 2 AND l.granted""",
+            a.lock_namespace,
+            a.worker_id,
+        )
+        assert ended is True
+        lost = time.monotonic()
+        # Seen at once, not at the next heartbeat.
+        await asyncio.wait_for(until_cleared(a), 2)
+        seen = time.monotonic() - lost
+        with pytest.raises(NotLive):
+            await a.claim(claim_request("lv-2"))
+        with pytest.raises(NotLive):
+            await a.renew_lease("lv-1", 1, 60)
+
+        # B takes A's attempt over at once: A's lock is gone.
+        taken = await b.claim(claim_request("lv-1"))
+        assert isinstance(taken, Claimed)
+        assert taken.attempts == 2
+        late = await a.complete("lv-1", 1, Outcome(Result.SUCCEEDED, "HTTP 200"))
+        assert isinstance(late, TaskRecord)
+        assert (late.state, late.attempts, late.result) == (State.RUNNING, 2, None)
+
+        # A's heartbeat takes a new lock; then A claims again, and its old attempt stays fenced.
+        await asyncio.wait_for(a.live.wait(), HEARTBEAT_SECONDS + HEARTBEAT_TIMEOUT + 2)
+        back = time.monotonic() - lost
+        assert isinstance(await a.claim(claim_request("lv-2")), Claimed)
+        superseded = await a.renew_lease("lv-1", 1, 60)
+        assert isinstance(superseded, TaskRecord)
+        assert superseded.attempts == 2
+        assert not isinstance(
+            await b.complete("lv-1", 2, Outcome(Result.SUCCEEDED, "HTTP 200")), TaskRecord
+        )
+    print(
+        f"\nliveness session ended: claims refused after {seen * 1000:.0f} ms, "
+        f"lock held again after {back:.1f} s"
+    )
+
+
+async def until_cleared(store: Store) -> None:
+    while store.live.is_set():
+        await asyncio.sleep(0.01)
+
+
+def claim_request(task_id: str) -> ClaimRequest:
+    return ClaimRequest(
+        task_id=task_id,
+        plan_id="p",
+        job_id="p",
+        hub_name="build",
+        project_id=None,
+        name=None,
+        mode="apiResponse",
+        digest=hashlib.sha256(b"{}").digest(),
+        message="{}",
+        queued_at=None,
+        lease_seconds=60,
+        reply_to=None,
+        correlation_id=None,
+    )
