@@ -63,7 +63,7 @@ def with_worker(settings: Settings) -> Callable[[web.Application], AsyncIterator
                 worker.metrics,
                 ClusterGauges(worker.metrics.registry),
                 announcer,
-                worker.ready,
+                worker.readiness,
             )
             worker.consuming.add_done_callback(lambda _: _consume_loop_ended(app))
             try:

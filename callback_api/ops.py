@@ -11,7 +11,7 @@ from callback_api.services import Services, services
 from worker.amqp import BrokerUnavailable
 from worker.probe import readiness
 from worker.store.errors import DB_UNAVAILABLE
-from worker.views import Dashboard, QueueView, WorkerList, dashboard, worker_views
+from worker.views import Dashboard, QueueView, Readiness, WorkerList, dashboard, worker_views
 
 
 async def current_dashboard(request: web.Request) -> Dashboard:
@@ -62,12 +62,24 @@ async def read_cluster(svc: Services) -> None:
     svc.metrics.show_dependencies(broker=reached[0], database=reached[1])
 
 
-async def _ready(request: web.Request) -> bool:
+async def _ready(request: web.Request) -> Readiness:
+    """Ready while the broker and the database are reachable (and, under `agentless run`, its
+    worker is ready). An API whose broker blocks publishes stays ready: every replica is blocked
+    alike, and taking them all out of service would refuse callbacks and reads too; POST /tasks
+    answers 503 at once meanwhile, and the answer says why."""
     svc = services(request)
-    ready = svc.broker.is_ready and await svc.store.ping()
-    if svc.worker_ready is not None:
-        ready = ready and await svc.worker_ready()
-    return ready
+    if not svc.broker.is_ready:
+        return Readiness(status="not ready", reason="RabbitMQ is not reachable; reconnecting")
+    if not await svc.store.ping():
+        return Readiness(status="not ready", reason="PostgreSQL is not reachable")
+    if svc.worker_ready is not None and not (worker := await svc.worker_ready()).ready:
+        return worker
+    if (blocked := svc.broker.blocked) is not None:
+        return Readiness(
+            status="ready",
+            reason=f"RabbitMQ is blocking publishes ({blocked}): POST /tasks is answered 503",
+        )
+    return Readiness(status="ready")
 
 
 readyz = readiness(_ready)

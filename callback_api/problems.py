@@ -73,7 +73,9 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return _from_http_exception(request, exc)
     except BrokerUnavailable as exc:
         log.warning("%s answering %s %s", exc, request.method, request.path)
-        return problem_response(503, f"{exc}; ask again", headers={"Retry-After": "1"})
+        return problem_response(
+            503, f"{exc}; ask again", headers={"Retry-After": str(exc.retry_after)}
+        )
     except DB_UNAVAILABLE as exc:
         # The request can be sent again as it is, as services do on a 503: whatever it did
         # before the database went away is found then, never done twice.

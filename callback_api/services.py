@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from worker.contract.tokens import Signer
     from worker.metrics import ClusterGauges, Metrics
     from worker.store.database import Store
+    from worker.views import Readiness
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,8 @@ class Services:
     # The gauges of the whole deployment, which only the API exports (ops.read_cluster).
     cluster: ClusterGauges
     announcer: Announcer
-    # Whether the worker of this process is ready, under `agentless run`.
-    worker_ready: Callable[[], Awaitable[bool]] | None = None
+    # Whether the worker of this process is ready, and why not, under `agentless run`.
+    worker_ready: Callable[[], Awaitable[Readiness]] | None = None
 
 
 services_key = web.AppKey("services", Services)

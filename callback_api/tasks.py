@@ -23,6 +23,7 @@ from callback_api import task_page
 from callback_api.inputs import query_of, read_body
 from callback_api.problems import Problem
 from callback_api.services import services
+from worker.amqp import BrokerBlocked
 from worker.contract.errors import invalid_fields
 from worker.contract.models import MAX_TASK_BYTES, Result, State, TaskMessage, any_case
 from worker.contract.records import TaskRecord
@@ -43,6 +44,8 @@ from worker.views import (
 log = logging.getLogger(__name__)
 
 MAX_ROWS_PER_PAGE: Final = 1000
+# How long POST /tasks waits for the broker to confirm the task's message before answering 503.
+PUBLISH_SECONDS: Final = 3.0
 DEFAULT_ROWS_PER_PAGE: Final = 50
 MAX_PAGE_NUMBER: Final = 10**9
 _RANGE = re.compile(r"items=(\d{1,12})-(\d{1,12})")
@@ -151,6 +154,9 @@ async def submit_task(request: web.Request) -> web.Response:
         raise Problem(400, f"the task is not valid; fix: {fields}", errors=errors) from exc
     bind_task(task.task_id, task.plan_id)
     svc = services(request)
+    if (blocked := svc.broker.blocked) is not None:
+        # Refused before anything is recorded: the same body sent again later is a new submission.
+        raise BrokerBlocked(blocked)
     canonical = _canonical(task)
     claim = ClaimRequest.of(task, canonical)
     recorded = await svc.store.submit(claim)
@@ -165,8 +171,15 @@ async def submit_task(request: web.Request) -> web.Response:
             return _json(_submitted(recorded.task_id, recorded.state), 202, {"Location": location})
         # Queued but perhaps never published (a crash after the insert): publish again; a
         # duplicate message is harmless, the claim runs the task once.
-    await svc.broker.publish(
-        canonical, svc.broker.names.tasks, message_id=task.task_id, correlation_id=task.task_id
+    # Bounded: a broker that blocks publishes, or is gone, is answered 503 within seconds, not
+    # by a hung request. The task is recorded by then and its message goes out when it can, so a
+    # retry of the same body is answered 202 as the same task, and runs it once.
+    await svc.broker.publish_within(
+        PUBLISH_SECONDS,
+        canonical,
+        svc.broker.names.tasks,
+        message_id=task.task_id,
+        correlation_id=task.task_id,
     )
     log.info("task submitted")
     return _json(_submitted(task.task_id, State.QUEUED), 202, {"Location": location})

@@ -59,6 +59,7 @@ async def test_status_json_is_what_get_queue_shows(
         "completed": 2,
         "oldestWaitingAgeSeconds": None,
         "completedLastMinute": 2,
+        "brokerBlocked": None,
     }
 
 

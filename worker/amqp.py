@@ -1,15 +1,16 @@
 """What aio-pika and aiormq need watching for: how a lost connection shows, the heartbeat a URL
-asks for, and the bound on a channel's frames."""
+asks for, the bound on a channel's frames, and the broker blocking a connection's publishes."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractConnection
 from yarl import URL
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,50 @@ def with_heartbeat(amqp_url: str) -> tuple[str, int]:
 
 class BrokerUnavailable(ConnectionError):
     """The broker cannot be asked now; the connection is being re-opened."""
+
+    # What an HTTP answer tells its client to wait before asking again, in seconds.
+    retry_after = 1
+
+
+class BrokerBlocked(BrokerUnavailable):
+    """The broker is blocking this connection's publishes: one of its resource alarms (memory or
+    disk space) is in effect, and nothing published gets through until it clears."""
+
+    retry_after = 5
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"RabbitMQ is blocking publishes ({reason}) until its alarm clears")
+        self.reason = reason
+
+
+def watch_blocking(
+    connection: AbstractConnection,
+    blocked: Callable[[str], None],
+    unblocked: Callable[[], None],
+) -> bool:
+    """Call `blocked` with RabbitMQ's reason (e.g. "low on memory") when it sends
+    connection.blocked on `connection`, and `unblocked` at connection.unblocked; whether it could.
+
+    aiormq reads both frames, but only to hold back a connection's first writes, and tells no one:
+    its handlers are wrapped on this connection's instance. Should a later aiormq handle them
+    elsewhere, nothing is watched and publishes simply wait, as they did before."""
+    underlay = getattr(getattr(connection, "transport", None), "connection", None)
+    on_blocked = getattr(underlay, "_Connection__handle_connection_blocked", None)
+    on_unblocked = getattr(underlay, "_Connection__handle_connection_unblocked", None)
+    if on_blocked is None or on_unblocked is None:
+        return False
+
+    async def handle_blocked(frame: Any) -> None:
+        await on_blocked(frame)
+        blocked(str(getattr(frame, "reason", "") or "no reason given"))
+
+    async def handle_unblocked(frame: Any) -> None:
+        await on_unblocked(frame)
+        unblocked()
+
+    setattr(underlay, "_Connection__handle_connection_blocked", handle_blocked)  # noqa: B010
+    setattr(underlay, "_Connection__handle_connection_unblocked", handle_unblocked)  # noqa: B010
+    return True
 
 
 async def settle(call: Awaitable[None]) -> None:

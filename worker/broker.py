@@ -10,6 +10,13 @@ when it is lost, and when it falls silent: a black-holed network path shows noth
 the broker is asked something every half heartbeat, and a question left unanswered for a whole
 heartbeat (`?heartbeat=N` in the URL, DEFAULT_HEARTBEAT seconds if it names none) drops the
 connection.
+
+While one of RabbitMQ's resource alarms is in effect (memory or disk space), it blocks every
+connection that publishes: it stops reading from it, so nothing sent on it is answered, and says so
+with connection.blocked. Then the broker is not asked anything (an unanswered question would drop
+a connection that is only waiting), publishes wait for their confirms for as long as the block
+lasts plus the usual bound, and `blocked` says why, so that the worker stops taking new tasks and
+the API refuses new ones at once instead of hanging.
 """
 
 from __future__ import annotations
@@ -36,12 +43,15 @@ from pamqp.common import FieldTable
 from worker.amqp import (
     BROKER_ERRORS,
     DEFAULT_HEARTBEAT,
+    BrokerBlocked,
     BrokerUnavailable,
     cancelled_by_the_broker,
     connection_failed,
     unbounded_frames,
+    watch_blocking,
     with_heartbeat,
 )
+from worker.blocking import PublishBlock
 from worker.contract.errors import ConfigError
 from worker.contract.models import REASON_HEADER, Names, TaskEvent
 from worker.contract.settings import redact_url
@@ -56,12 +66,21 @@ PUBLISH_CHANNELS = 16
 # AMQP's delivery mode of a message that the broker keeps on disk.
 PERSISTENT = 2
 
+# How long a publish waits for its confirm, while the broker is not blocking publishes, before the
+# connection is taken for lost and the publish made again on a new one.
+CONFIRM_SECONDS = 30.0
+
+# How long closing a connection may take: a blocked connection's close is never answered.
+CLOSE_SECONDS = 5.0
+
 
 @dataclass(frozen=True, slots=True)
 class QueueDepths:
     ready: int
     consumers: int
     dead: int
+    # Why RabbitMQ blocks publishes, when it was asked (publishing_blocked) and does.
+    blocked: str | None = None
 
 
 class Broker:
@@ -87,6 +106,9 @@ class Broker:
         self._lost = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
+        self._block = PublishBlock(CONFIRM_SECONDS)
+        # Publishes given up on by their caller (publish_within), finished all the same.
+        self._background: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Broker:
         try:
@@ -103,15 +125,42 @@ class Broker:
         tb: TracebackType | None,
     ) -> None:
         self._closing = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            await asyncio.gather(self._supervisor, return_exceptions=True)
+        for task in (self._supervisor, *self._background):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(
+            *(task for task in (self._supervisor, *self._background) if task is not None),
+            return_exceptions=True,
+        )
         if self._connection is not None and not self._connection.is_closed:
-            await asyncio.gather(self._connection.close(), return_exceptions=True)
+            # A blocked connection's close is never answered: not waited for at all.
+            bound = 0.1 if self._block.reason is not None else CLOSE_SECONDS
+            await asyncio.gather(
+                asyncio.wait_for(self._connection.close(), bound), return_exceptions=True
+            )
 
     @property
     def is_ready(self) -> bool:
         return self._ready.is_set()
+
+    @property
+    def blocked(self) -> str | None:
+        """Why RabbitMQ is blocking this connection's publishes (its words, e.g. "low on
+        memory"), while it is; None otherwise."""
+        return self._block.reason
+
+    async def unblocked(self) -> None:
+        """Return once the broker is not blocking publishes (at once if it is not)."""
+        await self._block.lifted()
+
+    def _blocked_on(self, connection: AbstractConnection, reason: str | None) -> None:
+        # A late word on a connection already replaced says nothing about the new one.
+        if connection is not self._connection:
+            return
+        if reason is None:
+            self._block.lift()
+        else:
+            self._block.block(reason)
 
     async def connection(self) -> AbstractConnection:
         """The current open connection, once there is one."""
@@ -154,7 +203,14 @@ class Broker:
         connection.close_callbacks.add(lambda *_: self._lost_connection(connection))
         for channel in (*channels, probe):
             channel.close_callbacks.add(lambda *_: self._lost_connection(connection))
+        watch_blocking(
+            connection,
+            lambda reason: self._blocked_on(connection, reason),
+            lambda: self._blocked_on(connection, None),
+        )
         self._connection, self._channels, self._probe = connection, tuple(channels), probe
+        # A new connection is not blocked until it publishes, whatever the last one was.
+        self._block.lift(quietly=True)
         self._lost.clear()
         self._ready.set()
 
@@ -173,6 +229,10 @@ class Broker:
                 await asyncio.wait_for(self._lost.wait(), self._probe_interval)
             if self._lost.is_set():
                 return
+            if self._block.reason is not None:
+                # Nothing is answered on a blocked connection; aiormq's heartbeat watch still
+                # sees a broker that is gone.
+                continue
             assert self._probe is not None
             try:
                 async with asyncio.timeout(self._probe_interval * 2):
@@ -275,15 +335,15 @@ class Broker:
                 # Not mandatory: an event nobody is bound to is dropped by the broker rather
                 # than returned whole, to be read and discarded here. Not waiting for the
                 # frame to be written: the confirm says more, and comes after it anyway.
-                await underlay.basic_publish(
-                    body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=properties,
-                    mandatory=False,
-                    timeout=30,
-                    wait=False,
-                )
+                async with self._block.confirm_bound():
+                    await underlay.basic_publish(
+                        body,
+                        exchange=exchange,
+                        routing_key=routing_key,
+                        properties=properties,
+                        mandatory=False,
+                        wait=False,
+                    )
             except (*BROKER_ERRORS, asyncio.CancelledError) as exc:
                 if self._closing or not connection_failed(exc):
                     raise
@@ -294,11 +354,68 @@ class Broker:
             else:
                 return
 
+    async def publish_within(
+        self,
+        seconds: float,
+        body: bytes,
+        routing_key: str,
+        *,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> None:
+        """Publish as `publish` does, but answer within `seconds`: BrokerBlocked at once while
+        the broker blocks publishes, else BrokerBlocked or BrokerUnavailable once `seconds`
+        pass unconfirmed. The publish itself goes on until it is confirmed (or the broker is
+        closed), so that what was recorded before it is not left without its message."""
+        if self._block.reason is not None:
+            raise BrokerBlocked(self._block.reason)
+        publishing = asyncio.create_task(
+            self.publish(body, routing_key, message_id=message_id, correlation_id=correlation_id)
+        )
+        self._background.add(publishing)
+        publishing.add_done_callback(self._published_late)
+        try:
+            async with asyncio.timeout(seconds):
+                await asyncio.shield(publishing)
+        except TimeoutError:
+            if self._block.reason is not None:
+                raise BrokerBlocked(self._block.reason) from None
+            if not self.is_ready:
+                raise BrokerUnavailable(
+                    f"RabbitMQ at {self._shown_url} is not reachable right now"
+                ) from None
+            raise BrokerUnavailable(
+                f"RabbitMQ at {self._shown_url} did not confirm the message within {seconds:g} s"
+            ) from None
+
+    async def publishing_blocked(self, within: float) -> str | None:
+        """Why RabbitMQ blocks publishes, if it does. A connection learns it only when it
+        publishes, so one that has not is made to: an empty message to no queue, which the broker
+        drops (and confirms) at once unless it blocks. After this the connection may be blocked,
+        and answers nothing more until the alarm clears: ask last."""
+        if self._block.reason is not None or not self.is_ready:
+            return self._block.reason
+        underlay = await self._channels[0].get_underlay_channel()
+        assert isinstance(underlay, aiormq.Channel)
+        with suppress(TimeoutError, *BROKER_ERRORS):
+            await asyncio.wait_for(
+                underlay.basic_publish(b"", routing_key=f"{self.names.prefix}.no-queue"), within
+            )
+        return self._block.reason
+
+    def _published_late(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("publish failed", exc_info=error)
+
     async def queue_depths(self) -> QueueDepths:
         """Ready messages and consumers of the task queue, and the dead-letter queue's depth;
-        BrokerUnavailable rather than a wait while there is no connection."""
+        BrokerUnavailable rather than a wait while there is no connection, BrokerBlocked while
+        the broker answers nothing on it."""
         if not self.is_ready:
             raise BrokerUnavailable(f"RabbitMQ at {self._shown_url} is not reachable right now")
+        if self._block.reason is not None:
+            raise BrokerBlocked(self._block.reason)
         connection = await self.connection()
         try:
             async with asyncio.timeout(10), connection.channel() as channel:

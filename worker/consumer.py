@@ -1,4 +1,5 @@
-"""The consume loop: prefetch, a watch on the subscription itself, and a drain on stop."""
+"""The consume loop: prefetch, a watch on the subscription itself, a pause while the broker blocks
+publishes, and a drain on stop."""
 
 from __future__ import annotations
 
@@ -37,12 +38,21 @@ class _Renew(Exception):
 class Consumer:
     """Consumes the task queue for as long as it runs, and re-subscribes whenever the subscription
     is lost: a new connection, a closed channel, a consumer the broker cancelled, or one the broker
-    silently stopped delivering to."""
+    silently stopped delivering to.
 
-    def __init__(self, broker: Broker, handler: Handler, *, prefetch: int) -> None:
+    While the broker blocks the publishes of `publisher` (a resource alarm), a task taken now
+    could not publish its events or be acknowledged: the subscription is cancelled until the
+    block ends, and what the broker delivered before the cancel took effect is held, not started
+    (sending it back would count toward its delivery limit). Tasks already started finish when
+    the block ends."""
+
+    def __init__(
+        self, broker: Broker, handler: Handler, *, prefetch: int, publisher: Broker | None = None
+    ) -> None:
         self.broker = broker
         self._handler = handler
         self._prefetch = prefetch
+        self._publisher = publisher
         self._in_flight: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._finished = asyncio.Event()
@@ -93,12 +103,20 @@ class Consumer:
         names = self.broker.names
         channel = self._channel = await connection.channel()
         await unbounded_frames(channel)
-        await channel.set_qos(prefetch_count=self._prefetch)
         # Declared, not just looked up: an operator may have deleted the queue.
         queue = await channel.declare_queue(
             names.tasks, durable=True, arguments=tasks_queue_arguments(names)
         )
         while not self._stop.is_set():
+            await self._until_publishable(channel)
+            room = await self._room(channel)
+            if self._stop.is_set():
+                return
+            # A new subscription's window is what its handlers leave: those of a lost channel's
+            # deliveries, or of an earlier subscription, may still run (waiting for a database
+            # that is cut off, say), and the worker must hold no more tasks than its prefetch
+            # however often it subscribes again.
+            await channel.set_qos(prefetch_count=room)
             tag = await queue.consume(self._deliver)
             self.subscriptions += 1
             self.consuming.set()
@@ -110,6 +128,32 @@ class Consumer:
                 await queue.cancel(tag)
             if reason:
                 log.warning("consumer re-subscribing: %s", reason)
+
+    async def _until_publishable(self, channel: AbstractChannel) -> None:
+        """Return once the publisher is not blocked, or the consumer stops; raise if the channel
+        closes meanwhile."""
+        if self._publisher is None or self._publisher.blocked is None:
+            return
+        log.warning("consumer paused while RabbitMQ blocks publishes")
+        while self._publisher.blocked is not None and not self._stop.is_set():
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._publisher.unblocked(), WATCH_INTERVAL)
+            if channel.is_closed:
+                raise ConnectionError("the consumer's channel closed")
+        log.info("consumer resuming: RabbitMQ takes publishes again")
+
+    async def _room(self, channel: AbstractChannel) -> int:
+        """Wait until fewer handlers than the prefetch run, or the consumer stops; how many more
+        may. Raise if the channel closes meanwhile."""
+        while len(self._in_flight) >= self._prefetch and not self._stop.is_set():
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), WATCH_INTERVAL)
+            if channel.is_closed:
+                raise ConnectionError("the consumer's channel closed")
+        return max(self._prefetch - len(self._in_flight), 1)
+
+    def _blocked(self) -> str | None:
+        return None if self._publisher is None else self._publisher.blocked
 
     async def _watch(self, channel: AbstractChannel, queue: AbstractQueue, tag: str) -> str | None:
         """Wait until the subscription needs renewing (the reason) or the consumer stops (None);
@@ -129,6 +173,8 @@ class Consumer:
                 raise ConnectionError("the consumer's channel closed")
             if tag not in underlay.consumers:
                 return "the broker cancelled the consumer"
+            if (blocked := self._blocked()) is not None:
+                return f"RabbitMQ is blocking publishes ({blocked})"
             # The broker can also stop delivering without a word (seen when a quorum queue is
             # deleted and declared again at once); only starvation shows it.
             ready = await channel.declare_queue(queue.name, passive=True)
@@ -149,9 +195,18 @@ class Consumer:
         # connection is lost must still finish its attempt (record its result, publish its event
         # once reconnected). Only its ack is lost; the redelivery finds the recorded result.
         self.deliveries += 1
-        task = asyncio.create_task(self._handler(message))
+        if self._blocked() is None:
+            task = asyncio.create_task(self._handler(message))
+        else:
+            task = asyncio.create_task(self._held(message))
         self._in_flight.add(task)
         task.add_done_callback(self._handled)
+
+    async def _held(self, message: AbstractIncomingMessage) -> None:
+        """A delivery that came while the broker blocks publishes: started once it does not."""
+        assert self._publisher is not None
+        await self._publisher.unblocked()
+        await self._handler(message)
 
     def _handled(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)

@@ -22,27 +22,27 @@ async def healthz(_: web.Request) -> web.Response:
 
 
 def readiness(
-    ready: Callable[[web.Request], Awaitable[bool]],
+    check: Callable[[web.Request], Awaitable[Readiness]],
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """/readyz: 200 while `ready` says so, else 503."""
+    """/readyz: 200 while `check` says ready, else 503; with its reason, if it gives one."""
 
     async def readyz(request: web.Request) -> web.Response:
-        now = await ready(request)
-        answer = Readiness(status="ready" if now else "not ready")
-        return web.json_response(text=answer.model_dump_json(), status=200 if now else 503)
+        answer = await check(request)
+        text = answer.model_dump_json(exclude_none=True)
+        return web.json_response(text=text, status=200 if answer.ready else 503)
 
     return readyz
 
 
 @asynccontextmanager
 async def probe_server(
-    host: str, port: int, ready: Callable[[], Awaitable[bool]], get_metrics: Handler
+    host: str, port: int, check: Callable[[], Awaitable[Readiness]], get_metrics: Handler
 ) -> AsyncIterator[None]:
     """A worker's own /metrics, /healthz and /readyz on `host`:`port` (AGENTLESS_WORKER_HOST and
     AGENTLESS_WORKER_PORT); CannotListen, naming them, if it cannot listen there."""
 
-    async def is_ready(_: web.Request) -> bool:
-        return await ready()
+    async def is_ready(_: web.Request) -> Readiness:
+        return await check()
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)

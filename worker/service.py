@@ -26,6 +26,7 @@ from worker.runner import Runner
 from worker.store.database import Store
 from worker.store.registry import registered_worker
 from worker.sweeper import Sweeper
+from worker.views import Readiness
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,21 @@ class Worker:
             database=await self.store.ping(),
         )
 
-    async def ready(self) -> bool:
-        return (
-            self.broker.is_ready
-            and self.consumer.broker.is_ready
-            and self.consumer.consuming.is_set()
-            and await self.store.ping()
-        )
+    async def readiness(self) -> Readiness:
+        """Ready while it takes tasks: both broker connections up, consuming, the database
+        reachable. While RabbitMQ blocks publishes the worker takes none, so it is not ready;
+        it says why."""
+        if (blocked := self.broker.blocked) is not None:
+            why = f"RabbitMQ is blocking publishes ({blocked}): no new task is taken until it stops"
+        elif not (self.broker.is_ready and self.consumer.broker.is_ready):
+            why = "RabbitMQ is not reachable; reconnecting"
+        elif not self.consumer.consuming.is_set():
+            why = "not consuming the task queue; subscribing again"
+        elif not await self.store.ping():
+            why = "PostgreSQL is not reachable"
+        else:
+            return Readiness(status="ready")
+        return Readiness(status="not ready", reason=why)
 
 
 @asynccontextmanager
@@ -69,8 +78,10 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
     metrics = Metrics()
     worker: Worker | None = None
 
-    async def ready() -> bool:
-        return worker is not None and await worker.ready()
+    async def readiness() -> Readiness:
+        if worker is None:
+            return Readiness(status="not ready", reason="the worker is starting")
+        return await worker.readiness()
 
     async def show_dependencies() -> None:
         if worker is not None:
@@ -84,7 +95,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
                 probe_server(
                     settings.worker_host,
                     settings.worker_port,
-                    ready,
+                    readiness,
                     metrics.handler(show_dependencies),
                 )
             )
@@ -123,7 +134,9 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
             metrics=metrics,
             poller=poller,
         )
-        consumer = Consumer(consuming_broker, runner.handle, prefetch=settings.concurrency)
+        consumer = Consumer(
+            consuming_broker, runner.handle, prefetch=settings.concurrency, publisher=broker
+        )
         worker_id = await stack.enter_async_context(
             registered_worker(
                 store, settings.database_url, lambda: consumer.in_flight + poller.in_flight

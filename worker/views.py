@@ -166,6 +166,10 @@ class QueueView(View):
     completed: int
     oldest_waiting_age_seconds: float | None = None
     completed_last_minute: int
+    broker_blocked: str | None = Field(
+        default=None,
+        description="why RabbitMQ is blocking publishes (its memory or disk alarm), while it is",
+    )
 
 
 class MinuteThroughput(View):
@@ -212,6 +216,7 @@ def dashboard(depths: QueueDepths, overview: Overview, now: datetime) -> Dashboa
         completed=overview.states.get(State.COMPLETED, 0),
         oldest_waiting_age_seconds=None if oldest is None else (now - oldest).total_seconds(),
         completed_last_minute=overview.completed_last_minute,
+        broker_blocked=depths.blocked,
     )
     return Dashboard(
         queue=queue,
@@ -310,3 +315,12 @@ class Health(View):
 
 class Readiness(View):
     status: Literal["ready", "not ready"]
+    reason: str | None = Field(
+        default=None,
+        description="why the process is not ready; or, while it is, what holds it back (RabbitMQ "
+        "blocking publishes)",
+    )
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"

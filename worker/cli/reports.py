@@ -9,6 +9,7 @@ import shutil
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import datetime
 from itertools import zip_longest
 
@@ -26,6 +27,9 @@ from worker.store.database import Store
 from worker.text import duration
 from worker.views import Dashboard, TaskSummary, dashboard
 
+# How long `status` waits to learn whether RabbitMQ blocks publishes: it confirms at once if not.
+BLOCKED_PROBE_SECONDS = 2.0
+
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     board = asyncio.run(_dashboard(settings))
@@ -42,6 +46,8 @@ async def _dashboard(settings: Settings) -> Dashboard:
         _broker(settings, "status") as broker,
     ):
         depths, overview = await broker.queue_depths(), await store.overview()
+        # Last: the question may leave the connection blocked.
+        depths = replace(depths, blocked=await broker.publishing_blocked(BLOCKED_PROBE_SECONDS))
         return dashboard(depths, overview, store.clock.now())
 
 
@@ -70,6 +76,11 @@ def _status_tables(board: Dashboard, now: datetime) -> str:
             for left, right in zip_longest(broker_side, database_side, fillvalue=("", ""))
         ),
     )
+    if queue.broker_blocked is not None:
+        counts += (
+            f"\n\nRabbitMQ is blocking publishes ({queue.broker_blocked}): tasks queued, "
+            "started or completed wait until its resource alarm clears"
+        )
     if not board.workers:
         return f"{counts}\n\nno live workers"
     workers = render(

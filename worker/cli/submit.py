@@ -7,20 +7,28 @@ import argparse
 import asyncio
 import sys
 import uuid
+from contextlib import suppress
 from pathlib import Path
 
 import aio_pika
 import orjson
 from pydantic import JsonValue
 
+from worker.amqp import watch_blocking
 from worker.cli.connect import broker_connection
 from worker.cli.events import EventFeed
 from worker.cli.exits import EXIT_DONE, EXIT_NOT_SUCCEEDED, EXIT_WAIT_TIMEOUT
 from worker.cli.progress import Progress
-from worker.contract.errors import InvalidTask, UsageError
+from worker.contract.errors import InvalidTask, Unavailable, UsageError
 from worker.contract.models import Names, Result, TaskEvent, TaskMessage, parse_task
 from worker.contract.settings import Settings
 from worker.topology import declare_topology
+
+# How long the broker has to confirm the task's message. A broker whose resource alarm is in
+# effect confirms nothing until the alarm clears, however long that takes.
+CONFIRM_SECONDS = 10.0
+# Closing a connection that the broker blocks is never answered.
+CLOSE_SECONDS = 2.0
 
 
 def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
@@ -139,7 +147,9 @@ def _read(path: Path) -> bytes:
 async def _submit(settings: Settings, task: TaskMessage, *, wait: bool, wait_timeout: float) -> int:
     names = Names(settings.prefix)
     connection = await broker_connection(settings, "submit")
-    async with connection:
+    blocked: list[str] = []
+    watch_blocking(connection, blocked.append, blocked.clear)
+    try:
         channel = await connection.channel(publisher_confirms=True)
         await declare_topology(channel, names)
         reply_queue = None
@@ -150,17 +160,21 @@ async def _submit(settings: Settings, task: TaskMessage, *, wait: bool, wait_tim
                 # Bound before the task is published, so that none of its events is missed.
                 feed = await EventFeed.bound(channel, names, task.hub_name)
         body = task.model_dump_json(by_alias=True, exclude_none=True).encode()
-        await channel.default_exchange.publish(
-            aio_pika.Message(
-                body,
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=task.task_id,
-                correlation_id=task.task_id,
-                reply_to=None if reply_queue is None else reply_queue.name,
-            ),
-            routing_key=names.tasks,
+        message = aio_pika.Message(
+            body,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=task.task_id,
+            correlation_id=task.task_id,
+            reply_to=None if reply_queue is None else reply_queue.name,
         )
+        try:
+            await asyncio.wait_for(
+                channel.default_exchange.publish(message, routing_key=names.tasks),
+                CONFIRM_SECONDS,
+            )
+        except TimeoutError:
+            raise Unavailable(_unconfirmed(task, blocked)) from None
         if reply_queue is None:
             print(orjson.dumps({"taskId": task.task_id, "planId": task.plan_id}).decode())
             return EXIT_DONE
@@ -177,6 +191,9 @@ async def _submit(settings: Settings, task: TaskMessage, *, wait: bool, wait_tim
             if showing is not None:
                 showing.cancel()
                 await asyncio.gather(showing, return_exceptions=True)
+    finally:
+        with suppress(TimeoutError):
+            await asyncio.wait_for(connection.close(), CLOSE_SECONDS)
     if event is None:
         print(
             f"agentless: no result for task {task.task_id} within {wait_timeout:g} s; "
@@ -187,6 +204,19 @@ async def _submit(settings: Settings, task: TaskMessage, *, wait: bool, wait_tim
     print(orjson.dumps(orjson.loads(event), option=orjson.OPT_INDENT_2).decode())
     result = TaskEvent.model_validate_json(event).result
     return EXIT_DONE if result is Result.SUCCEEDED else EXIT_NOT_SUCCEEDED
+
+
+def _unconfirmed(task: TaskMessage, blocked: list[str]) -> str:
+    """Why the task's message was not confirmed, and what to do: it may still be queued once the
+    broker reads it, so sending it again (the same taskId) is the safe way to be sure."""
+    if blocked:
+        why = f"RabbitMQ is blocking publishes ({blocked[-1]}) until its resource alarm clears"
+    else:
+        why = f"RabbitMQ did not confirm the task within {CONFIRM_SECONDS:g} s"
+    return (
+        f"{why}; task {task.task_id} may not be queued: submit it again later with the same "
+        "--task-id (it runs once however often it is sent)"
+    )
 
 
 async def _next_reply(queue: aio_pika.abc.AbstractQueue, task_id: str) -> bytes:
