@@ -1,0 +1,67 @@
+"""A private RabbitMQ node for the fault tests that hurt the broker itself (its alarms, kill -9):
+started once per session, on first use, and removed at the end; the machine's node is never
+touched."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import SESSION, free_port
+from tests.faults.outages import Service
+from tests.rabbit_node import RabbitNode
+from worker.contract.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def rabbit_node() -> Iterator[RabbitNode]:
+    node = RabbitNode.create(f"agentless-{SESSION}", free_port(), free_port())
+    try:
+        print(f"\nprivate RabbitMQ node {node.name} started in {node.start():.1f} s")
+        yield node
+    finally:
+        node.remove()
+
+
+@pytest_asyncio.fixture
+async def private_rabbit(rabbit_node: RabbitNode) -> AsyncIterator[RabbitNode]:
+    """The private node, running, its alarms cleared, for one test; left that way after it, so
+    that a test that failed midway does not spoil the next."""
+    await asyncio.to_thread(_serving, rabbit_node)
+    yield rabbit_node
+    await asyncio.to_thread(_serving, rabbit_node)
+
+
+def _serving(node: RabbitNode) -> None:
+    if not node.running():
+        node.start()
+    node.set_memory_alarm(on=False)
+
+
+@pytest.fixture
+def private_settings(settings: Settings, private_rabbit: RabbitNode) -> Settings:
+    """The test's settings, on the private node."""
+    return settings.model_copy(update={"amqp_url": private_rabbit.amqp_url})
+
+
+@pytest_asyncio.fixture
+async def endpoint() -> AsyncIterator[tuple[str, Service]]:
+    """A service for both modes (outages.Service), served locally: its URL and itself."""
+    service = Service()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", service.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    async with aiohttp.ClientSession() as session:
+        service.session = session
+        yield str(server.make_url("/")).rstrip("/"), service
+        for task in list(service.background):
+            task.cancel()
+        await asyncio.gather(*service.background, return_exceptions=True)
+    await server.close()
