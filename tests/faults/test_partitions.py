@@ -45,7 +45,7 @@ from worker.store.registry import (
     registered_worker,
 )
 
-RESPONSE_TIMEOUT = 1
+RESPONSE_TIMEOUT = 2
 LEASE = RESPONSE_TIMEOUT + LEASE_GRACE_SECONDS
 # A's AMQP heartbeat: the broker drops A's silent connection, and hands its unacknowledged
 # messages to B, within a few seconds of the cut.
@@ -242,7 +242,9 @@ async def run_with_a_partitioned(
                 child.process.send_signal(signal.SIGTERM)
             for child in (a, b, api):
                 await asyncio.wait_for(child.process.wait(), 30)
-    rows = await db.fetch("SELECT task_id, state, result, attempts FROM tasks ORDER BY task_id")
+    rows = await db.fetch(
+        "SELECT task_id, mode, state, result, reason, attempts FROM tasks ORDER BY task_id"
+    )
     return list(rows), what, cluster
 
 
@@ -291,10 +293,16 @@ async def test_a_worker_cut_from_the_broker_past_its_lease(
         most_tasks_A_held=f"{max(cluster.in_flight):g}",
     )
     assert len(rows) == TOTAL, worker_logs(cluster.a)
-    assert {(r["state"], r["result"]) for r in rows} == {("completed", "succeeded")}
+    assert {(r["state"], r["result"]) for r in rows} == {("completed", "succeeded")}, [
+        dict(r) for r in rows if r["result"] != "succeeded"
+    ]
     assert figures.conflicting == 0
     assert figures.over_invoked == 0
-    assert (figures.rerun, figures.invoked_twice) == (0, 0), worker_logs(cluster.a)
+    assert figures.invoked_twice == 0, worker_logs(cluster.a)
+    # Taken over at the end of their lease, and called once, by B: callback tasks that A claimed
+    # as it was cut off, whose TaskStarted (confirmed before the call) A could not publish. A
+    # found them taken over when the path healed, and did not call their endpoints.
+    assert {r["mode"] for r in rows if r["attempts"] > 1} <= {"callback"}
     assert max(cluster.in_flight) <= CONCURRENCY
 
 
@@ -350,12 +358,19 @@ async def test_a_worker_cut_from_postgresql_past_its_lease(
     )
     logs = cluster.a.logs()
     assert len(rows) == TOTAL, worker_logs(cluster.a)
-    assert {(r["state"], r["result"]) for r in rows} == {("completed", "succeeded")}
+    assert {(r["state"], r["result"]) for r in rows} == {("completed", "succeeded")}, [
+        dict(r) for r in rows if r["result"] != "succeeded"
+    ]
     assert figures.conflicting == 0
     assert figures.over_invoked == 0
-    assert (figures.rerun, figures.invoked_twice) == (0, 0), worker_logs(cluster.a)
+    # A's messages stayed A's: no task was called twice. A task may still have a second attempt,
+    # called once: one whose claim A made just as the path went, and whose answer was lost; A
+    # claims it again once healed, finds it running under a live worker (itself: it cannot tell
+    # a redelivery beside its own attempt from a lost answer), and takes it at the lease's end.
+    assert figures.invoked_twice == 0, worker_logs(cluster.a)
     assert max(cluster.in_flight) <= CONCURRENCY
-    assert noticed[0] <= HEARTBEAT_SECONDS + HEARTBEAT_TIMEOUT + 1
+    # Well before the server's keepalives could end A's sessions and free its tasks.
+    assert noticed[0] <= HEARTBEAT_SECONDS + HEARTBEAT_TIMEOUT + 2
     assert "worker lock re-acquired" in logs
 
 
