@@ -30,7 +30,7 @@ from worker.contract.settings import Settings
 from worker.topology import declare_topology
 
 TOTAL = 2000
-# Longer than a publish's confirm bound (worker/broker.py: 30 s), which must not run while the
+# Longer than a publish's confirm bound (worker/connection.py: 30 s), which must not run while the
 # broker blocks, and than aiormq's three missed heartbeats (33 s).
 ALARM_SECONDS = 40
 # The deliveries of a blocked worker are counted over this long, and must not grow.
