@@ -152,6 +152,21 @@ async def test_batcher_keeps_duplicate_keys_apart() -> None:
     assert batches == [["a", "b"], ["a"], ["a"]]
 
 
+async def test_batcher_stops_a_batch_short_of_its_weight() -> None:
+    batches: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        batches.append(items)
+        return items
+
+    batcher: Batcher[int, int] = Batcher(
+        flush, key=lambda i: i, parallel=1, weigh=lambda i: i, max_weight=10
+    )
+    await asyncio.gather(*(batcher.submit(i) for i in [4, 5, 20, 1, 6]))
+    # An item heavier than the whole allowance still goes, alone; a light one passes a heavy one.
+    assert batches == [[4, 5, 1], [20], [6]]
+
+
 @pytest.mark.parametrize(("gather_turns", "sizes"), [(0, [1, 1, 1]), (10, [3])])
 async def test_batcher_gathers_callers_that_come_within_its_turns(
     gather_turns: int, sizes: list[int]

@@ -213,7 +213,7 @@ class Broker(SupervisedConnection):
         self, event: TaskEvent, *, reply_to: str | None = None, correlation_id: str | None = None
     ) -> None:
         await self.publish_event_json(
-            event.model_dump_json(by_alias=True).encode(),
+            event.json_bytes(),
             event.routing_key,
             event.event_id,
             reply_to=reply_to,

@@ -21,6 +21,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import JsonValue
 from yarl import URL
 
+from worker.budget import ByteBudget, Hold
 from worker.call_errors import describe, transient
 from worker.contract.errors import EgressRefused
 from worker.contract.macros import expand, expand_json
@@ -34,6 +35,13 @@ MAX_REDIRECTS: Final = 10
 ACCEPT_ENCODING: Final = "gzip, deflate"
 TEXT_TYPE: Final = "text/plain; charset=utf-8"
 JSON_TYPE: Final = "application/json"
+
+# A body up to this size is read without asking the byte budget, and kept parsed: what nearly
+# every endpoint answers pays nothing for the bound below.
+SMALL_BODY: Final = 16 * 1024
+# Bytes of larger bodies the process holds at once (or the size cap, if that is larger): with
+# the copies made to record and publish them, this bounds the memory that responses take.
+BODY_BUDGET: Final = 64 * 1024 * 1024
 
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 _BODY_HEADERS: Final = (hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH, hdrs.TRANSFER_ENCODING)
@@ -110,6 +118,7 @@ class Invoker:
         self._timeout = settings.response_timeout
         self._limit = settings.max_response_bytes
         self._concurrency = settings.concurrency
+        self.budget = ByteBudget(max(BODY_BUDGET, self._limit))
         self._policy = EgressPolicy(settings.deny_rule, settings.allow_rule)
         self._connections = {name: _connection(c) for name, c in connections.items()}
         self._timeout_reason = f"no complete response within {self._timeout:g} s"
@@ -153,8 +162,8 @@ class Invoker:
         started = time.perf_counter()
         try:
             call = self._prepare(request, macros, extra_headers)
-            async with asyncio.timeout(self._timeout):
-                return await self._follow(call, started)
+            async with asyncio.timeout(self._timeout) as deadline:
+                return await self._follow(call, started, deadline)
         except TimeoutError:
             return InvokeFailure(self._timeout_reason, _elapsed_ms(started), transient=True)
         except _Failed as exc:
@@ -216,7 +225,16 @@ class Invoker:
             )
         return _Call(request.method.value, url, headers, body, connection.secret_headers)
 
-    async def _follow(self, call: _Call, started: float) -> HttpResponse:
+    async def _follow(self, call: _Call, started: float, deadline: asyncio.Timeout) -> HttpResponse:
+        hold = Hold(self.budget)
+        try:
+            return await self._answer(call, started, deadline, hold)
+        finally:
+            hold.release()
+
+    async def _answer(
+        self, call: _Call, started: float, deadline: asyncio.Timeout, hold: Hold
+    ) -> HttpResponse:
         assert self._session is not None, "use the Invoker as an async context manager"
         for _ in range(MAX_REDIRECTS + 1):
             url = call.url
@@ -233,24 +251,36 @@ class Invoker:
                     if response.status in _REDIRECTS and location is not None:
                         _redirect(call, response.status, location)
                         continue
-                    body = b"" if call.method == Method.HEAD else await self._read(response)
-                    return HttpResponse.model_construct(
-                        status_code=response.status,
-                        headers=_headers(response.headers, call.secret_headers),
-                        body=_parse(body),
-                        elapsed_ms=_elapsed_ms(started),
+                    if call.method == Method.HEAD:
+                        body = b""
+                    else:
+                        body = await self._read(response, deadline, hold)
+                    answer = _response(
+                        response.status,
+                        _headers(response.headers, call.secret_headers),
+                        body,
+                        _elapsed_ms(started),
                     )
+                    # The body's bytes stay taken until the task is done with its response.
+                    hold.keep_until_gone(answer)
+                    return answer
             except aiohttp.ClientError as exc:
                 raise _Failed(describe(exc, url), transient=transient(exc)) from exc
         raise _Failed(f"too many redirects (more than {MAX_REDIRECTS})")
 
-    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
-        """The decoded body, never reading past the limit (+1 byte, to tell that it is over)."""
+    async def _read(
+        self, response: aiohttp.ClientResponse, deadline: asyncio.Timeout, hold: Hold
+    ) -> bytes:
+        """The decoded body, never reading past the limit (+1 byte, to tell that it is over),
+        nor past a small size without room for it in the byte budget."""
         limit = self._limit
-        if response.content_length is not None and response.content_length > limit:
+        length = response.content_length
+        if length is not None and length > limit:
             raise _Failed(self._too_large_reason)
         encoding = response.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
         wbits = _WBITS.get(encoding)
+        if length is not None and length > SMALL_BODY and not encoding:
+            await self._admit(hold, length, deadline)
         decoder: zlib._Decompress | None = None
         chunks: list[bytes] = []
         received = size = 0
@@ -267,13 +297,29 @@ class Invoker:
                 size += len(chunk)
                 if size > limit:
                     raise _Failed(self._too_large_reason)
+                if size > SMALL_BODY and not hold.held:
+                    # Its size is unknown until it ends: room for the largest body allowed.
+                    await self._admit(hold, limit, deadline)
                 chunks.append(chunk)
             # Everything was inflated above; bytes after the end of the stream are ignored.
             if decoder is not None and not decoder.eof:
                 raise _Failed(f"response body is not valid {encoding} data: it ends early")
         except zlib.error as exc:
             raise _Failed(f"response body is not valid {encoding} data: {exc}") from None
+        hold.shrink(size)
         return b"".join(chunks)
+
+    async def _admit(self, hold: Hold, wanted: int, deadline: asyncio.Timeout) -> None:
+        """Take room for a body in the budget. The time spent waiting for it is the worker's,
+        not the endpoint's: the call's deadline stands still meanwhile."""
+        loop = asyncio.get_running_loop()
+        asked, when = loop.time(), deadline.when()
+        deadline.reschedule(None)
+        try:
+            await hold.grow(wanted)
+        finally:
+            if when is not None:
+                deadline.reschedule(when + loop.time() - asked)
 
 
 def _encode_body(body: JsonValue, macros: Mapping[str, str]) -> bytes | None:
@@ -325,6 +371,20 @@ def _headers(raw: CIMultiDictProxy[str], secret: frozenset[str]) -> dict[str, st
         previous = headers.get(key)
         headers[key] = value if previous is None else f"{previous}, {value}"
     return redact_headers(headers, secret)
+
+
+def _response(status: int, headers: dict[str, str], body: bytes, elapsed_ms: int) -> HttpResponse:
+    if len(body) > SMALL_BODY:
+        try:
+            # Only whether it is JSON: the objects are dropped at once (see HttpResponse).
+            orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            return HttpResponse.unparsed(status, headers, body, elapsed_ms)
+    return HttpResponse.model_construct(
+        status_code=status, headers=headers, body=_parse(body), elapsed_ms=elapsed_ms
+    )
 
 
 def _parse(body: bytes) -> JsonValue:

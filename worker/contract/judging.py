@@ -30,7 +30,11 @@ def judge(
 
 def document(response: HttpResponse) -> dict[str, object]:
     """What criteria and outputs are evaluated over (SPEC §4)."""
-    return {"statusCode": response.status_code, "headers": response.headers, "body": response.body}
+    return {
+        "statusCode": response.status_code,
+        "headers": response.headers,
+        "body": response.body_value(),
+    }
 
 
 def outputs(expressions: Mapping[str, str], response: HttpResponse | None) -> dict[str, JsonValue]:

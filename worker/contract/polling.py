@@ -137,7 +137,7 @@ def _is_below(base: str, rest: str) -> bool:
 
 
 def _resolved(request: TaskRequest, start: HttpResponse) -> TaskRequest:
-    status, headers, body = start.status_code, start.headers, start.body
+    status, headers, body = start.status_code, start.headers, start.body_value()
 
     def fill(text: str) -> str:
         return response_macros.resolve(text, status, headers, body)

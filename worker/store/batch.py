@@ -20,7 +20,9 @@ class Batcher(Generic[In, Out]):
     twice); the later one goes in the next batch. With `gather_turns`, each flush first lets the
     event loop turn that many times, so that callers already on their way (woken by a response,
     a confirm) join it: an idle process loses a fraction of a millisecond to it, a busy one a few,
-    which is when fewer, larger batches matter. When a batch fails in a way `isolate` accepts
+    which is when fewer, larger batches matter. With `weigh`, a batch also stops short of
+    `max_weight` (say, bytes: one statement that carries many large values copies them all at
+    once), though it always takes its first item. When a batch fails in a way `isolate` accepts
     (one bad item, not a lost connection), its items are flushed one by one so that only the bad
     item's caller sees the error.
     """
@@ -32,6 +34,8 @@ class Batcher(Generic[In, Out]):
         key: Callable[[In], Hashable],
         isolate: Callable[[BaseException], bool] = lambda _: True,
         max_size: int = 500,
+        weigh: Callable[[In], int] | None = None,
+        max_weight: int = 0,
         # One flush at a time: the next batch gathers everything that arrives meanwhile, which
         # under load means fewer, larger statements and less work for the database.
         parallel: int = 1,
@@ -41,6 +45,8 @@ class Batcher(Generic[In, Out]):
         self._isolate = isolate
         self._key = key
         self._max_size = max_size
+        self._weigh = weigh
+        self._max_weight = max_weight
         self._parallel = parallel
         self._gather_turns = gather_turns
         self._pending: list[tuple[In, asyncio.Future[Out]]] = []
@@ -90,14 +96,23 @@ class Batcher(Generic[In, Out]):
         batch: list[tuple[In, asyncio.Future[Out]]] = []
         later: list[tuple[In, asyncio.Future[Out]]] = []
         seen: set[Hashable] = set()
+        weight = 0
         for entry in self._pending:
-            key = self._key(entry[0])
-            if key in seen or len(batch) >= self._max_size or entry[1].done():
-                if not entry[1].done():
-                    later.append(entry)
+            item, future = entry
+            if future.done():
+                continue
+            key = self._key(item)
+            heavier = weight + (self._weigh(item) if self._weigh is not None else 0)
+            if (
+                key in seen
+                or len(batch) >= self._max_size
+                or (batch and heavier > self._max_weight)
+            ):
+                later.append(entry)
                 continue
             seen.add(key)
             batch.append(entry)
+            weight = heavier
         self._pending = later
         return batch
 

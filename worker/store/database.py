@@ -51,6 +51,9 @@ CANCEL_REASON = "canceled by request"
 # Fewer statements, and the tasks each one releases move on together, so the broker confirms
 # their events and takes their acks in fewer frames.
 GATHER_TURNS = 4
+# The response text one completion statement carries, beyond its first task's: asyncpg builds
+# a statement whole, so a batch of large responses would hold every one of them twice more.
+COMPLETION_BATCH_CHARS = 1024 * 1024
 
 
 class Store:
@@ -75,6 +78,8 @@ class Store:
             key=lambda c: c.task_id,
             isolate=refused,
             gather_turns=GATHER_TURNS,
+            weigh=lambda c: len(c.response_json or ""),
+            max_weight=COMPLETION_BATCH_CHARS,
         )
         # Callers wait on these with a person or a service at the other end: a second flush may
         # start while one is in flight, so that a slow commit does not hold up the next.

@@ -9,7 +9,7 @@ from worker.contract.models import HttpResponse
 
 
 def response_json(response: HttpResponse | None) -> str | None:
-    return None if response is None else storable_json(response.model_dump_json(by_alias=True))
+    return None if response is None else storable_json(response.json_text())
 
 
 # PostgreSQL's text and jsonb cannot hold U+0000, which endpoints and services may well send:
