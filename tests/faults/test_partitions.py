@@ -35,6 +35,7 @@ from worker.contract.models import Outcome, Result, State
 from worker.contract.records import TaskRecord
 from worker.contract.settings import Settings
 from worker.runner import LEASE_GRACE_SECONDS
+from worker.store import registry
 from worker.store.changes import Claimed, ClaimRequest
 from worker.store.database import Store
 from worker.store.errors import NotLive
@@ -388,7 +389,7 @@ async def a_locks(settings: Settings, db: asyncpg.Connection, a: Child) -> int:
 
 
 async def test_a_worker_whose_liveness_session_ends_claims_nothing_until_it_locks_again(
-    settings: Settings, db: asyncpg.Connection
+    settings: Settings, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """PostgreSQL ends the session that holds A's lock while A's pool still works (an operator's
     pg_terminate_backend, an idle-session timeout, the server's keepalives on that session alone).
@@ -403,14 +404,10 @@ async def test_a_worker_whose_liveness_session_ends_claims_nothing_until_it_lock
     ):
         first = await a.claim(claim_request("lv-1"))
         assert isinstance(first, Claimed)
-        ended = await db.fetchval(
-            """SELECT pg_terminate_backend(l.pid) FROM pg_locks l
-               WHERE l.locktype = 'advisory' AND l.classid::bigint = $1
-                 AND l.objid::bigint = $2 AND l.objsubid = 2 AND l.granted""",
-            a.lock_namespace,
-            a.worker_id,
-        )
-        assert ended is True
+        # Long enough a pause before A takes its lock again for what follows to happen first,
+        # however slow the machine.
+        monkeypatch.setattr(registry, "RELOCK_PAUSE_SECONDS", 3)
+        assert await end_lock_session(db, a)
         lost = time.monotonic()
         # Seen at once, not at the next heartbeat.
         await asyncio.wait_for(until_cleared(a), 2)
@@ -429,8 +426,8 @@ async def test_a_worker_whose_liveness_session_ends_claims_nothing_until_it_lock
         assert (late.state, late.attempts, late.result) == (State.RUNNING, 2, None)
 
         # A's heartbeat takes a new lock; then A claims again, and its old attempt stays fenced.
-        await asyncio.wait_for(a.live.wait(), HEARTBEAT_SECONDS + HEARTBEAT_TIMEOUT + 2)
-        back = time.monotonic() - lost
+        monkeypatch.undo()
+        await asyncio.wait_for(a.live.wait(), 10)
         assert isinstance(await a.claim(claim_request("lv-2")), Claimed)
         superseded = await a.renew_lease("lv-1", 1, 60)
         assert isinstance(superseded, TaskRecord)
@@ -438,10 +435,30 @@ async def test_a_worker_whose_liveness_session_ends_claims_nothing_until_it_lock
         assert not isinstance(
             await b.complete("lv-1", 2, Outcome(Result.SUCCEEDED, "HTTP 200")), TaskRecord
         )
+
+        # How soon A holds its lock again, at its own pace.
+        assert await end_lock_session(db, a)
+        lost = time.monotonic()
+        await asyncio.wait_for(until_cleared(a), 2)
+        await asyncio.wait_for(a.live.wait(), HEARTBEAT_SECONDS + HEARTBEAT_TIMEOUT)
+        back = time.monotonic() - lost
+        assert isinstance(await a.claim(claim_request("lv-3")), Claimed)
     print(
         f"\nliveness session ended: claims refused after {seen * 1000:.0f} ms, "
         f"lock held again after {back:.1f} s"
     )
+
+
+async def end_lock_session(db: asyncpg.Connection, store: Store) -> bool:
+    """End the session that holds `store`'s worker's lock, as PostgreSQL would."""
+    ended: bool = await db.fetchval(
+        """SELECT pg_terminate_backend(l.pid) FROM pg_locks l
+           WHERE l.locktype = 'advisory' AND l.classid::bigint = $1
+             AND l.objid::bigint = $2 AND l.objsubid = 2 AND l.granted""",
+        store.lock_namespace,
+        store.worker_id,
+    )
+    return ended
 
 
 async def until_cleared(store: Store) -> None:

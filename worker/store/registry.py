@@ -33,6 +33,8 @@ SESSION_KEEPALIVES = {
     "tcp_keepalives_interval": "2",
     "tcp_keepalives_count": "3",
 }
+# Between the end of the lock's session and the first try to take the lock again.
+RELOCK_PAUSE_SECONDS = 0.5
 _FAILURES = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
@@ -46,14 +48,15 @@ async def registered_worker(
     The lock lives on a connection of its own: when the process dies the connection drops, the
     lock goes with it, and other workers may at once take over the tasks it was running.
     """
-    conn = await _connect(store, database_url)
+    session = _Session(store, database_url)
+    conn = await session.connect()
     worker_id: int = await conn.fetchval(
         queries.REGISTER_WORKER, socket.gethostname(), os.getpid(), __version__
     )
     await conn.execute(queries.LOCK_WORKER, store.lock_namespace, worker_id)
     store.worker_id = worker_id
     store.live.set()
-    heartbeat = asyncio.create_task(_heartbeat(store, database_url, conn, in_flight))
+    heartbeat = asyncio.create_task(session.beat(conn, in_flight))
     try:
         yield worker_id
     finally:
@@ -64,70 +67,98 @@ async def registered_worker(
             await store.unregister_worker(worker_id)
 
 
-async def _connect(store: Store, database_url: str) -> asyncpg.Connection:
-    conn: asyncpg.Connection = await asyncpg.connect(
-        database_url, timeout=HEARTBEAT_TIMEOUT + 2, server_settings=SESSION_KEEPALIVES
-    )
-    # The lock ends with its session: claims stop the moment the connection is seen to close,
-    # not at the next heartbeat.
-    conn.add_termination_listener(lambda _: store.live.clear())
-    return conn
+class _Session:
+    """The connection that holds the lock, watched, and replaced when it is lost."""
 
+    def __init__(self, store: Store, database_url: str) -> None:
+        self._store = store
+        self._url = database_url
+        # Set when the lock's connection ends by no choice of ours.
+        self._lost = asyncio.Event()
+        self._dropping: set[asyncpg.Connection] = set()
 
-async def _relock(store: Store, database_url: str) -> asyncpg.Connection | None:
-    """A new session holding the lock; None while the lost session still holds it (the server
-    has yet to see that session end)."""
-    conn = await _connect(store, database_url)
-    try:
-        async with asyncio.timeout(HEARTBEAT_TIMEOUT):
-            held = await conn.fetchval(
-                "SELECT pg_try_advisory_lock($1, $2)", store.lock_namespace, store.worker_id
-            )
-    except BaseException:
+    async def connect(self) -> asyncpg.Connection:
+        conn: asyncpg.Connection = await asyncpg.connect(
+            self._url, timeout=HEARTBEAT_TIMEOUT + 2, server_settings=SESSION_KEEPALIVES
+        )
+        conn.add_termination_listener(self._ended)
+        return conn
+
+    def _ended(self, conn: object) -> None:
+        if conn in self._dropping:
+            self._dropping.discard(conn)
+            return
+        # The lock ends with its session: claims stop the moment the connection is seen to
+        # close, and the heartbeat takes the lock again at once rather than at its next beat.
+        self._store.live.clear()
+        self._lost.set()
+
+    def drop(self, conn: asyncpg.Connection) -> None:
+        """Abort the connection at once, without a word to a server that may not hear it."""
+        self._dropping.add(conn)
         conn.terminate()
-        raise
-    if not held:
-        await conn.close(timeout=1)
-        return None
-    return conn
 
+    async def relock(self) -> asyncpg.Connection | None:
+        """A new session holding the lock; None while the lost session still holds it (the
+        server has yet to see that session end)."""
+        conn = await self.connect()
+        try:
+            async with asyncio.timeout(HEARTBEAT_TIMEOUT):
+                held = await conn.fetchval(
+                    "SELECT pg_try_advisory_lock($1, $2)",
+                    self._store.lock_namespace,
+                    self._store.worker_id,
+                )
+        except BaseException:
+            self.drop(conn)
+            raise
+        if not held:
+            self.drop(conn)
+            return None
+        return conn
 
-async def _heartbeat(
-    store: Store,
-    database_url: str,
-    conn: asyncpg.Connection | None,
-    in_flight: Callable[[], int],
-) -> None:
-    worker_id = store.worker_id
-    try:
-        while True:
-            await asyncio.sleep(HEARTBEAT_SECONDS)
-            try:
-                if conn is not None and conn.is_closed():
-                    conn = None
-                if conn is None:
-                    conn = await _relock(store, database_url)
+    async def beat(self, conn: asyncpg.Connection | None, in_flight: Callable[[], int]) -> None:
+        """Every HEARTBEAT_SECONDS: say the worker is alive (and how busy), and take the lock
+        again if its session was lost; `store.live` follows."""
+        worker_id = self._store.worker_id
+        try:
+            while True:
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._lost.wait(), HEARTBEAT_SECONDS)
+                if self._lost.is_set():
+                    # Not in a tight loop, should sessions end as soon as they begin.
+                    await asyncio.sleep(RELOCK_PAUSE_SECONDS)
+                    self._lost.clear()
+                try:
+                    if conn is not None and conn.is_closed():
+                        conn = None
+                        _lost_session("its connection closed", worker_id)
                     if conn is None:
-                        log.warning("worker lock still held by its lost session; waiting")
-                        continue
-                    log.info("worker lock re-acquired", extra={"workerId": worker_id})
-                async with asyncio.timeout(HEARTBEAT_TIMEOUT):
-                    await conn.execute(queries.HEARTBEAT, worker_id, in_flight())
-                store.live.set()
-            except _FAILURES as exc:
-                if store.live.is_set() or conn is not None:
-                    log.warning(
-                        "worker lost its database session (%s): claiming nothing until it "
-                        "holds its lock again",
-                        str(exc) or type(exc).__name__,
-                        extra={"workerId": worker_id},
-                    )
-                store.live.clear()
-                if conn is not None:
-                    # Not a polite close: the server may be unreachable.
-                    conn.terminate()
-                    conn = None
-    finally:
-        if conn is not None:
-            with suppress(Exception):
-                await conn.close(timeout=2)
+                        conn = await self.relock()
+                        if conn is None:
+                            log.warning("worker lock still held by its lost session; waiting")
+                            continue
+                        log.info("worker lock re-acquired", extra={"workerId": worker_id})
+                    async with asyncio.timeout(HEARTBEAT_TIMEOUT):
+                        await conn.execute(queries.HEARTBEAT, worker_id, in_flight())
+                    self._store.live.set()
+                except _FAILURES as exc:
+                    if self._store.live.is_set() or conn is not None:
+                        _lost_session(str(exc) or type(exc).__name__, worker_id)
+                    self._store.live.clear()
+                    if conn is not None:
+                        self.drop(conn)
+                        conn = None
+        finally:
+            if conn is not None:
+                self._dropping.add(conn)
+                with suppress(Exception):
+                    await conn.close(timeout=2)
+
+
+def _lost_session(why: str, worker_id: int) -> None:
+    log.warning(
+        "worker lost its database session (%s): claiming nothing until it holds its lock again",
+        why,
+        extra={"workerId": worker_id},
+    )
