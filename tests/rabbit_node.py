@@ -121,13 +121,17 @@ class RabbitNode:
         return time.monotonic() - began
 
     def os_pid(self) -> int:
-        """The node's Erlang VM (beam.smp) process id."""
+        """The node's Erlang VM (beam.smp) process id: from the pid file the node writes as it
+        starts, else asked of the node (which takes a command line tool's start-up)."""
+        written = self.base / "node.pid"
+        if written.exists() and (pid := written.read_text().strip()).isdigit() and _alive(int(pid)):
+            return int(pid)
         return int(self.ctl("eval", "list_to_integer(os:getpid()).").strip())
 
-    def kill(self) -> None:
-        """kill -9 of the node's VM: no goodbye to its clients, nothing flushed it had not
-        already written; returns once it is gone."""
-        pid = self.os_pid()
+    def kill(self, pid: int | None = None) -> None:
+        """kill -9 of the node's VM (`pid`, if already known): no goodbye to its clients, nothing
+        flushed it had not already written; returns once it is gone."""
+        pid = self.os_pid() if pid is None else pid
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while _alive(pid):

@@ -1,6 +1,7 @@
 """RabbitMQ killed with SIGKILL (no goodbye, nothing flushed that was not already on disk) in the
 middle of 2,000 tasks, then started again on its data, on a private node: nothing is lost, no task
-has two results, and every publish that was confirmed before the crash is there after it."""
+has two results, and every publish that was confirmed before the crash is there after it: the
+task messages still queued or unacknowledged, and the TaskCompleted events."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from worker.topology import declare_topology
 
 TOTAL = 2000
 WORKERS = 2
+# Few at a time, so that most task messages are still queued when the node dies.
+CONCURRENCY = 8
 
 
 async def test_rabbitmq_killed_with_sigkill_in_the_middle_of_2000_tasks(
@@ -30,7 +33,8 @@ async def test_rabbitmq_killed_with_sigkill_in_the_middle_of_2000_tasks(
     db: asyncpg.Connection,
     endpoint: tuple[str, Service],
 ) -> None:
-    settings, node, (url, _) = private_settings, private_rabbit, endpoint
+    settings = private_settings.model_copy(update={"concurrency": CONCURRENCY})
+    node, (url, _) = private_rabbit, endpoint
     names = Names(settings.prefix)
     run = uuid.uuid4().hex[:6]
     ids = [f"c-{run}-{i}" for i in range(TOTAL)]
@@ -39,11 +43,12 @@ async def test_rabbitmq_killed_with_sigkill_in_the_middle_of_2000_tasks(
     channel = await before.channel(publisher_confirms=True)
     await declare_topology(channel, names)
     async with deployed(settings, channel, workers=WORKERS) as deployment:
-        # Half the tasks, each confirmed by the broker, before the crash.
-        for i, task_id in enumerate(ids[: TOTAL // 2]):
+        # Every task, each confirmed by the broker, before the crash.
+        for i, task_id in enumerate(ids):
             await publish(channel, settings, mixed_task(url, task_id, i))
+        pid = await asyncio.to_thread(node.os_pid)
         async with asyncio.timeout(60):
-            while await db.fetchval("SELECT count(*) FROM tasks") < TOTAL // 4:
+            while await db.fetchval("SELECT count(*) FROM tasks") < TOTAL // 10:
                 await asyncio.sleep(0.05)
         # Every TaskCompleted whose confirm the database records by now was confirmed before
         # the crash: the broker had it on disk.
@@ -53,14 +58,13 @@ async def test_rabbitmq_killed_with_sigkill_in_the_middle_of_2000_tasks(
                 "SELECT task_id FROM tasks WHERE state = 'completed' AND NOT event_pending"
             )
         }
-        await asyncio.to_thread(node.kill)
+        await asyncio.to_thread(node.kill, pid)
         killed = time.monotonic()
+        queued = TOTAL - await db.fetchval("SELECT count(*) FROM tasks")
         restart_seconds = await asyncio.to_thread(node.start)
         after = await aio_pika.connect(settings.amqp_url, client_properties=name)
         async with after:
             channel = await after.channel(publisher_confirms=True)
-            for i, task_id in enumerate(ids[TOTAL // 2 :], start=TOTAL // 2):
-                await publish(channel, settings, mixed_task(url, task_id, i))
             rows = await completed_in_database(settings, TOTAL, timeout=150)
             took = time.monotonic() - killed
             bodies = await drain_events(channel, deployment.observer, set(ids))
@@ -71,7 +75,8 @@ async def test_rabbitmq_killed_with_sigkill_in_the_middle_of_2000_tasks(
     conflicting = sum(1 for found in results.values() if len(found) > 1)
     rerun = sum(1 for r in rows if r["attempts"] > 1)
     print(
-        f"\nkilled with {len(confirmed)} TaskCompleted confirmed; node back in "
+        f"\nkilled with {queued} task messages not yet taken and {len(confirmed)} TaskCompleted "
+        f"confirmed; node back in "
         f"{restart_seconds:.1f} s; every task completed {took:.1f} s after the kill\n"
         f"submitted {TOTAL} / completed {len(rows)} / lost {TOTAL - len(rows)} / "
         f"conflicting results {conflicting} / confirmed before the crash and missing after it "
@@ -79,6 +84,7 @@ async def test_rabbitmq_killed_with_sigkill_in_the_middle_of_2000_tasks(
         f"({len(bodies) - len(results)} duplicates) / attempts > 1: {rerun}"
     )
     assert confirmed
+    assert queued > 0
     assert confirmed <= set(results)
     assert len(rows) == TOTAL
     assert {(r["state"], r["result"]) for r in rows} == {("completed", "succeeded")}
