@@ -30,6 +30,9 @@ class Relay:
 
     async def run(self) -> None:
         while True:
+            # Not while the broker blocks publishes: the relay would hold its rows locked, and a
+            # database connection, for as long as the block lasts, to publish what waits anyway.
+            await self._broker.unblocked()
             try:
                 await self.relay_once()
             except DB_UNAVAILABLE as exc:
