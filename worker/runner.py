@@ -162,11 +162,10 @@ class Runner:
             await self._broker.publish_event(started)
         if not await self._still_holds(message, task, claimed, claimed_at):
             return None
-        if task.wait_for_completion is not Mode.API_RESPONSE:
-            if task.wait_for_completion is Mode.POLL:
-                outcome = await self._start_polling(message, task, claimed, started)
-            else:
-                outcome = await self._invoke_callback_task(message, task, claimed)
+        if task.wait_for_completion is Mode.POLL:
+            return await self._start_polling(message, task, claimed, started)
+        if task.wait_for_completion is Mode.CALLBACK:
+            outcome = await self._invoke_callback_task(message, task, claimed)
             return None if outcome is None else (outcome, None)
         # The confirm comes while the endpoint answers; TaskCompleted, published only after it,
         # still follows TaskStarted. The result is recorded without waiting for it: a broker cut
@@ -215,11 +214,13 @@ class Runner:
         settled only brings the retry forward. `started` is the TaskStarted publish, if it may
         still be under way."""
         delay = retries.bucket(retry.delay)
-        recorded = await self._db(
-            lambda: self._store.retry(task.task_id, claimed.attempts, outcome, delay)
-        )
-        if started is not None:
-            await started
+        try:
+            recorded = await self._db(
+                lambda: self._store.retry(task.task_id, claimed.attempts, outcome, delay)
+            )
+        finally:
+            if started is not None:
+                await started
         if isinstance(recorded, TaskRecord) and not _retry_recorded(recorded, claimed):
             await self._superseded(message, recorded)
             return
@@ -244,11 +245,13 @@ class Runner:
         still be under way), publish its TaskCompleted and acknowledge the message."""
         if task.outputs and outcome.outputs is None:
             outcome = replace(outcome, outputs=outputs(task.outputs, outcome.response))
-        recorded = await self._db(
-            lambda: self._store.complete(task.task_id, claimed.attempts, outcome)
-        )
-        if started is not None:
-            await started
+        try:
+            recorded = await self._db(
+                lambda: self._store.complete(task.task_id, claimed.attempts, outcome)
+            )
+        finally:
+            if started is not None:
+                await started
         if isinstance(recorded, TaskRecord):
             await self._superseded(message, recorded)
             return
@@ -292,22 +295,32 @@ class Runner:
         task: TaskMessage,
         claimed: Claimed,
         started: TaskEvent,
-    ) -> Outcome | None:
+    ) -> tuple[Outcome, asyncio.Task[None]] | None:
         """Invoke the start request; once it is answered 2xx, the task polls and the message is
-        settled. The start's failure is returned, to be retried or recorded."""
+        settled. The start's failure is returned, to be retried or recorded, with its
+        TaskStarted's publish, which may still be under way (as an apiResponse task's)."""
         confirmed = asyncio.create_task(self._broker.publish_event(started))
         macros = build_macros(task, self._public_url, None)
         try:
             # successCriteria are for the polls; the start answers only whether the job began.
             outcome = await self._invoke(task, macros, judged=False)
-        finally:
-            await confirmed
+        except BaseException:
+            await asyncio.gather(confirmed, return_exceptions=True)
+            raise
         if outcome.result is not Result.SUCCEEDED or outcome.response is None:
-            return outcome
+            return outcome, confirmed
         start = outcome.response
-        begun = await self._db(lambda: self._poller.begin(task, claimed.attempts, start, macros))
+        try:
+            begun = await self._db(
+                lambda: self._poller.begin(task, claimed.attempts, start, macros)
+            )
+        except BaseException:
+            await asyncio.gather(confirmed, return_exceptions=True)
+            raise
         if isinstance(begun, Outcome):
-            return begun
+            return begun, confirmed
+        # Recorded first, without waiting for the confirm; TaskWaiting still follows TaskStarted.
+        await confirmed
         if begun:
             log.info("task polling", extra={"statusCode": start.status_code})
             await self._announce_waiting(task, claimed, start)
