@@ -25,7 +25,7 @@ from worker.budget import ByteBudget, Hold
 from worker.call_errors import describe, transient
 from worker.contract.errors import EgressRefused
 from worker.contract.macros import expand, expand_json
-from worker.contract.models import HttpResponse
+from worker.contract.models import HttpResponse, UnparsedResponse
 from worker.contract.redaction import redact_headers
 from worker.contract.requests import SECRET_HEADERS, Method, TaskRequest
 from worker.contract.settings import BasicAuth, BearerAuth, ServiceConnection, Settings
@@ -376,12 +376,12 @@ def _headers(raw: CIMultiDictProxy[str], secret: frozenset[str]) -> dict[str, st
 def _response(status: int, headers: dict[str, str], body: bytes, elapsed_ms: int) -> HttpResponse:
     if len(body) > SMALL_BODY:
         try:
-            # Only whether it is JSON: the objects are dropped at once (see HttpResponse).
+            # Only whether it is JSON: the objects are dropped at once (see UnparsedResponse).
             orjson.loads(body)
         except orjson.JSONDecodeError:
             pass
         else:
-            return HttpResponse.unparsed(status, headers, body, elapsed_ms)
+            return UnparsedResponse.of(status, headers, body, elapsed_ms)
     return HttpResponse.model_construct(
         status_code=status, headers=headers, body=_parse(body), elapsed_ms=elapsed_ms
     )

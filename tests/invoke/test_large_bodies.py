@@ -18,7 +18,7 @@ from yarl import URL
 from tests.invoke.calls import failed, http_request, succeeded
 from worker.budget import ByteBudget
 from worker.contract.judging import judge, outputs
-from worker.contract.models import EventName, HttpResponse, TaskEvent
+from worker.contract.models import EventName, HttpResponse, TaskEvent, UnparsedResponse
 from worker.contract.settings import Settings
 from worker.invoke import SMALL_BODY, Invoker
 from worker.store.storable import response_json
@@ -75,7 +75,8 @@ async def test_a_large_json_body_is_kept_as_its_text_and_read_when_needed(
     invoker: Invoker, server: URL, kind: str
 ) -> None:
     response = succeeded(await invoker.invoke(http_request(server / kind), {}))
-    assert (response.kept_as_text, response.body, response.body_value()) == (True, None, DOCUMENT)
+    assert isinstance(response, UnparsedResponse)
+    assert (response.body, response.body_value()) == (None, DOCUMENT)
     # Criteria and outputs read it; what is stored and published carries it whole.
     judged = judge(response, "body.status == 'created'")
     assert (judged.result, judged.reason) == ("succeeded", "HTTP 200; successCriteria true")
@@ -104,7 +105,7 @@ async def test_a_large_json_body_is_kept_as_its_text_and_read_when_needed(
 
 async def test_a_large_body_that_is_not_json_is_its_text(invoker: Invoker, server: URL) -> None:
     response = succeeded(await invoker.invoke(http_request(server / "text"), {}))
-    assert (response.kept_as_text, response.body) == (False, "x" * (SMALL_BODY * 2))
+    assert (type(response), response.body) == (HttpResponse, "x" * (SMALL_BODY * 2))
 
 
 async def test_a_large_body_holds_its_bytes_until_its_response_is_dropped(

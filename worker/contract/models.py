@@ -16,6 +16,7 @@ from pydantic import (
     Field,
     JsonValue,
     PrivateAttr,
+    SerializeAsAny,
     StringConstraints,
     ValidationError,
     ValidationInfo,
@@ -222,22 +223,33 @@ _DEFAULT_POLL: Final = PollPolicy()
 class HttpResponse(WireModel):
     """What the endpoint answered, as recorded and as judged."""
 
-    # A large JSON body is kept as the JSON text that came (`unparsed`), not as Python objects,
-    # which take 10 to 50 times its size: it is parsed only for the moment criteria, outputs or
-    # macros look at it, and goes into the stored response and the events as it is. So the body
-    # is read with `body_value()`: `body` is None in such a response.
-
     status_code: int
     headers: dict[str, str]
     body: JsonValue
     elapsed_ms: int
-    _body_json: bytes | None = PrivateAttr(default=None)
+
+    # The body is read with `body_value()`, which an UnparsedResponse parses for the moment.
+    def body_value(self) -> JsonValue:
+        return self.body
+
+    def json_text(self) -> str:
+        """The response as JSON, as it is stored."""
+        return self.model_dump_json(by_alias=True)
+
+
+class UnparsedResponse(HttpResponse):
+    """A response whose large JSON body is kept as the text that came, not as Python objects,
+    which take 10 to 50 times its size: it is parsed only for the moment that criteria, outputs
+    or macros read it, and goes into the stored response and the events as it is. Its `body`
+    field is None."""
+
+    _body_json: bytes = PrivateAttr(default=b"null")
 
     @classmethod
-    def unparsed(
+    def of(
         cls, status_code: int, headers: dict[str, str], body_json: bytes, elapsed_ms: int
-    ) -> HttpResponse:
-        """A response whose body is `body_json`, JSON text known to be valid."""
+    ) -> UnparsedResponse:
+        """`body_json` is JSON text known to be valid."""
         response = cls.model_construct(
             status_code=status_code, headers=headers, body=None, elapsed_ms=elapsed_ms
         )
@@ -245,34 +257,23 @@ class HttpResponse(WireModel):
         return response
 
     def body_value(self) -> JsonValue:
-        """The body as a JSON value, parsed anew from a body kept as text: drop it after use."""
-        if self._body_json is None:
-            return self.body
+        """The body, parsed anew: drop it after use."""
         parsed: JsonValue = orjson.loads(self._body_json)
         return parsed
 
     @field_serializer("body")
     def _serialize_body(self, body: JsonValue) -> JsonValue:
-        # Every serialisation is right; `json_fields` is the one that avoids parsing.
-        return body if self._body_json is None else self.body_value()
+        # Any serialisation is right; `json_fields` is the one that does not parse the body.
+        return self.body_value()
 
     def json_fields(self) -> dict[str, object]:
-        """The response as a dict for orjson, a body kept as text embedded as it is."""
-        if self._body_json is None:
-            return self.model_dump(mode="json", by_alias=True)
+        """The response as a dict for orjson, its body embedded as it came."""
         fields = self.model_dump(mode="json", by_alias=True, exclude={"body"})
         fields["body"] = orjson.Fragment(self._body_json)
         return fields
 
     def json_text(self) -> str:
-        """The response as JSON, as it is stored."""
-        if self._body_json is None:
-            return self.model_dump_json(by_alias=True)
         return orjson.dumps(self.json_fields()).decode()
-
-    @property
-    def kept_as_text(self) -> bool:
-        return self._body_json is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,7 +302,8 @@ class TaskEvent(WireModel):
     hub_name: str
     result: Result | None = None
     reason: str | None = None
-    response: HttpResponse | None = None
+    # As what it is: an UnparsedResponse serialises its body itself.
+    response: SerializeAsAny[HttpResponse] | None = None
     attempts: int
     queued_at: datetime
     started_at: datetime | None = None
@@ -315,7 +317,7 @@ class TaskEvent(WireModel):
 
     def json_bytes(self) -> bytes:
         """The event as published; a response body kept as text goes in without being parsed."""
-        if self.response is None or not self.response.kept_as_text:
+        if not isinstance(self.response, UnparsedResponse):
             return self.model_dump_json(by_alias=True).encode()
         fields = self.model_dump(mode="json", by_alias=True, exclude={"response"})
         fields["response"] = self.response.json_fields()
