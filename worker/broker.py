@@ -12,13 +12,13 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from types import TracebackType
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage, HeadersType
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, HeadersType
 from pamqp.commands import Basic
 from pamqp.common import FieldTable
 
@@ -36,13 +36,16 @@ PUBLISH_CHANNELS = 16
 # AMQP's delivery mode of a message that the broker keeps on disk.
 PERSISTENT = 2
 
+# How long reading the queues' depths may take.
+READ_SECONDS = 10
+
 
 @dataclass(frozen=True, slots=True)
 class QueueDepths:
     ready: int
     consumers: int
     dead: int
-    # Why RabbitMQ blocks publishes, when it was asked (publishing_blocked) and does.
+    # Why RabbitMQ blocks publishes, when it does and the reader knows.
     blocked: str | None = None
 
 
@@ -186,15 +189,27 @@ class Broker(SupervisedConnection):
 
     async def queue_depths(self) -> QueueDepths:
         """Ready messages and consumers of the task queue, and the dead-letter queue's depth;
-        BrokerUnavailable rather than a wait while there is no connection, BrokerBlocked while
-        the broker answers nothing on it."""
+        BrokerUnavailable rather than a wait while there is no connection. While the broker
+        blocks publishes, it answers nothing on this connection: the depths are read on one of
+        their own, which publishes nothing, and say why the broker blocks."""
         if not self.is_ready:
             raise BrokerUnavailable(f"RabbitMQ at {self._shown_url} is not reachable right now")
-        if self._block.reason is not None:
-            raise BrokerBlocked(self._block.reason)
-        connection = await self.connection()
+        if (blocked := self._block.reason) is None:
+            return await self._depths(await self.connection())
         try:
-            async with asyncio.timeout(10), connection.channel() as channel:
+            reading = await aio_pika.connect(
+                self._url,
+                client_properties={"connection_name": f"{self._connection_name} reading"},
+                timeout=READ_SECONDS,
+            )
+        except BROKER_ERRORS as exc:
+            raise BrokerBlocked(blocked) from exc
+        async with reading:
+            return replace(await self._depths(reading), blocked=blocked)
+
+    async def _depths(self, connection: AbstractConnection) -> QueueDepths:
+        try:
+            async with asyncio.timeout(READ_SECONDS), connection.channel() as channel:
                 tasks = await channel.declare_queue(self.names.tasks, passive=True)
                 dead = await channel.declare_queue(self.names.dead, passive=True)
         except (*BROKER_ERRORS, asyncio.CancelledError) as exc:
