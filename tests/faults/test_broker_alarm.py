@@ -13,6 +13,7 @@ import aio_pika
 import aiohttp
 import asyncpg
 import orjson
+import pytest
 
 from tests import processes
 from tests.conftest import SESSION, publish
@@ -50,6 +51,8 @@ async def post_task(
         return response.status, dict(response.headers), body, time.monotonic() - began
 
 
+# The alarm alone lasts ALARM_SECONDS, and the private node may take half a minute to start.
+@pytest.mark.timeout(300)
 async def test_a_memory_alarm_in_the_middle_of_2000_tasks(
     private_rabbit: RabbitNode,
     private_settings: Settings,
