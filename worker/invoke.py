@@ -374,17 +374,24 @@ def _headers(raw: CIMultiDictProxy[str], secret: frozenset[str]) -> dict[str, st
 
 
 def _response(status: int, headers: dict[str, str], body: bytes, elapsed_ms: int) -> HttpResponse:
-    if len(body) > SMALL_BODY:
-        try:
-            # Only whether it is JSON: the objects are dropped at once (see UnparsedResponse).
-            orjson.loads(body)
-        except orjson.JSONDecodeError:
-            pass
-        else:
-            return UnparsedResponse.of(status, headers, body, elapsed_ms)
-    return HttpResponse.model_construct(
-        status_code=status, headers=headers, body=_parse(body), elapsed_ms=elapsed_ms
-    )
+    if len(body) <= SMALL_BODY:
+        return HttpResponse.model_construct(
+            status_code=status, headers=headers, body=_parse(body), elapsed_ms=elapsed_ms
+        )
+    try:
+        # Written again as the stored response always was: compact, and with no number that
+        # PostgreSQL's jsonb cannot hold though JSON allows it (20,000 decimals, 1e-20000).
+        # The objects are dropped on return (see UnparsedResponse).
+        text = orjson.dumps(orjson.loads(body))
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        # Not JSON, or nested deeper than orjson writes (254 levels): its text.
+        return HttpResponse.model_construct(
+            status_code=status,
+            headers=headers,
+            body=body.decode(errors="replace"),
+            elapsed_ms=elapsed_ms,
+        )
+    return UnparsedResponse.of(status, headers, text, elapsed_ms)
 
 
 def _parse(body: bytes) -> JsonValue:

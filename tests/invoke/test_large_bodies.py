@@ -8,6 +8,7 @@ import gc
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+import asyncpg
 import orjson
 import pytest
 import pytest_asyncio
@@ -15,6 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
+from tests.conftest import DATABASE_URL
 from tests.invoke.calls import failed, http_request, succeeded
 from worker.budget import ByteBudget
 from worker.contract.judging import judge, outputs
@@ -26,6 +28,10 @@ from worker.store.storable import response_json
 CAP = 1024 * 1024
 # Large enough to go through the budget, with a NUL that PostgreSQL cannot hold.
 DOCUMENT = {"items": ["ab\u0000"] * 20_000, "status": "created"}
+# Valid JSON that orjson reads but will not write: nested deeper than 254 levels.
+DEEP = b"[" * 300 + b" " * SMALL_BODY + b"]" * 300
+# Numbers JSON allows and PostgreSQL's jsonb does not hold as they are written.
+BEYOND = b"[0." + b"1" * 20_000 + b", 1e-20000]"
 
 
 async def large(request: web.Request) -> web.StreamResponse:
@@ -41,6 +47,10 @@ async def large(request: web.Request) -> web.StreamResponse:
         await response.write(orjson.dumps(DOCUMENT))
         await response.write_eof()
         return response
+    if kind == "deep":
+        return web.Response(body=DEEP, content_type="application/json")
+    if kind == "beyond":
+        return web.Response(body=BEYOND, content_type="application/json")
     if kind == "text":
         return web.Response(text="x" * (SMALL_BODY * 2), content_type="text/plain")
     return web.json_response({"small": True})
@@ -106,6 +116,25 @@ async def test_a_large_json_body_is_kept_as_its_text_and_read_when_needed(
 async def test_a_large_body_that_is_not_json_is_its_text(invoker: Invoker, server: URL) -> None:
     response = succeeded(await invoker.invoke(http_request(server / "text"), {}))
     assert (type(response), response.body) == (HttpResponse, "x" * (SMALL_BODY * 2))
+
+
+async def test_large_json_that_orjson_cannot_write_is_its_text(
+    invoker: Invoker, server: URL
+) -> None:
+    response = succeeded(await invoker.invoke(http_request(server / "deep"), {}))
+    assert (type(response), response.body) == (HttpResponse, DEEP.decode())
+
+
+async def test_large_json_numbers_beyond_postgresql_are_stored_as_orjson_writes_them(
+    invoker: Invoker, server: URL
+) -> None:
+    response = succeeded(await invoker.invoke(http_request(server / "beyond"), {}))
+    conn = await asyncpg.connect(DATABASE_URL)
+    try:
+        stored = await conn.fetchval("SELECT ($1::jsonb -> 'body')::text", response.json_text())
+    finally:
+        await conn.close()
+    assert stored == "[0.1111111111111111, 0.0]"
 
 
 async def test_a_large_body_holds_its_bytes_until_its_response_is_dropped(
