@@ -43,6 +43,9 @@ SMALL_BODY: Final = 16 * 1024
 # the copies made to record and publish them, this bounds the memory that responses take.
 BODY_BUDGET: Final = 64 * 1024 * 1024
 
+# orjson and pydantic write JSON at most 254 levels deep, counted from the event or the stored
+# response that holds a body: a body nested deeper than this is kept as its text.
+_DEEPEST: Final = 250
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 _BODY_HEADERS: Final = (hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH, hdrs.TRANSFER_ENCODING)
 # zlib window bits by Content-Encoding; 0 means "look at the first byte" (see _deflate_wbits).
@@ -384,7 +387,7 @@ def _response(status: int, headers: dict[str, str], body: bytes, elapsed_ms: int
         # The objects are dropped on return (see UnparsedResponse).
         text = orjson.dumps(orjson.loads(body))
     except (orjson.JSONDecodeError, orjson.JSONEncodeError):
-        # Not JSON, or nested deeper than orjson writes (254 levels): its text.
+        # Not JSON, or nested too deep to be written again (see _DEEPEST): its text.
         return HttpResponse.model_construct(
             status_code=status,
             headers=headers,
@@ -399,7 +402,10 @@ def _parse(body: bytes) -> JsonValue:
         return ""
     try:
         value: JsonValue = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        if body.count(b"[") + body.count(b"{") > _DEEPEST:
+            # Perhaps nested too deep to be written again: tried, as deep as an event holds it.
+            orjson.dumps([[[[value]]]])
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
         return body.decode(errors="replace")
     return value
 
