@@ -1,6 +1,7 @@
-"""A private RabbitMQ node for the fault tests that hurt the broker itself (its alarms, kill -9):
-started once per session, on first use, and removed at the end; the machine's node is never
-touched."""
+"""A private RabbitMQ node and a private PostgreSQL cluster for the fault tests that hurt the
+broker or the database server itself (alarms, kill -9, restarts): each started once per session,
+on first use, and removed at the end; the machine's own, which other tests use meanwhile, are
+never touched."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import SESSION, free_port
+from tests.conftest import SESSION, free_port, unique_name
 from tests.faults.outages import Service
+from tests.pg_cluster import PgCluster
 from tests.rabbit_node import RabbitNode
 from worker.contract.settings import Settings
 
@@ -48,6 +50,22 @@ def _serving(node: RabbitNode) -> None:
 def private_settings(settings: Settings, private_rabbit: RabbitNode) -> Settings:
     """The test's settings, on the private node."""
     return settings.model_copy(update={"amqp_url": private_rabbit.amqp_url})
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    cluster = PgCluster.create(f"agentless-{SESSION}", free_port())
+    try:
+        yield cluster
+    finally:
+        cluster.drop()
+
+
+@pytest.fixture
+def private_database(settings: Settings, pg_cluster: PgCluster) -> Settings:
+    """The test's settings, on a schema of its own in the private PostgreSQL cluster."""
+    url = f"{pg_cluster.url}?search_path={unique_name()}"
+    return settings.model_copy(update={"database_url": url})
 
 
 @pytest_asyncio.fixture

@@ -1,5 +1,5 @@
 """What the process-fault runs need around them: a service for both modes, waits that outlast
-restarts of the database and the broker, and shell commands."""
+restarts of the database and the broker."""
 
 from __future__ import annotations
 
@@ -110,11 +110,6 @@ async def publish_patiently(
                 await asyncio.sleep(0.5)
             else:
                 return
-
-
-async def shell(command: str) -> None:
-    process = await asyncio.create_subprocess_shell(command)
-    assert await asyncio.wait_for(process.wait(), 120) == 0, command
 
 
 async def publish_to(channel: AbstractChannel, queue: str, message: AbstractMessage) -> None:

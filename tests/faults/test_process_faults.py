@@ -28,14 +28,15 @@ from tests.faults.outages import (
     drain_completions,
     publish_patiently,
     publish_to,
-    shell,
 )
+from tests.pg_cluster import PgCluster
 from tests.processes import wait_until_ready
+from tests.rabbit_node import RabbitNode
 from worker.cli.dead import reason_of
 from worker.contract.models import Names
 from worker.contract.settings import Settings
 from worker.runner import MAX_ATTEMPTS
-from worker.topology import DELIVERY_LIMIT
+from worker.topology import DELIVERY_LIMIT, declare_topology
 
 TOTAL = 2000
 WORKERS = 3
@@ -207,30 +208,41 @@ async def test_the_api_killed_while_callbacks_arrive(
 
 
 async def test_postgresql_restarted_mid_run(
-    settings: Settings,
+    private_database: Settings,
+    pg_cluster: PgCluster,
     channel: AbstractChannel,
-    db: asyncpg.Connection,
     service: tuple[str, Service],
 ) -> None:
-    async def restart_postgresql(_: list[processes.Child], __: dict[str, str]) -> None:
-        await shell("pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main restart")
+    """On a private PostgreSQL cluster, so that tests running beside this one keep theirs."""
 
-    await run_through(settings, channel, service[0], restart_postgresql)
+    async def restart_postgresql(_: list[processes.Child], __: dict[str, str]) -> None:
+        await asyncio.to_thread(pg_cluster.restart)
+
+    await run_through(private_database, channel, service[0], restart_postgresql)
 
 
 async def test_rabbitmq_restarted_mid_run(
-    settings: Settings,
-    channel: AbstractChannel,
+    private_settings: Settings,
+    private_rabbit: RabbitNode,
     db: asyncpg.Connection,
     service: tuple[str, Service],
 ) -> None:
+    """On a private RabbitMQ node, so that tests running beside this one keep theirs."""
+
     async def restart_rabbitmq(_: list[processes.Child], __: dict[str, str]) -> None:
         try:
-            await shell("rabbitmqctl -q stop_app")
+            await asyncio.to_thread(private_rabbit.ctl, "stop_app")
         finally:
-            await shell("rabbitmqctl -q start_app")
+            await asyncio.to_thread(private_rabbit.ctl, "start_app")
 
-    await run_through(settings, channel, service[0], restart_rabbitmq)
+    connection = await aio_pika.connect_robust(
+        private_settings.amqp_url,
+        client_properties={"connection_name": "test_rabbitmq_restarted_mid_run"},
+    )
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await declare_topology(channel, Names(private_settings.prefix))
+        await run_through(private_settings, channel, service[0], restart_rabbitmq)
 
 
 def started(events: Events, attempt: int) -> bool:
