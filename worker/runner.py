@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
-from datetime import timedelta
 from typing import TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -24,21 +23,19 @@ from worker.contract import retries
 from worker.contract.errors import InvalidTask
 from worker.contract.events import task_event
 from worker.contract.judging import judge, outputs
-from worker.contract.macros import build_macros, callback_headers
+from worker.contract.macros import build_macros
 from worker.contract.models import (
     EventName,
-    HttpResponse,
     Mode,
     Outcome,
     Result,
     State,
-    TaskEvent,
     TaskMessage,
     parse_task,
 )
 from worker.contract.records import CompletedBy, TaskRecord
 from worker.contract.settings import Settings
-from worker.contract.tokens import GRACE_SECONDS, Signer
+from worker.contract.tokens import Signer
 from worker.invoke import InvokeFailure, Invoker
 from worker.logs import bind_task
 from worker.metrics import Metrics
@@ -46,6 +43,7 @@ from worker.poller import Poller
 from worker.store.changes import Claimed, ClaimRequest
 from worker.store.database import Store
 from worker.store.errors import DB_UNAVAILABLE
+from worker.waiting import Waits
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +78,16 @@ class Runner:
         self._poller = poller
         self._broker = broker
         self._invoker = invoker
-        self._signer = signer
-        self._callback_timeout = settings.callback_timeout
         self._metrics = metrics
-        # PlanUrl and $(system.CollectionUri): services append "/{projectId}/_apis/…" to it.
-        self._public_url = str(settings.public_url).rstrip("/")
+        self._waits = Waits(
+            settings,
+            store=store,
+            broker=broker,
+            poller=poller,
+            signer=signer,
+            invoke=self._invoke,
+            db=self._db,
+        )
         self._lease = settings.response_timeout + LEASE_GRACE_SECONDS
         self.stopping = asyncio.Event()
 
@@ -163,9 +166,9 @@ class Runner:
         if not await self._still_holds(message, task, claimed, claimed_at):
             return None
         if task.wait_for_completion is Mode.POLL:
-            return await self._start_polling(message, task, claimed, started)
+            return await self._waits.start_polling(message, task, claimed, started)
         if task.wait_for_completion is Mode.CALLBACK:
-            outcome = await self._invoke_callback_task(message, task, claimed)
+            outcome = await self._waits.invoke_callback_task(message, task, claimed)
             return None if outcome is None else (outcome, None)
         # The confirm comes while the endpoint answers; TaskCompleted, published only after it,
         # still follows TaskStarted. The result is recorded without waiting for it: a broker cut
@@ -173,7 +176,7 @@ class Runner:
         # worker to make again.
         confirmed = asyncio.create_task(self._broker.publish_event(started))
         try:
-            outcome = await self._invoke(task, build_macros(task, self._public_url, None))
+            outcome = await self._invoke(task, build_macros(task, self._waits.public_url, None))
         except BaseException:
             await asyncio.gather(confirmed, return_exceptions=True)
             raise
@@ -288,102 +291,6 @@ class Runner:
             return
         log.info("attempt superseded; re-publishing the recorded result")
         await self._publish_completion(message, record)
-
-    async def _start_polling(
-        self,
-        message: AbstractIncomingMessage,
-        task: TaskMessage,
-        claimed: Claimed,
-        started: TaskEvent,
-    ) -> tuple[Outcome, asyncio.Task[None]] | None:
-        """Invoke the start request; once it is answered 2xx, the task polls and the message is
-        settled. The start's failure is returned, to be retried or recorded, with its
-        TaskStarted's publish, which may still be under way (as an apiResponse task's)."""
-        confirmed = asyncio.create_task(self._broker.publish_event(started))
-        macros = build_macros(task, self._public_url, None)
-        try:
-            # successCriteria are for the polls; the start answers only whether the job began.
-            outcome = await self._invoke(task, macros, judged=False)
-        except BaseException:
-            await asyncio.gather(confirmed, return_exceptions=True)
-            raise
-        if outcome.result is not Result.SUCCEEDED or outcome.response is None:
-            return outcome, confirmed
-        start = outcome.response
-        try:
-            begun = await self._db(
-                lambda: self._poller.begin(task, claimed.attempts, start, macros)
-            )
-        except BaseException:
-            await asyncio.gather(confirmed, return_exceptions=True)
-            raise
-        if isinstance(begun, Outcome):
-            return begun, confirmed
-        # Recorded first, without waiting for the confirm; TaskWaiting still follows TaskStarted.
-        await confirmed
-        if begun:
-            log.info("task polling", extra={"statusCode": start.status_code})
-            await self._announce_waiting(task, claimed, start)
-        else:
-            log.info("task taken over before it could poll (a newer attempt, a cancel)")
-        await settle(message.ack())
-        return None
-
-    async def _invoke_callback_task(
-        self, message: AbstractIncomingMessage, task: TaskMessage, claimed: Claimed
-    ) -> Outcome | None:
-        """Hand the external service its token; then the task waits, and the message is settled
-        (never held while waiting). The invocation's failure is returned, to be recorded."""
-        # Counted from the attempt's start by the database's clock (its claim's now()): the
-        # deadline, and the token's expiry with it, hold whatever this machine's clock says.
-        started = claimed.started_at
-        deadline = started + timedelta(seconds=task.timeout_seconds or self._callback_timeout)
-        started_deadline = None
-        if task.started_timeout_seconds is not None:
-            started_deadline = started + timedelta(seconds=task.started_timeout_seconds)
-        token = self._signer.issue(task.task_id, task.plan_id, deadline.timestamp() + GRACE_SECONDS)
-        outcome = await self._invoke(
-            task,
-            build_macros(task, self._public_url, token),
-            callback_headers(task, self._public_url, token),
-        )
-        if outcome.result is not Result.SUCCEEDED:
-            return outcome
-        values = outputs(task.outputs, outcome.response)
-        first = await self._db(
-            lambda: self._store.wait(
-                task.task_id,
-                claimed.attempts,
-                outcome.response,
-                deadline,
-                started_deadline,
-                outputs=values,
-            )
-        )
-        if first is not None:
-            # The callback came before the invocation's response and completed the task (its
-            # event is the API's to publish), or a newer attempt holds the task.
-            log.info("task already settled by its callback", extra={"state": first.state.value})
-            await settle(message.ack())
-            return None
-        log.info("task waiting for its callback", extra={"deadline": deadline.isoformat()})
-        await self._announce_waiting(task, claimed, outcome.response)
-        await settle(message.ack())
-        return None
-
-    async def _announce_waiting(
-        self, task: TaskMessage, claimed: Claimed, response: HttpResponse | None
-    ) -> None:
-        """TaskWaiting: the invocation was answered, and the task waits (a callback, a poll)."""
-        event = task_event(
-            EventName.WAITING,
-            task,
-            attempts=claimed.attempts,
-            queued_at=claimed.queued_at,
-            started_at=claimed.started_at,
-            response=response,
-        )
-        await self._broker.publish_event(event)
 
     async def _claim(self, message: AbstractIncomingMessage, task: TaskMessage) -> Claimed | None:
         """Start an attempt; None when the message needed no run (and has been settled)."""
