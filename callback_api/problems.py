@@ -74,7 +74,9 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     except BrokerUnavailable as exc:
         log.warning("%s answering %s %s", exc, request.method, request.path)
         return problem_response(
-            503, f"{exc}; ask again", headers={"Retry-After": str(exc.retry_after)}
+            503,
+            f"{exc}; send the request again in {exc.retry_after} s",
+            headers={"Retry-After": str(exc.retry_after)},
         )
     except DB_UNAVAILABLE as exc:
         # The request can be sent again as it is, as services do on a 503: whatever it did

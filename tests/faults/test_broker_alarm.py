@@ -161,7 +161,10 @@ async def test_a_memory_alarm_in_the_middle_of_2000_tasks(
             "until it stops",
         },
     )
-    refusal = f"RabbitMQ is blocking publishes ({LOW_ON_MEMORY}) until its alarm clears; ask again"
+    refusal = (
+        f"RabbitMQ is blocking publishes ({LOW_ON_MEMORY}) until its alarm clears; "
+        "send the request again in 5 s"
+    )
     for status_code, headers, body, _ in (first, second):
         assert (status_code, headers["Retry-After"], body["detail"]) == (503, "5", refusal)
     assert first[3] < 4
