@@ -135,7 +135,9 @@ async def unready() -> AsyncIterator[int]:
     """A port where /readyz answers 503, as a process whose broker is out of reach does."""
 
     async def readyz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "not ready"}, status=503)
+        return web.json_response(
+            {"status": "not ready", "reason": "the database is out of reach"}, status=503
+        )
 
     app = web.Application()
     app.router.add_get("/readyz", readyz)
@@ -180,7 +182,9 @@ async def test_check_is_not_ready_when_one_answers_503(settings: Settings, unrea
         settings, "check", AGENTLESS_WORKER_PORT=str(free_port()), AGENTLESS_API_PORT=str(unready)
     )
     assert (code, err) == (1, "")
-    assert out.splitlines()[1] == f"api http://127.0.0.1:{unready}/readyz: not ready (HTTP 503)"
+    assert out.splitlines()[1] == (
+        f"api http://127.0.0.1:{unready}/readyz: not ready (HTTP 503: the database is out of reach)"
+    )
 
 
 async def test_check_exits_4_when_nothing_listens_and_2_when_both_ports_are_off(

@@ -5,7 +5,8 @@ and of the API (AGENTLESS_API_HOST and _PORT), each that is not turned off (port
 - a port that refuses the connection is not this process's: it is skipped;
 - ready (exit 0) when at least one answers 200 and none anything else;
 - not ready (exit 1) when one answers anything else (503: its broker or database is out of
-  reach), or accepts the connection but does not answer within the timeout;
+  reach, or the broker blocks publishes; the answer's `reason` is printed), or accepts the
+  connection but does not answer within the timeout;
 - exit 4 when no port accepts the connection at all: nothing runs here.
 """
 
@@ -87,12 +88,25 @@ async def _ask(session: aiohttp.ClientSession, url: URL) -> tuple[Answer, str]:
     """The answer, and what there is to say of it beyond ready."""
     try:
         async with session.get(url, allow_redirects=False) as response:
+            reason = await _reason(response)
             if response.status == 200:
-                return Answer.READY, ""
-            return Answer.NOT_READY, f" (HTTP {response.status})"
+                return Answer.READY, f" ({reason})" if reason else ""
+            return Answer.NOT_READY, f" (HTTP {response.status}: {reason})" if reason else (
+                f" (HTTP {response.status})"
+            )
     except aiohttp.ClientConnectorError:
         return Answer.REFUSED, ""
     except TimeoutError:
         return Answer.NOT_READY, f" (no answer within {TIMEOUT_SECONDS:g} s)"
     except aiohttp.ClientError as exc:
         return Answer.NOT_READY, f" ({exc or type(exc).__name__})"
+
+
+async def _reason(response: aiohttp.ClientResponse) -> str:
+    """The `reason` a readiness answer gives (why not ready, or what a ready API refuses)."""
+    try:
+        answer = await response.json(content_type=None)
+    except (aiohttp.ClientError, ValueError):
+        return ""
+    reason = answer.get("reason") if isinstance(answer, dict) else None
+    return reason if isinstance(reason, str) else ""
