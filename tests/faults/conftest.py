@@ -8,14 +8,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 
-import aiohttp
 import pytest
 import pytest_asyncio
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from tests.conftest import SESSION, free_port, unique_name
-from tests.faults.outages import Service
+from tests.faults.outages import Service, served
 from tests.pg_cluster import PgCluster
 from tests.rabbit_node import RabbitNode
 from worker.contract.settings import Settings
@@ -71,15 +68,5 @@ def private_database(settings: Settings, pg_cluster: PgCluster) -> Settings:
 @pytest_asyncio.fixture
 async def endpoint() -> AsyncIterator[tuple[str, Service]]:
     """A service for both modes (outages.Service), served locally: its URL and itself."""
-    service = Service()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", service.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    async with aiohttp.ClientSession() as session:
-        service.session = session
-        yield str(server.make_url("/")).rstrip("/"), service
-        for task in list(service.background):
-            task.cancel()
-        await asyncio.gather(*service.background, return_exceptions=True)
-    await server.close()
+    async with served(Service()) as found:
+        yield found

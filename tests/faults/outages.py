@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import aio_pika
 import aiohttp
@@ -13,6 +16,7 @@ import asyncpg
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractMessage
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from tests.conftest import publish
 from worker.contract.settings import Settings
@@ -55,6 +59,27 @@ class Service:
             except aiohttp.ClientError:
                 self.unreachable.set()
             await asyncio.sleep(0.2)
+
+
+S = TypeVar("S", bound=Service)
+
+
+@asynccontextmanager
+async def served(service: S) -> AsyncIterator[tuple[str, S]]:
+    """`service` served locally, with a client session for its reports: its URL and itself."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", service.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            service.session = session
+            yield str(server.make_url("/")).rstrip("/"), service
+            for task in list(service.background):
+                task.cancel()
+            await asyncio.gather(*service.background, return_exceptions=True)
+    finally:
+        await server.close()
 
 
 async def completed_in_database(

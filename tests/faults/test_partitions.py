@@ -23,12 +23,11 @@ import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractChannel
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from tests import processes
 from tests.conftest import Events, free_port, publish
-from tests.faults.outages import Service
+from tests.faults.outages import Service, served
 from tests.processes import Child, wait_until_ready
 from tests.proxy import Proxy
 from worker.contract.models import Outcome, Result, State
@@ -91,17 +90,8 @@ class CountingService(Service):
 
 @pytest_asyncio.fixture
 async def service() -> AsyncIterator[tuple[str, CountingService]]:
-    endpoint = CountingService()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", endpoint.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    async with aiohttp.ClientSession() as session:
-        endpoint.session = session
-        yield str(server.make_url("/")).rstrip("/"), endpoint
-        for task in list(endpoint.background):
-            task.cancel()
-    await server.close()
+    async with served(CountingService()) as found:
+        yield found
 
 
 @dataclass

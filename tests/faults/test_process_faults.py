@@ -8,14 +8,12 @@ import random
 import signal
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import aio_pika
-import aiohttp
 import asyncpg
 import orjson
-import pytest_asyncio
 from aio_pika.abc import AbstractChannel
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -42,29 +40,14 @@ TOTAL = 2000
 WORKERS = 3
 
 
-@pytest_asyncio.fixture
-async def service() -> AsyncIterator[tuple[str, Service]]:
-    endpoint = Service()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", endpoint.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    async with aiohttp.ClientSession() as session:
-        endpoint.session = session
-        yield str(server.make_url("/")).rstrip("/"), endpoint
-        for task in list(endpoint.background):
-            task.cancel()
-    await server.close()
-
-
 async def test_random_sigkills_of_three_workers_lose_nothing(
     settings: Settings,
     channel: AbstractChannel,
     db: asyncpg.Connection,
     events: Events,
-    service: tuple[str, Service],
+    endpoint: tuple[str, Service],
 ) -> None:
-    url, _ = service
+    url, _ = endpoint
     port = free_port()
     api_env = {"AGENTLESS_API_PORT": str(port), "AGENTLESS_PUBLIC_URL": f"http://127.0.0.1:{port}"}
     api = await processes.start(settings, "api", **api_env)
@@ -192,40 +175,40 @@ async def test_the_api_killed_while_callbacks_arrive(
     settings: Settings,
     channel: AbstractChannel,
     db: asyncpg.Connection,
-    service: tuple[str, Service],
+    endpoint: tuple[str, Service],
 ) -> None:
-    endpoint = service[1]
+    service = endpoint[1]
 
     async def kill_the_api(children: list[processes.Child], env: dict[str, str]) -> None:
         children[0].process.kill()
         await children[0].process.wait()
         # Down until callbacks have come to find it gone, not for a while in which they may.
-        endpoint.unreachable.clear()
-        await asyncio.wait_for(endpoint.unreachable.wait(), 30)
+        service.unreachable.clear()
+        await asyncio.wait_for(service.unreachable.wait(), 30)
         children[0] = await processes.start(settings, "api", **env)
 
-    await run_through(settings, channel, service[0], kill_the_api)
+    await run_through(settings, channel, endpoint[0], kill_the_api)
 
 
 async def test_postgresql_restarted_mid_run(
     private_database: Settings,
     pg_cluster: PgCluster,
     channel: AbstractChannel,
-    service: tuple[str, Service],
+    endpoint: tuple[str, Service],
 ) -> None:
     """On a private PostgreSQL cluster, so that tests running beside this one keep theirs."""
 
     async def restart_postgresql(_: list[processes.Child], __: dict[str, str]) -> None:
         await asyncio.to_thread(pg_cluster.restart)
 
-    await run_through(private_database, channel, service[0], restart_postgresql)
+    await run_through(private_database, channel, endpoint[0], restart_postgresql)
 
 
 async def test_rabbitmq_restarted_mid_run(
     private_settings: Settings,
     private_rabbit: RabbitNode,
     db: asyncpg.Connection,
-    service: tuple[str, Service],
+    endpoint: tuple[str, Service],
 ) -> None:
     """On a private RabbitMQ node, so that tests running beside this one keep theirs."""
 
@@ -242,7 +225,7 @@ async def test_rabbitmq_restarted_mid_run(
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         await declare_topology(channel, Names(private_settings.prefix))
-        await run_through(private_settings, channel, service[0], restart_rabbitmq)
+        await run_through(private_settings, channel, endpoint[0], restart_rabbitmq)
 
 
 def started(events: Events, attempt: int) -> bool:
