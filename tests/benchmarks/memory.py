@@ -7,13 +7,19 @@ Run on demand, never by pytest. For each kind of body and each mode, N tasks are
 one `agentless worker` process (concurrency N, cap `--size`) takes them all; each endpoint holds
 its answer until every request has arrived, so that every body is in flight at once. Printed per
 run: the worker's peak RSS (VmHWM), the time until every task was recorded (completed for
-apiResponse, waiting for callback), and the tasks' results.
+apiResponse, waiting for callback), and the tasks' results; beside it, in the same run, the peak
+RSS of a bare baseline: one aiohttp session in a process of its own that fetches the same bodies
+at once, reads each whole and parses it with orjson, and holds every body's bytes (not its parsed
+value, which for 256 bodies of small JSON values would take the machine's memory) until the last
+has come: the least a worker that reads whole bodies without a budget holds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import signal
 import sys
 import time
@@ -22,6 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 import aio_pika
+import aiohttp
 import asyncpg
 import orjson
 from aiohttp.test_utils import TestServer
@@ -112,16 +119,60 @@ async def one_run(kind: Kind, mode: str, tasks: int, size: int) -> dict[str, obj
         await server.close()
 
 
+async def baseline_run(kind: Kind, tasks: int, size: int) -> float:
+    """The bare baseline's peak RSS in MiB, on a server of its own that answers the same bodies."""
+    endpoints = Endpoints(size, tasks)
+    server = TestServer(endpoints.app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--bare",
+            str(server.make_url(f"/{kind}")),
+            "--tasks",
+            str(tasks),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await asyncio.wait_for(child.communicate(), 300)
+        return float(out)
+    finally:
+        await server.close()
+
+
+async def bare(url: str, tasks: int) -> None:
+    """The baseline itself: prints its peak RSS in MiB once it holds every parsed body."""
+
+    async def fetch(session: aiohttp.ClientSession, i: int) -> bytes:
+        async with session.get(f"{url}/{i}") as response:
+            body = await response.read()
+        with contextlib.suppress(orjson.JSONDecodeError):
+            orjson.loads(body)
+        return body
+
+    connector = aiohttp.TCPConnector(limit=tasks)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        held = await asyncio.gather(*(fetch(session, i) for i in range(tasks)))
+    print(round(peak_rss_mb(os.getpid())), flush=True)
+    del held
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", type=int, default=256)
     parser.add_argument("--size", type=int, default=5 * 1024 * 1024)
     parser.add_argument("--kinds", default=",".join(Kind))
     parser.add_argument("--modes", default="apiResponse,callback")
+    parser.add_argument("--bare", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bare:
+        await bare(args.bare, args.tasks)
+        return
     for kind in args.kinds.split(","):
+        baseline = await baseline_run(Kind(kind), args.tasks, args.size)
         for mode in args.modes.split(","):
             result = await one_run(Kind(kind), mode, args.tasks, args.size)
+            result["baselinePeakRssMiB"] = round(baseline)
             print(orjson.dumps(result).decode(), flush=True)
 
 
