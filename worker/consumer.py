@@ -132,10 +132,10 @@ class Consumer:
     async def _until_publishable(self, channel: AbstractChannel) -> None:
         """Return once the publisher is not blocked, or the consumer stops; raise if the channel
         closes meanwhile."""
-        if self._publisher is None or self._publisher.blocked is None:
+        if self._publisher is None or self._blocked() is None:
             return
         log.warning("consumer paused while RabbitMQ blocks publishes")
-        while self._publisher.blocked is not None and not self._stop.is_set():
+        while self._blocked() is not None and not self._stop.is_set():
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._publisher.unblocked(), WATCH_INTERVAL)
             if channel.is_closed:

@@ -15,7 +15,7 @@ is redacted whole.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from typing import Final
 
 from worker.contract.requests import REDACTED, SECRET_HEADERS
@@ -50,18 +50,17 @@ _PARAMETER: Final = re.compile(rf"({_WORD})[ \t]*=[ \t]*({_QUOTED}|{_WORD})")
 _SCHEME: Final = re.compile(rf"({_WORD})(?:[ \t]+([A-Za-z0-9._~+/-]+=*)(?=[ \t]*(?:,|$)))?")
 
 
-def redact_headers(headers: Mapping[str, str], secret: Collection[str] = ()) -> dict[str, str]:
-    """`headers` (lower-case names) as kept: secret values redacted. `secret` names (lower case)
-    the headers the task treats as secret besides the usual ones."""
-    kept: dict[str, str] = {}
+def redact_headers(headers: dict[str, str], secret: Collection[str] = ()) -> dict[str, str]:
+    """`headers` (lower-case names), their secret values redacted in place (a response's headers
+    are redacted once, as they are read: no copy is made on a path every task takes); `headers`
+    is returned. `secret` names (lower case) the headers the task treats as secret besides the
+    usual ones."""
     for name, value in headers.items():
         if name in RESPONSE_SECRET_HEADERS or name in secret:
-            kept[name] = REDACTED
+            headers[name] = REDACTED
         elif name in CHALLENGE_HEADERS:
-            kept[name] = redact_challenges(value)
-        else:
-            kept[name] = value
-    return kept
+            headers[name] = redact_challenges(value)
+    return headers
 
 
 def redact_challenges(value: str) -> str:

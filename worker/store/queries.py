@@ -4,19 +4,23 @@ batches.py, registry.py) runs them."""
 from __future__ import annotations
 
 
-def _worker_alive(namespace_param: str) -> str:
-    """Whether the worker running `t`'s attempt still holds its session lock, i.e. is alive."""
+def _lock_held(namespace_param: str, worker: str) -> str:
+    """Whether worker `worker` (an id: a parameter or a column) holds its session lock now, i.e.
+    is alive."""
     return f"""EXISTS (SELECT 1 FROM pg_locks l
         WHERE l.locktype = 'advisory' AND l.classid::bigint = {namespace_param}
-          AND l.objid::bigint = t.worker_id AND l.objsubid = 2 AND l.granted)"""
+          AND l.objid::bigint = {worker}::bigint AND l.objsubid = 2 AND l.granted)"""
+
+
+def _worker_alive(namespace_param: str) -> str:
+    """Whether the worker running `t`'s attempt still holds its session lock, i.e. is alive."""
+    return _lock_held(namespace_param, "t.worker_id")
 
 
 def holds_own_lock(namespace_param: str, worker_param: str) -> str:
     """Whether the worker `worker_param` holds its session lock now. Worker id 0 is a store that
     registered no worker (a tool, a test), which holds none and needs none."""
-    return f"""({worker_param}::bigint = 0 OR EXISTS (SELECT 1 FROM pg_locks l
-        WHERE l.locktype = 'advisory' AND l.classid::bigint = {namespace_param}
-          AND l.objid::bigint = {worker_param}::bigint AND l.objsubid = 2 AND l.granted))"""
+    return f"({worker_param}::bigint = 0 OR {_lock_held(namespace_param, worker_param)})"
 
 
 def state_in(*states: str) -> str:
