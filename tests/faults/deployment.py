@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 from aio_pika.abc import AbstractChannel
+from yarl import URL
 
 from tests import processes
 from tests.conftest import free_port
@@ -23,39 +24,54 @@ from worker.contract.settings import Settings
 
 @dataclass
 class Deployment:
-    api_url: str
+    # Each API's base URL; the first is `api_url`.
+    api_urls: list[str]
     # Each worker's probe server (/readyz, /metrics).
     worker_urls: list[str]
+    # The APIs first, then the workers.
     children: list[processes.Child]
     # A durable quorum queue of the test's own, bound to every TaskCompleted.
     observer: str
 
+    @property
+    def api_url(self) -> str:
+        return self.api_urls[0]
+
 
 @asynccontextmanager
 async def deployed(
-    settings: Settings, channel: AbstractChannel, *, workers: int = 1
+    settings: Settings, channel: AbstractChannel, *, workers: int = 1, apis: int = 1
 ) -> AsyncIterator[Deployment]:
-    """`agentless api` and `workers` times `agentless worker`, ready; stopped with SIGTERM after."""
+    """`apis` times `agentless api` and `workers` times `agentless worker`, ready; stopped with
+    SIGTERM after. Worker i hands its callback tasks' services API i % apis as their PlanUrl."""
     names = Names(settings.prefix)
     observer = await channel.declare_queue(
         f"{settings.prefix}.observer", durable=True, arguments={"x-queue-type": "quorum"}
     )
     await observer.bind(names.events, "task.completed.#")
-    port = free_port()
-    env = {"AGENTLESS_API_PORT": str(port), "AGENTLESS_PUBLIC_URL": f"http://127.0.0.1:{port}"}
-    children = [await processes.start(settings, "api", **env)]
+    api_urls = [f"http://127.0.0.1:{free_port()}" for _ in range(apis)]
+    children = [
+        await processes.start(
+            settings, "api", AGENTLESS_API_PORT=str(URL(url).port), AGENTLESS_PUBLIC_URL=url
+        )
+        for url in api_urls
+    ]
     worker_urls = []
-    for _ in range(workers):
+    for i in range(workers):
         worker_port = free_port()
         children.append(
-            await processes.start(settings, "worker", AGENTLESS_WORKER_PORT=str(worker_port), **env)
+            await processes.start(
+                settings,
+                "worker",
+                AGENTLESS_WORKER_PORT=str(worker_port),
+                AGENTLESS_PUBLIC_URL=api_urls[i % apis],
+            )
         )
         worker_urls.append(f"http://127.0.0.1:{worker_port}")
     try:
-        await wait_until_ready(f"http://127.0.0.1:{port}/readyz", children[0])
-        for url, child in zip(worker_urls, children[1:], strict=True):
+        for url, child in zip(api_urls + worker_urls, children, strict=True):
             await wait_until_ready(f"{url}/readyz", child)
-        yield Deployment(f"http://127.0.0.1:{port}", worker_urls, children, observer.name)
+        yield Deployment(api_urls, worker_urls, children, observer.name)
     finally:
         for child in children:
             if child.process.returncode is None:
