@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from yarl import URL
+
+from worker.contract.settings import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,9 @@ BROKER_ERRORS = (
     asyncio.TimeoutError,
     RuntimeError,
 )
+
+# How long opening a connection to one node may take before the next is tried.
+CONNECT_SECONDS = 10
 
 # The AMQP heartbeat in seconds when the URL names none. RabbitMQ advises 5 to 20 s; aiormq's own
 # default of 60 s would leave a silent connection unnoticed for three minutes.
@@ -70,6 +75,28 @@ def with_heartbeat(amqp_url: str) -> tuple[str, int]:
     except ValueError:
         heartbeat = 0
     return amqp_url, heartbeat if 0 <= heartbeat < 65535 else 0
+
+
+async def connect_to_a_node(
+    urls: Sequence[str], first: int = 0, **options: Any
+) -> tuple[AbstractConnection, int]:
+    """A connection to the first of `urls` (a cluster's nodes) that answers, trying them in turn
+    from `first` on, and the index of its node. Should none answer, the error of each is raised,
+    in one: aiormq's for a login refused (the same credentials are refused everywhere), else an
+    AMQPConnectionError that names every node and what it said."""
+    failures: list[str] = []
+    for step in range(len(urls)):
+        node = (first + step) % len(urls)
+        try:
+            return await aio_pika.connect(urls[node], **options), node
+        except aiormq.exceptions.ProbableAuthenticationError:
+            raise
+        except BROKER_ERRORS as exc:
+            if len(urls) == 1:
+                raise
+            why = str(exc) or type(exc).__name__
+            failures.append(f"{redact_url(urls[node])}: {why}")
+    raise aio_pika.exceptions.AMQPConnectionError(f"no node answered ({'; '.join(failures)})")
 
 
 class BrokerUnavailable(ConnectionError):

@@ -25,7 +25,7 @@ from pamqp.common import FieldTable
 from worker.amqp import BROKER_ERRORS, BrokerBlocked, BrokerUnavailable, connection_failed
 from worker.connection import SupervisedConnection
 from worker.contract.models import REASON_HEADER, Names, TaskEvent
-from worker.topology import delay_queue_arguments
+from worker.topology import declare_delay_queue, delay_queue_arguments
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +103,12 @@ class Broker(SupervisedConnection):
         )
         exchange = self.names.events if to_events else ""
         while True:
-            await self.connection()
+            connection = await self.connection()
             self._published += 1
             channel = self._channels[self._published % len(self._channels)]
             try:
                 if declare is not None:
-                    await channel.declare_queue(routing_key, durable=True, arguments=declare)
+                    await declare_delay_queue(connection, routing_key, declare)
                 underlay = await channel.get_underlay_channel()
                 assert isinstance(underlay, aiormq.Channel)
                 # Not mandatory: an event nobody is bound to is dropped by the broker rather
@@ -254,7 +254,10 @@ class Broker(SupervisedConnection):
         in a delay queue (one per delay, every message with the same TTL, so that none waits
         behind a longer one), which dead-letters it to the task queue when its time is up."""
         if seconds > 0:
-            queue, arguments = self.names.delay(seconds), delay_queue_arguments(self.names, seconds)
+            queue, arguments = (
+                self.names.delay(seconds),
+                delay_queue_arguments(self.names, seconds, self.group_size),
+            )
         else:
             queue, arguments = self.names.tasks, None
         await self.publish(

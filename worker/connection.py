@@ -24,13 +24,14 @@ from contextlib import suppress
 from types import TracebackType
 from typing import Self
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from worker.amqp import (
     BROKER_ERRORS,
+    CONNECT_SECONDS,
     DEFAULT_HEARTBEAT,
     cancelled_by_the_broker,
+    connect_to_a_node,
     unbounded_frames,
     watch_blocking,
     with_heartbeat,
@@ -38,8 +39,8 @@ from worker.amqp import (
 from worker.blocking import PublishBlock
 from worker.contract.errors import ConfigError
 from worker.contract.models import Names
-from worker.contract.settings import redact_url
-from worker.topology import declare_topology
+from worker.contract.settings import redact_url, split_amqp_urls
+from worker.topology import declare_topology_on, quorum_group_size
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,13 @@ class SupervisedConnection:
         self, amqp_url: str, names: Names, *, connection_name: str, publish_channels: int = 1
     ) -> None:
         self.names = names
-        self._url, heartbeat = with_heartbeat(amqp_url)
-        self._shown_url = redact_url(amqp_url)
+        nodes = [with_heartbeat(url) for url in split_amqp_urls(amqp_url)]
+        self._urls = tuple(url for url, _ in nodes)
+        heartbeat = nodes[0][1]
+        # The node of the connection open now, or last open: the next is tried first after it.
+        self._node = 0
+        self._shown_urls = tuple(redact_url(url) for url in self._urls)
+        self.group_size = quorum_group_size(len(self._urls))
         # Seconds between probes; a probe unanswered for twice that means a silent broker. With
         # the heartbeat off, the probe still runs, at the default's pace.
         self._probe_interval = (heartbeat or DEFAULT_HEARTBEAT) / 2
@@ -79,7 +85,8 @@ class SupervisedConnection:
         try:
             await self._open()
         except BROKER_ERRORS as exc:
-            raise ConfigError(f"cannot reach RabbitMQ at {self._shown_url}: {exc}") from exc
+            where = ",".join(self._shown_urls)
+            raise ConfigError(f"cannot reach RabbitMQ at {where}: {exc}") from exc
         self._supervisor = asyncio.create_task(self._supervise(), name="broker-supervisor")
         return self
 
@@ -99,6 +106,15 @@ class SupervisedConnection:
             await asyncio.gather(
                 asyncio.wait_for(self._connection.close(), bound), return_exceptions=True
             )
+
+    @property
+    def _shown_url(self) -> str:
+        """The node of the connection, as a person may read it (no password)."""
+        return self._shown_urls[self._node]
+
+    @property
+    def _url(self) -> str:
+        return self._urls[self._node]
 
     @property
     def is_ready(self) -> bool:
@@ -142,11 +158,13 @@ class SupervisedConnection:
         if connection is self._connection:
             self.connection_lost()
 
-    async def _open(self) -> None:
-        connection = await aio_pika.connect(
-            self._url,
+    async def _open(self, first: int = 0) -> None:
+        """Connect to the first node that answers, from `first` on, and set the connection up."""
+        connection, self._node = await connect_to_a_node(
+            self._urls,
+            first,
             client_properties={"connection_name": self._connection_name},
-            timeout=10,
+            timeout=CONNECT_SECONDS,
         )
         try:
             channels = [
@@ -155,7 +173,7 @@ class SupervisedConnection:
             ]
             for channel in channels:
                 await unbounded_frames(channel)
-            await declare_topology(channels[0], self.names)
+            await declare_topology_on(connection, self.names, self.group_size)
             # The probe's own channel: aiormq closes a channel whose call times out.
             probe = await connection.channel()
         except BaseException:
@@ -235,9 +253,11 @@ class SupervisedConnection:
     async def _reopen(self) -> None:
         """Open a new connection, trying again with a growing delay until one opens."""
         delay = 0.5
+        # The lost node last: in a cluster, another is most likely to answer at once.
+        first = (self._node + 1) % len(self._urls)
         while True:
             try:
-                await self._open()
+                await self._open(first)
             except BROKER_ERRORS as exc:
                 failure = str(exc) or type(exc).__name__
             except asyncio.CancelledError:
@@ -245,13 +265,8 @@ class SupervisedConnection:
                     raise
                 failure = "the connection closed while it was being set up"
             else:
-                log.info("broker connection re-established")
+                log.info("broker connection re-established", extra={"amqpUrl": self._shown_url})
                 return
-            log.warning(
-                "broker reconnect failed: %s; retrying in %.1f s",
-                failure,
-                delay,
-                extra={"amqpUrl": self._shown_url},
-            )
+            log.warning("broker reconnect failed: %s; retrying in %.1f s", failure, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10)

@@ -3,24 +3,22 @@ Broker re-opens its connection; a command that loses its connection says so and 
 
 from __future__ import annotations
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
 
-from worker.amqp import BROKER_ERRORS
+from worker.amqp import BROKER_ERRORS, CONNECT_SECONDS, connect_to_a_node
 from worker.cli.exits import what_to_do
 from worker.contract.errors import ConfigError, Unavailable
 from worker.contract.settings import Settings, redact_url
-
-CONNECT_SECONDS = 10
+from worker.topology import quorum_group_size
 
 
 async def broker_connection(settings: Settings, command: str) -> AbstractConnection:
     """An open connection to RabbitMQ, named after the command; Unavailable if RabbitMQ does not
     answer, ConfigError if it refuses the credentials."""
     try:
-        return await aio_pika.connect(
-            settings.amqp_url,
+        connection, _ = await connect_to_a_node(
+            settings.amqp_urls,
             client_properties={"connection_name": f"agentless {command}"},
             timeout=CONNECT_SECONDS,
         )
@@ -34,3 +32,10 @@ async def broker_connection(settings: Settings, command: str) -> AbstractConnect
         raise Unavailable(
             what_to_do(f"cannot reach RabbitMQ at {redact_url(settings.amqp_url)}: {why}", settings)
         ) from exc
+    return connection
+
+
+def group_size(settings: Settings) -> int | None:
+    """The initial group size of the queues a command may be the first to declare: the one the
+    service's processes declare them with."""
+    return quorum_group_size(len(settings.amqp_urls))

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from worker.cli.connect import broker_connection
+from worker.cli.connect import broker_connection, group_size
 from worker.cli.exits import EXIT_DONE
 from worker.contract.errors import Unavailable, UsageError
 from worker.contract.events import completed_event
@@ -29,7 +29,7 @@ from worker.contract.requests import ID_PATTERN
 from worker.contract.settings import Settings, redact_url
 from worker.store.database import Store
 from worker.text import one_line
-from worker.topology import declare_topology
+from worker.topology import declare_topology_on
 
 # Without --follow or --task: the quiet after which nothing more is expected.
 IDLE_SECONDS = 1.0
@@ -126,7 +126,7 @@ async def _events(settings: Settings, args: argparse.Namespace) -> int:
     connection = await broker_connection(settings, "events")
     async with connection:
         channel = await connection.channel()
-        await declare_topology(channel, names)
+        await declare_topology_on(connection, names, group_size(settings))
         feed = await EventFeed.bound(channel, names, args.hub)
         until_completed = args.task is not None and not args.follow
         if until_completed:

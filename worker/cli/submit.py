@@ -15,14 +15,14 @@ import orjson
 from pydantic import JsonValue
 
 from worker.amqp import watch_blocking
-from worker.cli.connect import broker_connection
+from worker.cli.connect import broker_connection, group_size
 from worker.cli.events import EventFeed
 from worker.cli.exits import EXIT_DONE, EXIT_NOT_SUCCEEDED, EXIT_WAIT_TIMEOUT
 from worker.cli.progress import Progress
 from worker.contract.errors import InvalidTask, Unavailable, UsageError
 from worker.contract.models import Names, Result, TaskEvent, TaskMessage, parse_task
 from worker.contract.settings import Settings
-from worker.topology import declare_topology
+from worker.topology import declare_topology_on
 
 # How long the broker has to confirm the task's message. A broker whose resource alarm is in
 # effect confirms nothing until the alarm clears, however long that takes.
@@ -151,7 +151,7 @@ async def _submit(settings: Settings, task: TaskMessage, *, wait: bool, wait_tim
     watch_blocking(connection, blocked.append, blocked.clear)
     try:
         channel = await connection.channel(publisher_confirms=True)
-        await declare_topology(channel, names)
+        await declare_topology_on(connection, names, group_size(settings))
         reply_queue = None
         feed = None
         if wait:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -181,14 +182,15 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp(cls, value: str) -> str:
-        if URL(value).scheme not in ("amqp", "amqps"):
-            raise ValueError("must be an amqp:// or amqps:// URL")
+        split_amqp_urls(value)
         return value
 
     @field_validator("database_url")
     @classmethod
     def _postgres(cls, value: str) -> str:
-        if URL(value).scheme not in ("postgresql", "postgres"):
+        # libpq's multi-host form (host1:port1,host2:port2) is no URL yarl can read: only the
+        # scheme is checked here, and asyncpg reads the rest.
+        if value.partition("://")[0] not in ("postgresql", "postgres"):
             raise ValueError("must be a postgresql:// URL")
         return value
 
@@ -224,6 +226,11 @@ class Settings(BaseSettings):
                 except ValueError as exc:
                     raise ValueError(f"{item!r} is not a valid CIDR") from exc
         return items
+
+    @property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The RabbitMQ nodes AGENTLESS_AMQP_URL lists, in the order to try them."""
+        return split_amqp_urls(self.amqp_url)
 
     @property
     def signing_keys(self) -> tuple[str, ...]:
@@ -263,7 +270,29 @@ def load_settings(config_file: Path | None = None) -> Settings:
         raise ConfigError("invalid configuration: " + "; ".join(lines)) from exc
 
 
+def split_amqp_urls(value: str) -> tuple[str, ...]:
+    """The node URLs of a comma-separated AGENTLESS_AMQP_URL; ValueError naming the one that is
+    not an amqp:// URL (by its position: a URL may hold a password)."""
+    urls = tuple(url.strip() for url in value.split(","))
+    for position, url in enumerate(urls, 1):
+        try:
+            scheme, host = URL(url).scheme, URL(url).host
+        except ValueError:
+            scheme, host = "", None
+        if scheme not in ("amqp", "amqps") or not host:
+            if len(urls) == 1:
+                raise ValueError("must be an amqp:// or amqps:// URL, or several, comma-separated")
+            raise ValueError(
+                f"must be amqp:// or amqps:// URLs, comma-separated; URL {position} of "
+                f"{len(urls)} is not one"
+            )
+    return urls
+
+
+# The password in a URL's user info, in a single or a libpq multi-host URL alike.
+_PASSWORD = re.compile(r"(?<=://)([^:/@?#]*):[^@/?#]*@")
+
+
 def redact_url(url: str) -> str:
-    """The URL without its password, for messages a person reads."""
-    parsed = URL(url)
-    return str(parsed.with_password("***")) if parsed.password else url
+    """The URL (or comma-separated URLs) without its passwords, for messages a person reads."""
+    return _PASSWORD.sub(r"\1:***@", url)
