@@ -16,6 +16,7 @@ import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import asyncpg
@@ -384,8 +385,8 @@ async def test_a_worker_whose_liveness_session_ends_claims_nothing_until_it_lock
     """PostgreSQL ends the session that holds A's lock while A's pool still works (an operator's
     pg_terminate_backend, an idle-session timeout, the server's keepalives on that session alone).
     From that moment another worker may take A's running attempt over: A claims nothing, and
-    renews no lease, until it holds its lock again; and the attempt that was taken over can no
-    longer record its result."""
+    renews no lease and records nothing, until it holds its lock again; and the attempt that was
+    taken over can no longer record its result."""
     async with (
         Store.open(settings.database_url) as a,
         registered_worker(a, settings.database_url, lambda: 0),
@@ -411,14 +412,21 @@ async def test_a_worker_whose_liveness_session_ends_claims_nothing_until_it_lock
         taken = await b.claim(claim_request("lv-1"))
         assert isinstance(taken, Claimed)
         assert taken.attempts == 2
-        late = await a.complete("lv-1", 1, Outcome(Result.SUCCEEDED, "HTTP 200"))
-        assert isinstance(late, TaskRecord)
-        assert (late.state, late.attempts, late.result) == (State.RUNNING, 2, None)
+        # Nor does A record anything while it holds no lock.
+        with pytest.raises(NotLive):
+            await a.complete("lv-1", 1, Outcome(Result.SUCCEEDED, "HTTP 200"))
+        with pytest.raises(NotLive):
+            await a.retry("lv-1", 1, Outcome(Result.FAILED, "HTTP 503"), 5)
+        with pytest.raises(NotLive):
+            await a.wait("lv-1", 1, None, datetime.now(UTC) + timedelta(minutes=5), None)
 
         # A's heartbeat takes a new lock; then A claims again, and its old attempt stays fenced.
         monkeypatch.undo()
         await asyncio.wait_for(a.live.wait(), 10)
         assert isinstance(await a.claim(claim_request("lv-2")), Claimed)
+        late = await a.complete("lv-1", 1, Outcome(Result.SUCCEEDED, "HTTP 200"))
+        assert isinstance(late, TaskRecord)
+        assert (late.state, late.attempts, late.result) == (State.RUNNING, 2, None)
         superseded = await a.renew_lease("lv-1", 1, 60)
         assert isinstance(superseded, TaskRecord)
         assert superseded.attempts == 2

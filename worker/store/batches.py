@@ -43,9 +43,9 @@ async def claims(
         worker_id,
         lock_namespace,
     )
-    if not rows and not await conn.fetchval(queries.HOLDS_OWN_LOCK, lock_namespace, worker_id):
+    if not rows:
         # The statement claims nothing at all for a worker that lost its lock.
-        raise NotLive(f"worker {worker_id} does not hold its liveness lock")
+        await ensure_live(conn, worker_id, lock_namespace)
     claimed = {
         row["task_id"]: Claimed(
             row["attempts"], row["retries"], row["queued_at"], row["started_at"]
@@ -58,7 +58,7 @@ async def claims(
 
 
 async def completions(
-    conn: Executor, batch: list[Completion], lock_namespace: int
+    conn: Executor, batch: list[Completion], worker_id: int, lock_namespace: int
 ) -> list[datetime | TaskRecord]:
     rows = await conn.fetch(
         queries.COMPLETE,
@@ -68,7 +68,11 @@ async def completions(
         [c.outcome.reason for c in batch],
         [c.response_json for c in batch],
         [c.outputs_json for c in batch],
+        worker_id,
+        lock_namespace,
     )
+    if not rows:
+        await ensure_live(conn, worker_id, lock_namespace)
     done: dict[str, datetime] = {row["task_id"]: row["completed_at"] for row in rows}
     missed = [c.task_id for c in batch if c.task_id not in done]
     found = await records(conn, missed, lock_namespace) if missed else {}
@@ -100,3 +104,10 @@ async def callbacks(
         (True, done[c.task_id]) if c.task_id in done else (False, others.get(c.task_id))
         for c in batch
     ]
+
+
+async def ensure_live(conn: Executor, worker_id: int, lock_namespace: int) -> None:
+    """NotLive unless the worker holds its lock: asked when a fenced statement changed nothing,
+    to tell a worker without its lock from an attempt superseded."""
+    if not await conn.fetchval(queries.HOLDS_OWN_LOCK, lock_namespace, worker_id):
+        raise NotLive(f"worker {worker_id} does not hold its liveness lock")

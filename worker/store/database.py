@@ -102,7 +102,7 @@ class Store:
                 command_timeout=60,
                 reset=_keep_session,
             )
-        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        except (*DB_UNAVAILABLE, asyncpg.PostgresError) as exc:
             raise ConfigError(
                 f"cannot reach PostgreSQL at {redact_url(database_url)}: {exc}"
             ) from exc
@@ -125,7 +125,7 @@ class Store:
         try:
             async with asyncio.timeout(2):
                 await self._pool.fetchval("SELECT 1")
-        except (TimeoutError, OSError, asyncpg.PostgresError):
+        except (*DB_UNAVAILABLE, asyncpg.PostgresError):
             return False
         return True
 
@@ -136,7 +136,8 @@ class Store:
     async def complete(
         self, task_id: str, attempts: int, outcome: Outcome
     ) -> datetime | TaskRecord:
-        """Record the attempt's result; its completion time, or the record that supersedes it."""
+        """Record the attempt's result; its completion time, or the record that supersedes it;
+        NotLive while this worker does not hold its lock."""
         response = response_json(outcome.response)
         outputs = outputs_json(outcome.outputs)
         return await self._completions.submit(
@@ -163,7 +164,7 @@ class Store:
         self, task_id: str, attempts: int, outcome: Outcome, delay: float
     ) -> datetime | TaskRecord:
         """Queue the task again after the attempt's failure: when the retry is due, or the
-        record that supersedes the attempt."""
+        record that supersedes the attempt; NotLive while this worker does not hold its lock."""
         async with self._pool.acquire() as conn:
             retry_at: datetime | None = await conn.fetchval(
                 queries.RETRY,
@@ -172,9 +173,12 @@ class Store:
                 delay,
                 storable_text(outcome.reason),
                 response_json(outcome.response),
+                self.worker_id,
+                self.lock_namespace,
             )
             if retry_at is not None:
                 return retry_at
+            await batches.ensure_live(conn, self.worker_id, self.lock_namespace)
             return (await self._records(conn, [task_id]))[task_id]
 
     async def wait(
@@ -188,7 +192,8 @@ class Store:
         outputs: dict[str, JsonValue] | None = None,
     ) -> TaskRecord | None:
         """Mark the attempt's task waiting for its callback; None, or the record that got there
-        first (a callback that completed it, a newer attempt)."""
+        first (a callback that completed it, a newer attempt); NotLive while this worker does
+        not hold its lock."""
         async with self._pool.acquire() as conn:
             waited = await conn.fetchval(
                 queries.WAIT,
@@ -198,9 +203,12 @@ class Store:
                 deadline,
                 started_deadline,
                 outputs_json(outputs),
+                self.worker_id,
+                self.lock_namespace,
             )
             if waited is not None:
                 return None
+            await batches.ensure_live(conn, self.worker_id, self.lock_namespace)
             return (await self._records(conn, [task_id]))[task_id]
 
     async def complete_by_callback(
@@ -419,7 +427,7 @@ class Store:
 
     async def _flush_completions(self, batch: list[Completion]) -> list[datetime | TaskRecord]:
         async with self._pool.acquire() as conn:
-            return await batches.completions(conn, batch, self.lock_namespace)
+            return await batches.completions(conn, batch, self.worker_id, self.lock_namespace)
 
 
 async def _keep_session(_: asyncpg.Connection) -> None:

@@ -82,6 +82,8 @@ RETURNING t.task_id, t.attempts, {_RETRIES} AS retries, t.queued_at, t.started_a
 """
 
 # Only the attempt that holds the task records its result: a late, superseded attempt is fenced.
+# So is a worker that does not hold its lock now (after a failover, say, until it holds one on
+# the new primary): other workers may be taking its tasks over.
 COMPLETE = f"""
 UPDATE tasks AS t
 SET state = 'completed', result = i.result, reason = i.reason, response = i.response::jsonb,
@@ -90,12 +92,13 @@ SET state = 'completed', result = i.result, reason = i.reason, response = i.resp
 FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[])
      AS i(task_id, attempts, result, reason, response, outputs)
 WHERE t.task_id = i.task_id AND {state_in("running")} AND t.attempts = i.attempts
+  AND {holds_own_lock("$8", "$7")}
 RETURNING t.task_id, t.completed_at
 """
 
 # A failed attempt to be tried again: the task is queued once more, fenced like COMPLETE, and
 # the attempt joins the task's history.
-RETRY = """
+RETRY = f"""
 UPDATE tasks AS t
 SET state = 'queued', reason = $4::text, response = $5::jsonb, lease_until = NULL,
     updated_at = now(),
@@ -103,18 +106,18 @@ SET state = 'queued', reason = $4::text, response = $5::jsonb, lease_until = NUL
         'attempt', t.attempts, 'startedAt', t.started_at, 'endedAt', now(), 'reason', $4::text,
         'statusCode', ($5::jsonb -> 'statusCode'), 'retryAt', due.at))
 FROM (SELECT now() + make_interval(secs => $3) AS at) AS due
-WHERE t.task_id = $1 AND t.state = 'running' AND t.attempts = $2
+WHERE t.task_id = $1 AND t.state = 'running' AND t.attempts = $2 AND {holds_own_lock("$7", "$6")}
 RETURNING due.at
 """
 
 # A callback task whose invocation was accepted waits; fenced like COMPLETE. A callback that came
 # first has completed the task already, and then this changes nothing. The outputs evaluated on
 # the invocation's response give way to the service's output variables of the same name.
-WAIT = """
+WAIT = f"""
 UPDATE tasks AS t
 SET state = 'waiting', response = $3::jsonb, deadline = $4, started_deadline = $5,
     outputs = $6::jsonb || t.outputs, lease_until = NULL, waiting_since = now(), updated_at = now()
-WHERE t.task_id = $1 AND t.state = 'running' AND t.attempts = $2
+WHERE t.task_id = $1 AND t.state = 'running' AND t.attempts = $2 AND {holds_own_lock("$8", "$7")}
 RETURNING t.updated_at
 """
 

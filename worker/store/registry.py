@@ -14,6 +14,7 @@ import asyncpg
 
 from worker import __version__
 from worker.store import queries
+from worker.store.errors import DB_UNAVAILABLE
 
 if TYPE_CHECKING:
     from worker.store.database import Store
@@ -35,7 +36,8 @@ SESSION_KEEPALIVES = {
 }
 # Between the end of the lock's session and the first try to take the lock again.
 RELOCK_PAUSE_SECONDS = 0.5
-_FAILURES = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+# A database out of reach, or one that refuses: among several hosts, none read-write (yet).
+_FAILURES = (*DB_UNAVAILABLE, asyncpg.PostgresError)
 
 
 @asynccontextmanager
