@@ -48,9 +48,17 @@ def services() -> dict[str, dict[str, Any]]:
     return declared
 
 
-def agentless_services() -> dict[str, dict[str, Any]]:
-    """The services that run the image built from deploy/Dockerfile."""
-    return {name: s for name, s in services().items() if "build" in s}
+def in_profile(service: dict[str, Any], profile: str | None) -> bool:
+    """Whether the service runs under `profile`; None is the default deployment, of the services
+    that have no profile."""
+    profiles = service.get("profiles", [])
+    return profile in profiles if profile else not profiles
+
+
+def agentless_services(profile: str | None = None) -> dict[str, dict[str, Any]]:
+    """The services that run the image built from deploy/Dockerfile, in the default deployment
+    or in one profile."""
+    return {name: s for name, s in services().items() if "build" in s and in_profile(s, profile)}
 
 
 def command(service: dict[str, Any]) -> list[str]:
@@ -134,20 +142,26 @@ def test_one_image_for_the_api_and_two_workers_started_on_health() -> None:
     assert any(str(port).endswith(":8080") for port in api["ports"])
 
 
-def test_the_env_file_names_real_settings_that_reach_the_other_services() -> None:
+@pytest.mark.parametrize("profile", [None, "cluster"])
+def test_the_env_file_names_real_settings_that_reach_the_other_services(
+    profile: str | None,
+) -> None:
     declared = services()
-    for name, service in agentless_services().items():
+    for name, service in agentless_services(profile).items():
         env = declared_environment(service)
         assert set(env) - {"PATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE"} <= SETTINGS
         for required in ("AMQP_URL", "DATABASE_URL", "API_TOKENS", "SIGNING_KEY", "PUBLIC_URL"):
             assert env.get(f"AGENTLESS_{required}"), f"{name}: AGENTLESS_{required}"
-        # The URLs name the compose services, with the users those services create.
-        amqp = URL(env["AGENTLESS_AMQP_URL"])
-        broker = declared[str(amqp.host)]["environment"]
-        assert (amqp.user, amqp.password) == (
-            broker["RABBITMQ_DEFAULT_USER"],
-            broker["RABBITMQ_DEFAULT_PASS"],
-        )
+        # The URLs name the compose services of the same deployment, with the users those
+        # services create.
+        for each in env["AGENTLESS_AMQP_URL"].split(","):
+            amqp = URL(each)
+            broker = declared[str(amqp.host)]
+            assert in_profile(broker, profile), f"{name}: {amqp.host}"
+            assert (amqp.user, amqp.password) == (
+                broker["environment"]["RABBITMQ_DEFAULT_USER"],
+                broker["environment"]["RABBITMQ_DEFAULT_PASS"],
+            )
         database = URL(env["AGENTLESS_DATABASE_URL"])
         store = declared[str(database.host)]["environment"]
         assert (database.user, database.password, database.path) == (
