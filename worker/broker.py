@@ -25,7 +25,7 @@ from pamqp.common import FieldTable
 from worker.amqp import BROKER_ERRORS, BrokerBlocked, BrokerUnavailable, connection_failed
 from worker.connection import SupervisedConnection
 from worker.contract.models import REASON_HEADER, Names, TaskEvent
-from worker.topology import declare_delay_queue, delay_queue_arguments
+from worker.topology import declare_queue_on, delay_queue_arguments
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Broker(SupervisedConnection):
             channel = self._channels[self._published % len(self._channels)]
             try:
                 if declare is not None:
-                    await declare_delay_queue(connection, routing_key, declare)
+                    await declare_queue_on(connection, routing_key, declare)
                 underlay = await channel.get_underlay_channel()
                 assert isinstance(underlay, aiormq.Channel)
                 # Not mandatory: an event nobody is bound to is dropped by the broker rather

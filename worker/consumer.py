@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from worker.amqp import BROKER_ERRORS, cancelled_by_the_broker, unbounded_frames
 from worker.broker import Broker
-from worker.topology import tasks_queue_arguments
+from worker.topology import declare_queue_on, tasks_queue_arguments
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ class Consumer:
         self.consuming = asyncio.Event()
         self.subscriptions = 0
         self.deliveries = 0
+        # `deliveries` when the subscription was last found starved; -1 before that.
+        self._starved_at = -1
 
     @property
     def stopping(self) -> bool:
@@ -101,12 +103,13 @@ class Consumer:
     async def _subscribe_on_new_channel(self) -> None:
         connection = await self.broker.connection()
         names = self.broker.names
+        # Declared, not just looked up: an operator may have deleted the queue.
+        await declare_queue_on(
+            connection, names.tasks, tasks_queue_arguments(names, self.broker.group_size)
+        )
         channel = self._channel = await connection.channel()
         await unbounded_frames(channel)
-        # Declared, not just looked up: an operator may have deleted the queue.
-        queue = await channel.declare_queue(
-            names.tasks, durable=True, arguments=tasks_queue_arguments(names)
-        )
+        queue = await channel.declare_queue(names.tasks, passive=True)
         while not self._stop.is_set():
             await self._until_publishable(channel)
             room = await self._room(channel)
@@ -177,17 +180,35 @@ class Consumer:
                 return f"RabbitMQ is blocking publishes ({blocked})"
             # The broker can also stop delivering without a word (seen when a quorum queue is
             # deleted and declared again at once); only starvation shows it.
-            ready = await channel.declare_queue(queue.name, passive=True)
-            waiting = ready.declaration_result.message_count or 0
+            waiting = await self._ready_messages(channel, queue)
             idle = self.deliveries == seen and len(self._in_flight) < self._prefetch
             starved = starved + 1 if waiting and idle else 0
             if starved >= STARVED_CHECKS:
+                if self.deliveries == self._starved_at:
+                    # Starved again, with nothing delivered since the last time: the node
+                    # itself no longer serves the queue (cut off from the rest of its
+                    # cluster, say). Another is asked.
+                    self.broker.connection_lost()
+                    raise ConnectionError(f"{waiting} messages ready, none delivered by this node")
+                self._starved_at = self.deliveries
                 waited = WATCH_INTERVAL * starved
                 return f"{waiting} messages ready but none delivered for {waited:g} s"
             if self._in_flight or self.deliveries != idle_deliveries:
                 idle_since, idle_deliveries = loop.time(), self.deliveries
             elif loop.time() - idle_since >= IDLE_RENEW_SECONDS:
                 raise _Renew
+
+    async def _ready_messages(self, channel: AbstractChannel, queue: AbstractQueue) -> int:
+        """The queue's ready messages, as the consumer's node sees them. A node that cannot
+        answer for the queue (cut off from the rest of its cluster, its queue's members without
+        a leader) cannot deliver from it either: the connection is dropped for another node."""
+        try:
+            async with asyncio.timeout(WATCH_INTERVAL * STARVED_CHECKS):
+                ready = await channel.declare_queue(queue.name, passive=True)
+        except TimeoutError:
+            self.broker.connection_lost()
+            raise ConnectionError("the broker node did not answer for the task queue") from None
+        return ready.declaration_result.message_count or 0
 
     async def _deliver(self, message: AbstractIncomingMessage) -> None:
         # The handler runs in a task of the consumer's own, not in the one aiormq runs each

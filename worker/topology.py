@@ -91,10 +91,11 @@ async def declare_topology_on(
     await _declare_or_use(connection, lambda c: declare_topology(c, names, group_size), existing)
 
 
-async def declare_delay_queue(
+async def declare_queue_on(
     connection: AbstractConnection, name: str, arguments: FieldTable
 ) -> None:
-    """A delay queue; one that exists with another initial group size is used as it is."""
+    """A durable queue (the task queue, a delay queue); one that exists with another initial
+    group size is used as it is."""
 
     async def declare(channel: AbstractChannel) -> None:
         await channel.declare_queue(name, durable=True, arguments=arguments)
