@@ -24,7 +24,8 @@ from worker.service import DRAIN_GRACE_SECONDS
 ROOT = Path(__file__).resolve().parents[2]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
-TREES = ("base", "overlays/example")
+OVERLAYS = ("overlays/example", "overlays/cluster")
+TREES = ("base", *OVERLAYS)
 # The oldest Kubernetes release the manifests are written for (the preStop `sleep` action is on
 # by default from 1.30).
 KUBERNETES_VERSION = "1.30"
@@ -33,6 +34,8 @@ CUSTOM_RESOURCES = {
     ("keda.sh/v1alpha1", "TriggerAuthentication"): "keda-triggerauthentication-v1alpha1.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring-servicemonitor-v1.json",
     ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring-podmonitor-v1.json",
+    ("rabbitmq.com/v1beta1", "RabbitmqCluster"): "rabbitmq-rabbitmqcluster-v1beta1.json",
+    ("postgresql.cnpg.io/v1", "Cluster"): "cnpg-cluster-v1.json",
 }
 SECRET_SETTINGS = frozenset(
     {
@@ -42,6 +45,11 @@ SECRET_SETTINGS = frozenset(
         "AGENTLESS_DATABASE_URL",
     }
 )
+
+
+# The fields of a Secret that name rather than hold a credential: the RabbitMQ Cluster Operator's
+# default-user format (the service binding spec), a basic-auth Secret's username.
+BINDING_FIELDS = frozenset({"username", "host", "port", "provider", "type"})
 
 
 @cache
@@ -137,8 +145,9 @@ def custom_validator(file: str) -> jsonschema.Draft7Validator:
 # --- rendering and schemas -------------------------------------------------------------------
 
 
-def test_the_overlay_puts_everything_in_its_namespace() -> None:
-    manifests = rendered("overlays/example")
+@pytest.mark.parametrize("tree", OVERLAYS)
+def test_the_overlay_puts_everything_in_its_namespace(tree: str) -> None:
+    manifests = rendered(tree)
     namespaces = {m["metadata"].get("namespace") for m in manifests if m["kind"] != "Namespace"}
     assert namespaces == {"agentless"}
     assert [m["metadata"]["name"] for m in of_kind(manifests, "Namespace")] == ["agentless"]
@@ -227,7 +236,9 @@ def test_every_pod_runs_unprivileged_on_a_read_only_root_with_resources(
         assert "memory" in each["resources"]["limits"]
 
 
-@pytest.mark.parametrize(("tree", "replicas"), [("base", 2), ("overlays/example", 3)])
+@pytest.mark.parametrize(
+    ("tree", "replicas"), [("base", 2), ("overlays/example", 3), ("overlays/cluster", 3)]
+)
 def test_at_least_one_api_replica_always_runs(tree: str, replicas: int) -> None:
     manifests = rendered(tree)
     api = running(manifests, "api")
@@ -277,8 +288,9 @@ def test_keda_scales_the_workers_on_ready_and_unacknowledged_task_messages(tree:
     assert host["parameter"] == "host"
 
 
-def test_the_example_secrets_hold_every_reference() -> None:
-    manifests = rendered("overlays/example")
+@pytest.mark.parametrize("tree", OVERLAYS)
+def test_the_example_secrets_hold_every_reference(tree: str) -> None:
+    manifests = rendered(tree)
     secrets = {s["metadata"]["name"]: s for s in of_kind(manifests, "Secret")}
     references: list[tuple[str, str]] = []
     for deployment in of_kind(manifests, "Deployment"):
@@ -296,13 +308,28 @@ def test_the_example_secrets_hold_every_reference() -> None:
         for endpoint in monitor["spec"]["endpoints"]:
             credentials = endpoint["authorization"]["credentials"]
             references.append((credentials["name"], credentials["key"]))
+    # The operators' clusters read their users from Secrets too.
+    for rabbitmq in of_kind(manifests, "RabbitmqCluster"):
+        external = rabbitmq["spec"].get("secretBackend", {}).get("externalSecret", {})
+        references += [(external["name"], "default_user.conf")] if external else []
+    for postgres in of_kind(manifests, "Cluster"):
+        owner = postgres["spec"]["bootstrap"]["initdb"]["secret"]["name"]
+        references += [(owner, "username"), (owner, "password")]
     assert references
     for name, key in references:
         assert name in secrets, name
         assert key == "" or key in secrets[name]["stringData"], (name, key)
     for secret in secrets.values():
         assert set(secret) & {"data", "stringData"} == {"stringData"}
-        assert all("example" in value for value in secret["stringData"].values())
+        # Every credential is a visible placeholder (a Secret's other fields, such as the
+        # service binding's host and port of the RabbitMQ user, need not be).
+        credentials = {
+            key: value
+            for key, value in secret["stringData"].items()
+            if key not in BINDING_FIELDS or _has_password(value)
+        }
+        assert credentials
+        assert all("example" in value for value in credentials.values())
 
 
 @pytest.mark.parametrize(("tree", "manifest"), every_manifest())
@@ -318,6 +345,8 @@ def test_credentials_are_only_in_secrets(tree: str, manifest: Manifest) -> None:
     for scaled in [manifest] if manifest["kind"] == "ScaledObject" else []:
         for trigger in scaled["spec"]["triggers"]:
             assert not any(_has_password(v) for v in trigger["metadata"].values())
+    # Nor anywhere else: an operator's resource, an annotation...
+    assert [v for v in _strings(manifest) if _has_password(v)] == []
 
 
 def test_the_password_check_sees_a_url_with_a_password() -> None:
@@ -470,6 +499,17 @@ def _literal_env(manifest: Manifest) -> Iterator[dict[str, str]]:
         for env in each.get("env", []):
             if "value" in env:
                 yield env
+
+
+def _strings(node: object) -> Iterator[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _strings(item)
 
 
 def _has_password(value: object) -> bool:
