@@ -1,7 +1,7 @@
 """A small TCP proxy for network-fault tests.
 
-It listens on 127.0.0.1 (a free port), forwards every connection to one upstream address, and can
-be switched at run time to misbehave the way networks do:
+It listens on 127.0.0.1 (a free port, unless given another address), forwards every connection to
+one upstream address, and can be switched at run time to misbehave the way networks do:
 
 - `latency`: seconds added before each chunk is forwarded, in both directions;
 - `reset_after`: a connection is reset (RST) once that many bytes of a response have passed, a
@@ -12,7 +12,10 @@ be switched at run time to misbehave the way networks do:
 - `cut()`: every current connection is reset on both sides at once;
 - `sever()`, during a black hole: the upstream gives up on every connection it had (as a server's
   TCP keepalives would while the client is out of reach): those are reset on its side at once,
-  while the client hears nothing until the black hole is lifted, and then a reset.
+  while the client hears nothing until the black hole is lifted, and then a reset;
+- `isolate(hosts)` / `rejoin(hosts)`: a black hole for the connections from those client
+  addresses only, others crossing as before; when it ends, the connections it held are reset, as
+  peers that heard nothing for longer than their timeouts have given them up.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -41,6 +45,8 @@ class _Link:
     """One accepted connection and, once made, its connection to the upstream."""
 
     client: asyncio.StreamWriter
+    # The client's address, which `isolate()` tells connections apart by.
+    client_host: str = ""
     upstream: asyncio.StreamWriter | None = None
     # Bytes that came from the upstream since the client last sent anything.
     response_bytes: int = 0
@@ -64,13 +70,21 @@ class _Link:
 
 
 class Proxy:
-    """`async with Proxy(host, port) as proxy:` forwards `proxy.port` to `host:port`."""
+    """`async with Proxy(host, port) as proxy:` forwards `proxy.port` to `host:port`; it listens
+    on `listen_host`:`listen_port` when given, else on 127.0.0.1 and a free port."""
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    def __init__(
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        *,
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+    ) -> None:
         self.upstream_host = upstream_host
         self.upstream_port = upstream_port
-        self.host = "127.0.0.1"
-        self.port = 0
+        self.host = listen_host
+        self.port = listen_port
         self.latency = 0.0
         self.reset_after: int | None = None
         # Connections accepted so far, and connections reset by `reset_after` or `cut()`.
@@ -78,6 +92,10 @@ class Proxy:
         self.resets = 0
         self._flowing = asyncio.Event()
         self._flowing.set()
+        # Client addresses whose connections are black-holed, and an event set (then replaced)
+        # whenever some are let through again.
+        self._isolated: set[str] = set()
+        self._rejoined = asyncio.Event()
         self._changed = asyncio.Condition()
         self._links: set[_Link] = set()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -86,7 +104,7 @@ class Proxy:
         self.errors: list[BaseException] = []
 
     async def __aenter__(self) -> Proxy:
-        self._server = await asyncio.start_server(self._accept, self.host, 0)
+        self._server = await asyncio.start_server(self._accept, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -147,6 +165,31 @@ class Proxy:
                 severed += 1
         return severed
 
+    def isolate(self, hosts: Iterable[str]) -> None:
+        """From now on nothing crosses, in either direction, on old or new connections from any
+        of these client addresses; other connections go on as before."""
+        self._isolated.update(hosts)
+
+    def rejoin(self, hosts: Iterable[str]) -> int:
+        """End the isolation of these client addresses: the connections it held are reset on
+        both sides, and new ones cross again; how many were reset."""
+        hosts = set(hosts)
+        self._isolated -= hosts
+        held = [link for link in self._links if link.client_host in hosts and not link.closed]
+        for link in held:
+            link.reset()
+        self.resets += len(held)
+        self._rejoined.set()
+        self._rejoined = asyncio.Event()
+        return len(held)
+
+    async def _until_flowing(self, link: _Link) -> None:
+        """Wait while a black hole holds `link`: the whole proxy's, or its client's isolation."""
+        await self._flowing.wait()
+        while link.client_host in self._isolated and not link.closed:
+            await self._rejoined.wait()
+            await self._flowing.wait()
+
     async def accepted_at_least(self, count: int) -> None:
         """Wait until `count` connections have been accepted since the proxy started."""
         async with self._changed:
@@ -164,14 +207,15 @@ class Proxy:
             self.errors.append(error)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        link = _Link(writer)
+        peer = writer.get_extra_info("peername")
+        link = _Link(writer, client_host=peer[0] if peer else "")
         self._links.add(link)
         async with self._changed:
             self.accepted += 1
             self._changed.notify_all()
         try:
             # A black hole answers no SYN: the upstream connection waits for it to lift.
-            await self._flowing.wait()
+            await self._until_flowing(link)
             if link.closed:
                 return
             try:
@@ -208,7 +252,7 @@ class Proxy:
                 chunk = await source.read(CHUNK_BYTES)
             except OSError:
                 chunk = None  # the sender reset its connection
-            await self._flowing.wait()
+            await self._until_flowing(link)
             if link.severed:
                 link.reset()
             if link.closed:

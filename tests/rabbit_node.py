@@ -3,7 +3,8 @@ touching the one every other test shares.
 
 Each node has its own name, ports and directories, so several can run on one machine, and a
 cluster of them can be built from the same pieces (`ctl` runs any rabbitmqctl command against the
-node). Its data survive `kill()` and `stop()`, so `start()` again brings back what it held.
+node; tests/rabbit_cluster.py builds one). Its data survive `kill()` and `stop()`, so `start()`
+again brings back what it held.
 """
 
 from __future__ import annotations
@@ -28,39 +29,59 @@ START_TIMEOUT = 120.0
 
 @dataclass
 class RabbitNode:
-    """One RabbitMQ node: `name` (`short@localhost`), its AMQP and distribution ports, and a
-    directory of its own for its data, logs, configuration and Erlang cookie."""
+    """One RabbitMQ node: `name` (`short@localhost`, or `short@ADDRESS` with long names), its
+    AMQP and distribution ports, and a directory of its own for its data, logs, configuration and
+    Erlang cookie; `erl_args` go to its Erlang VM."""
 
     name: str
     port: int
     dist_port: int
     base: Path
+    erl_args: str = ""
 
     @classmethod
-    def create(cls, short_name: str, port: int, dist_port: int) -> RabbitNode:
+    def create(
+        cls,
+        short_name: str,
+        port: int,
+        dist_port: int,
+        *,
+        host: str = "localhost",
+        cookie: str | None = None,
+        config: str = "",
+        erl_args: str = "",
+    ) -> RabbitNode:
         """A node that is not started yet, with a fresh directory (owned by the `rabbitmq` user
-        when run as root, which the server's scripts insist on)."""
+        when run as root, which the server's scripts insist on). Nodes of one cluster share a
+        `cookie`; `config` is added to its rabbitmq.conf."""
         base = Path(tempfile.mkdtemp(prefix=f"{short_name}-"))
-        node = cls(f"{short_name}@localhost", port, dist_port, base)
-        node._write_files()
+        node = cls(f"{short_name}@{host}", port, dist_port, base, erl_args)
+        node._write_files(cookie or secrets.token_hex(20).upper(), config)
         return node
+
+    @property
+    def longnames(self) -> bool:
+        """Whether the node is named after an address (or a fully qualified host), which Erlang
+        calls a long name, and every command line tool must say so to reach it."""
+        return "." in self.name.split("@", 1)[1]
 
     @property
     def amqp_url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
 
-    def _write_files(self) -> None:
+    def _write_files(self, cookie_text: str, config: str) -> None:
         (self.base / "mnesia").mkdir()
         (self.base / "log").mkdir()
         # Its own configuration, so the machine's (listeners, plugins, node name) is not read.
         (self.base / "rabbitmq.conf").write_text(
             f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users = none\nlog.console = false\n"
+            + config
         )
         (self.base / "rabbitmq-env.conf").write_text("")
         # No plugins: the management plugin would want the port the machine's node has.
         (self.base / "enabled_plugins").write_text("[].\n")
         cookie = self.base / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(20).upper())
+        cookie.write_text(cookie_text)
         cookie.chmod(0o400)
         if os.geteuid() == 0:
             user = pwd.getpwnam("rabbitmq")
@@ -82,6 +103,10 @@ class RabbitNode:
             RABBITMQ_PID_FILE=str(self.base / "node.pid"),
             ERL_EPMD_ADDRESS="127.0.0.1",
         )
+        if self.longnames:
+            env["RABBITMQ_USE_LONGNAME"] = "true"
+        if self.erl_args:
+            env["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"] = self.erl_args
         return env
 
     def _run(self, *command: str, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -101,10 +126,13 @@ class RabbitNode:
 
     def ctl(self, *args: str, timeout: float = 60) -> str:
         """`rabbitmqctl -n NODE ARGS…`; its output, or AssertionError with what it said."""
-        done = self._run(
-            str(SCRIPTS / "rabbitmqctl"), "-q", "-n", self.name, *args, timeout=timeout
-        )
-        assert done.returncode == 0, f"rabbitmqctl {' '.join(args)}: {done.stderr or done.stdout}"
+        return self.tool("rabbitmqctl", *args, timeout=timeout)
+
+    def tool(self, script: str, *args: str, timeout: float = 60) -> str:
+        """`SCRIPT -n NODE ARGS…` for any of the server's command line tools (rabbitmqctl,
+        rabbitmq-queues, …); its output, or AssertionError with what it said."""
+        done = self._run(str(SCRIPTS / script), "-q", "-n", self.name, *args, timeout=timeout)
+        assert done.returncode == 0, f"{script} {' '.join(args)}: {done.stderr or done.stdout}"
         return done.stdout
 
     def start(self) -> float:
@@ -119,6 +147,13 @@ class RabbitNode:
             time.sleep(0.2)
         self.ctl("await_startup", "--timeout", str(int(START_TIMEOUT)), timeout=START_TIMEOUT + 10)
         return time.monotonic() - began
+
+    def vm_running(self) -> bool:
+        """Whether the node's VM runs, from the pid file it writes as it starts (no command line
+        tool's start-up); it may not serve yet, or any more."""
+        written = self.base / "node.pid"
+        pid = written.read_text().strip() if written.exists() else ""
+        return pid.isdigit() and _alive(int(pid))
 
     def os_pid(self) -> int:
         """The node's Erlang VM (beam.smp) process id: from the pid file the node writes as it
