@@ -130,7 +130,10 @@ class Orchestrator:
                     channel = await self._confirming()
                     # A node cut off from the others confirms nothing until it is paused.
                     await asyncio.wait_for(publish(channel, self.settings, task), 10)
-                except BROKER_ERRORS:
+                except (*BROKER_ERRORS, asyncio.CancelledError) as exc:
+                    # aiormq cancels the confirm a closing connection will never get.
+                    if isinstance(exc, asyncio.CancelledError) and _cancelled():
+                        raise
                     self.retries["publish"] += 1
                     await self._lost(channel)
                     await asyncio.sleep(0.2)
@@ -173,6 +176,12 @@ class Orchestrator:
                     await self.post(task, i // 4)
 
         await asyncio.gather(*(submitter() for _ in range(SUBMITTERS)))
+
+
+def _cancelled() -> bool:
+    """Whether the running task itself is being cancelled."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 @asynccontextmanager
@@ -260,11 +269,11 @@ async def run_with_fault(
     db: asyncpg.Connection,
     *,
     declared_on: RabbitNode,
-    fault: Callable[[str], Awaitable[str]],
+    fault: Callable[[RabbitNode], Awaitable[str]],
 ) -> Run:
-    """TOTAL tasks through three workers and two APIs on the cluster; `fault(task queue)` once
-    FAULT_AT have completed (it returns what it did, and has healed the cluster by its end);
-    then AFTERWARDS more. The figures, printed."""
+    """TOTAL tasks through three workers and two APIs on the cluster; `fault(the task queue's
+    leader)` once FAULT_AT have completed (it returns what it did, and has healed the cluster by
+    its end); then AFTERWARDS more. The figures, printed."""
     names = Names(settings.prefix)
     run = uuid.uuid4().hex[:6]
     ids = [f"k-{run}-{i}" for i in range(TOTAL)]
@@ -277,7 +286,10 @@ async def run_with_fault(
         async with deployed(settings, channel, workers=WORKERS, apis=APIS) as deployment:
             orchestrator = Orchestrator(settings, deployment.api_urls)
             try:
-                before = await asyncio.to_thread(cluster.connections, settings.prefix)
+                before, leader = await asyncio.gather(
+                    asyncio.to_thread(cluster.connections, settings.prefix),
+                    asyncio.to_thread(cluster.leader, names.tasks),
+                )
                 laps.append(time.monotonic())
                 submitting = asyncio.create_task(
                     orchestrator.submit(url, ids, per_second=SUBMITTED_PER_SECOND)
@@ -288,7 +300,7 @@ async def run_with_fault(
                             submitting.result()
                         await asyncio.sleep(0.2)
                     faulted = len(completed)
-                    what, _ = await asyncio.gather(fault(names.tasks), submitting)
+                    what, _ = await asyncio.gather(fault(leader), submitting)
                     rows = await completed_in_database(settings, TOTAL, timeout=150)
                 laps.append(time.monotonic())
                 await asyncio.to_thread(
@@ -321,7 +333,8 @@ async def run_with_fault(
     )
     found.lines = [
         what,
-        f"the deployment's connections by node before: {before}; after: {after}",
+        f"the task queue's leader {leader.name}; the deployment's connections by node before: "
+        f"{before}, after: {after}",
         f"fault {faulted} s into the run; tasks completed every 2 s from the start: "
         f"{completed[::2]}; submissions retried: {dict(orchestrator.retries)}",
         f"submitted {TOTAL} / completed {found.completed} / lost {TOTAL - found.completed} / "
@@ -388,8 +401,8 @@ async def test_quorum_leader_killed_with_sigkill_mid_run(
     first = cluster.nodes[0]
     settings = settings.model_copy(update={"amqp_url": cluster.amqp_url_from(first)})
 
-    async def kill_the_leader(queue: str) -> str:
-        leader = await asyncio.to_thread(cluster.leader, queue)
+    async def kill_the_leader(leader: RabbitNode) -> str:
+        assert leader is first
         began = time.monotonic()
         await asyncio.to_thread(cluster.kill, leader)
         back = await asyncio.to_thread(cluster.restart, leader)
@@ -411,8 +424,8 @@ async def test_follower_node_killed_with_sigkill_mid_run(
     leader, follower, _ = cluster.nodes
     settings = settings.model_copy(update={"amqp_url": cluster.amqp_url_from(follower)})
 
-    async def kill_a_follower(queue: str) -> str:
-        assert (await asyncio.to_thread(cluster.leader, queue)) is leader
+    async def kill_a_follower(found: RabbitNode) -> str:
+        assert found is leader
         began = time.monotonic()
         await asyncio.to_thread(cluster.kill, follower)
         back = await asyncio.to_thread(cluster.restart, follower)
@@ -435,8 +448,8 @@ async def test_node_partitioned_from_the_others_and_healed_mid_run(
     node = cluster.nodes[0]
     settings = settings.model_copy(update={"amqp_url": cluster.amqp_url_from(node)})
 
-    async def partition(queue: str) -> str:
-        assert (await asyncio.to_thread(cluster.leader, queue)) is node
+    async def partition(leader: RabbitNode) -> str:
+        assert leader is node
         began = time.monotonic()
         await asyncio.to_thread(cluster.partition, node)
         seen = await asyncio.to_thread(cluster.wait_partitioned, node)
