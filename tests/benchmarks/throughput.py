@@ -1,7 +1,7 @@
 """Throughput of the worker next to a bare baseline measured in the same run.
 
     python tests/benchmarks/throughput.py [--tasks 10000] [--delays 0,100] [--concurrency 256]
-                                          [--json] [--worker-root DIR]
+                                          [--json] [--worker-root DIR] [--replica MODE]
 
 Run on demand, never by pytest. For each target delay, N apiResponse tasks are queued before the
 consumer process starts; then (a) a bare aio-pika consume → aiohttp call → jmespath → publish with
@@ -12,6 +12,12 @@ does each contender, so that /proc tells their CPU and memory apart.
 
 This file is also the target's and the baseline's program (`--role target|baseline`): one file to
 read, and the baseline imports nothing of the worker's, so its memory and start-up stay bare.
+
+With `--replica none|async|sync` the worker's store is a private PostgreSQL cluster made for the
+run (tests/pg_replica.py) rather than the machine's: alone (none), or a primary with a streaming
+replica, whose commits wait for the replica's flush (sync) or not (async); the worker reaches it
+through the multi-host URL, as a deployment on a replicated PostgreSQL does. Comparing the three
+gives the cost of synchronous replication.
 
 It exits 1 when a target is missed or a run went wrong (then the contenders' logs are kept).
 """
@@ -30,7 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -532,6 +538,7 @@ class Context:
     concurrency: int
     logs: Path
     worker_root: Path
+    database_url: str
 
 
 async def measure_baseline(context: Context, delay_ms: int) -> Run:
@@ -584,10 +591,10 @@ async def measure_worker(context: Context, delay_ms: int) -> Run:
         await declare_topology(channel, names)
     finally:
         await channel.close()
-    joiner = "&" if "?" in DATABASE_URL else "?"
+    joiner = "&" if "?" in context.database_url else "?"
     env = child_environment(
         AGENTLESS_AMQP_URL=AMQP_URL,
-        AGENTLESS_DATABASE_URL=f"{DATABASE_URL}{joiner}search_path={schema}",
+        AGENTLESS_DATABASE_URL=f"{context.database_url}{joiner}search_path={schema}",
         AGENTLESS_PREFIX=names.prefix,
         AGENTLESS_CONCURRENCY=str(context.concurrency),
         AGENTLESS_WORKER_PORT="0",
@@ -612,7 +619,9 @@ async def measure_worker(context: Context, delay_ms: int) -> Run:
         run.problems.extend(log_problems(log))
     finally:
         await delete_broker_objects(context.connection, [names.tasks, names.dead], [names.events])
-        run.problems.extend(await check_and_drop_schema(schema, context.tasks))
+        run.problems.extend(
+            await check_and_drop_schema(context.database_url, schema, context.tasks)
+        )
     return run
 
 
@@ -636,12 +645,12 @@ def log_problems(log: Path) -> list[str]:
     return [f"worker logged {count} {level} lines (see {log})" for level, count in levels.items()]
 
 
-async def check_and_drop_schema(schema: str, tasks: int) -> list[str]:
+async def check_and_drop_schema(database_url: str, schema: str, tasks: int) -> list[str]:
     """What the database says of the run, once the schema is dropped."""
     import asyncpg  # noqa: PLC0415 - kept out of the baseline's process, as the worker's modules
 
     problems: list[str] = []
-    conn = await asyncpg.connect(DATABASE_URL, timeout=10)
+    conn = await asyncpg.connect(database_url, timeout=10)
     try:
         with contextlib.suppress(asyncpg.UndefinedTableError):
             succeeded = await conn.fetchval(
@@ -774,7 +783,12 @@ def report(runs: list[Run], found: list[Verdict], tasks: int, concurrency: int) 
 
 
 async def bench(
-    tasks: int, delays: list[int], concurrency: int, logs: Path, worker_root: Path
+    tasks: int,
+    delays: list[int],
+    concurrency: int,
+    logs: Path,
+    worker_root: Path,
+    database_url: str,
 ) -> list[Run]:
     """Each delay's baseline run, then its worker run, in that order."""
     runs: list[Run] = []
@@ -787,7 +801,14 @@ async def bench(
         )
         async with connection:
             context = Context(
-                connection, target_url, target.pid, tasks, concurrency, logs, worker_root
+                connection,
+                target_url,
+                target.pid,
+                tasks,
+                concurrency,
+                logs,
+                worker_root,
+                database_url,
             )
             for delay in delays:
                 for measure_one in (measure_baseline, measure_worker):
@@ -804,20 +825,106 @@ async def bench(
     return runs
 
 
+# What --replica makes the worker's store, as the report names it.
+STORES: Final = {
+    None: "the machine's PostgreSQL",
+    "none": "a private PostgreSQL cluster without a replica",
+    "async": "a private PostgreSQL primary with an asynchronous streaming replica",
+    "sync": "a private PostgreSQL primary with a synchronous streaming replica",
+}
+
+
+@contextlib.contextmanager
+def store_url(replica: str | None) -> Iterator[str]:
+    """The database URL the worker's runs use: the machine's (no --replica), else that of a
+    private cluster made for the run, and dropped after it."""
+    if replica is None:
+        yield DATABASE_URL
+        return
+    # This checkout's test support, whichever checkout's worker is measured.
+    sys.path.insert(0, str(ROOT))
+    from tests.pg_cluster import PgCluster  # noqa: PLC0415
+    from tests.pg_replica import ReplicatedPg  # noqa: PLC0415
+
+    sys.path.remove(str(ROOT))
+    name = f"agentless_bench_{uuid.uuid4().hex[:8]}"
+    began = time.monotonic()
+    if replica == "none":
+        alone = PgCluster.create(name, free_port())
+        drop, url = alone.drop, alone.url
+    else:
+        pair = ReplicatedPg.create(name, (free_port(), free_port()))
+        drop, url = pair.drop, pair.url
+        try:
+            pair.set_replication("sync" if replica == "sync" else "async")
+        except BaseException:
+            drop()
+            raise
+    print(f"{STORES[replica]} made in {time.monotonic() - began:.1f} s", file=sys.stderr)
+    try:
+        yield url
+    finally:
+        drop()
+
+
+COMMITS: Final = 500
+
+
+async def commit_latency(database_url: str) -> tuple[float, float]:
+    """Median and 99th percentile of a single-row insert's commit, one after the other, in ms:
+    what a synchronous replica adds to each of the worker's commits (its claims, its results)."""
+    import asyncpg  # noqa: PLC0415 - kept out of the baseline's process, as the worker's modules
+
+    schema = f"bench_commits_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"; CREATE TABLE "{schema}".t (i int)')
+        took = []
+        for i in range(COMMITS):
+            began = time.perf_counter()
+            await conn.execute(f'INSERT INTO "{schema}".t VALUES ($1)', i)
+            took.append((time.perf_counter() - began) * 1000)
+    finally:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
+    took.sort()
+    return took[len(took) // 2], took[len(took) * 99 // 100]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def run_benchmark(
-    tasks: int, delays: list[int], concurrency: int, as_json: bool, worker_root: Path
+    tasks: int,
+    delays: list[int],
+    concurrency: int,
+    as_json: bool,
+    worker_root: Path,
+    replica: str | None = None,
 ) -> int:
-    # Run as a script, Python puts this file's directory on sys.path, not the repository root;
-    # and the topology is declared by the measured worker's own code.
-    sys.path.insert(0, str(worker_root))
     logs = Path(tempfile.mkdtemp(prefix="agentless-throughput-"))
-    runs = asyncio.run(bench(tasks, delays, concurrency, logs, worker_root))
+    with store_url(replica) as database_url:
+        # Run as a script, Python puts this file's directory on sys.path, not the repository
+        # root; and the topology is declared by the measured worker's own code.
+        sys.path.insert(0, str(worker_root))
+        runs = asyncio.run(bench(tasks, delays, concurrency, logs, worker_root, database_url))
+        commits = asyncio.run(commit_latency(database_url))
     found = verdicts(runs)
+    print(
+        f"worker's store: {STORES[replica]}; one commit at a time takes {commits[0]:.2f} ms "
+        f"(median), {commits[1]:.2f} ms (99th percentile) over {COMMITS} single-row inserts"
+    )
     print(report(runs, found, tasks, concurrency))
     if as_json:
         results = {
             "tasks": tasks,
             "concurrency": concurrency,
+            "replica": replica,
+            "commit_ms": {"median": commits[0], "p99": commits[1]},
             "runs": [asdict(run) for run in runs],
             "verdicts": [asdict(v) for v in found],
         }
@@ -882,6 +989,13 @@ def main(argv: list[str] | None = None) -> int:
         "(default: this one)",
     )
     parser.add_argument(
+        "--replica",
+        choices=["none", "async", "sync"],
+        help="run the worker's store on a private PostgreSQL cluster made for the run: alone "
+        "(none), or with a streaming replica, asynchronous or synchronous (default: the "
+        "machine's PostgreSQL, AGENTLESS_DATABASE_URL)",
+    )
+    parser.add_argument(
         "--role", choices=["bench", "target", "baseline"], default="bench", help=argparse.SUPPRESS
     )
     parser.add_argument("--queue", help=argparse.SUPPRESS)
@@ -897,7 +1011,9 @@ def main(argv: list[str] | None = None) -> int:
     worker_root = args.worker_root.resolve()
     if not (worker_root / "worker" / "__main__.py").is_file():
         parser.error(f"--worker-root: {worker_root} holds no worker package")
-    return run_benchmark(args.tasks, args.delays, args.concurrency, args.json, worker_root)
+    return run_benchmark(
+        args.tasks, args.delays, args.concurrency, args.json, worker_root, args.replica
+    )
 
 
 if __name__ == "__main__":
