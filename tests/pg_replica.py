@@ -29,6 +29,8 @@ Replication = Literal["async", "sync"]
 SYNC_FILE = "conf.d/agentless-replication.conf"
 SYNC_SETTINGS = "synchronous_standby_names = '*'\nsynchronous_commit = on\n"
 STREAMING_TIMEOUT = 30.0
+# A replica that applied nothing more for this long has applied all it can.
+REPLAY_SETTLED = 0.5
 
 
 def _alive(pid: int) -> bool:
@@ -145,16 +147,20 @@ class ReplicatedPg:
         _wait_for("the primary stopped", lambda: not _alive(pid))
 
     def wait_replayed(self) -> None:
-        """Until the replica has applied all the WAL it received: what it then shows is what it
-        would have once promoted."""
+        """Until the replica has applied all the WAL it can: what it then shows is what it will
+        have once promoted. Not until it has applied all it received: a stream cut off midway
+        leaves a partial record, which only the promotion discards."""
         replica = self.replica
         assert replica is not None, "no replica"
-        _wait_for(
-            "replayed",
-            lambda: (
-                replica.sql("SELECT pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn()") == "t"
-            ),
-        )
+        deadline = time.monotonic() + STREAMING_TIMEOUT
+        replayed = replica.sql("SELECT pg_last_wal_replay_lsn()")
+        while True:
+            time.sleep(REPLAY_SETTLED)
+            now = replica.sql("SELECT pg_last_wal_replay_lsn()")
+            if now == replayed:
+                return
+            assert time.monotonic() < deadline, "the replica's replay did not settle"
+            replayed = now
 
     def promote(self) -> None:
         """The replica takes writes from now on, on a new timeline; the old primary is lost."""

@@ -250,7 +250,7 @@ async def test_primary_stopped_hard_and_replica_promoted_mid_run(
         await asyncio.to_thread(pair.stream_from, link.port)
         ready = time.monotonic()
         observer = await channel.declare_queue(deployment.observer, passive=True)
-        await observer.consume(observed.on_message, no_ack=True)
+        consuming = await observer.consume(observed.on_message, no_ack=True)
         tasks = [task_for(service_url, t, i) for i, t in enumerate(ids)]
         publishing = asyncio.create_task(publish_all(channel, settings, tasks))
         await observed.until_count(STOP_AFTER, timeout=60)
@@ -300,6 +300,7 @@ async def test_primary_stopped_hard_and_replica_promoted_mid_run(
         alive = [child.process.returncode is None for child in deployment.children]
         workers = deployment.children[APIS:]
         logs = [child.logs() for child in workers]
+        await observer.cancel(consuming)
         await channel.queue_delete(deployment.observer)
     ended = time.monotonic()
     on_old = await on_lost_primary(pair, schema, ids)
