@@ -47,9 +47,10 @@ STOP_AFTER = 600
 # Between the primary's loss and the replica's promotion: a failover manager's (or an
 # operator's) time to notice.
 DETECTION_SECONDS = 2
-# The replica streams through the test proxy, which holds each chunk (up to 64 KB) this long:
-# a replica in another zone rather than beside the primary, where asynchronous replication's
-# window is too short for a run to fall into.
+# The replica streams through the test proxy, which holds each chunk (up to 64 KB) this long,
+# one chunk after the other (so at most about 3 MB/s): a replica some way from the primary,
+# tens to hundreds of KB behind it in this run, rather than beside it on this machine, where
+# asynchronous replication's window is too short for a run to fall into.
 LINK_LATENCY = 0.02
 # Tasks queued once every process is back, which each worker must take some of.
 FURTHER = 90
