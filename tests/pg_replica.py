@@ -213,6 +213,10 @@ class ReplicatedPg:
         _wait_for("streaming", lambda: self.replication() != "")
 
     def drop(self) -> None:
+        for cluster in self.clusters:
+            # Else pg_dropcluster leaves the configuration directory, which holds a file it did
+            # not write.
+            (cluster.config_directory / SYNC_FILE).unlink(missing_ok=True)
         first, second = self.clusters
         try:
             first.drop()
