@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -14,6 +15,7 @@ from worker.contract.settings import Settings
 from worker.store.batch import Batcher
 from worker.store.changes import Claimed, ClaimRequest
 from worker.store.database import Store
+from worker.store.errors import TaskVanished
 from worker.store.registry import registered_worker
 from worker.store.schema import migrations
 
@@ -199,3 +201,27 @@ async def test_batcher_fails_every_caller_when_the_database_is_gone(parallel: in
     )
     outcomes = await asyncio.gather(*(batcher.submit(i) for i in range(5)), return_exceptions=True)
     assert all(isinstance(o, ConnectionRefusedError) for o in outcomes)
+
+
+async def test_an_attempt_whose_row_vanished_is_told_so(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """A promotion of a replica that had not received the claim (asynchronous replication)
+    leaves an attempt running with no row: each of its writes says so, rather than failing
+    with a bare KeyError, so that the runner can claim the task again and record."""
+    async with Store.open(settings.database_url) as store:
+        assert isinstance(await store.claim(claim_request("gone-1")), Claimed)
+        await db.execute("DELETE FROM tasks WHERE task_id = 'gone-1'")
+        with pytest.raises(TaskVanished, match="gone-1"):
+            await store.complete("gone-1", 1, Outcome(Result.SUCCEEDED, "HTTP 200"))
+        with pytest.raises(TaskVanished):
+            await store.renew_lease("gone-1", 1, 60)
+        with pytest.raises(TaskVanished):
+            await store.retry("gone-1", 1, Outcome(Result.FAILED, "HTTP 503"), 5)
+        with pytest.raises(TaskVanished):
+            await store.wait("gone-1", 1, None, datetime.now(UTC) + timedelta(minutes=5), None)
+        # Claimed again, the task has a row once more, and its attempt records.
+        again = await store.claim(claim_request("gone-1"))
+        assert isinstance(again, Claimed)
+        done = await store.complete("gone-1", again.attempts, Outcome(Result.SUCCEEDED, "ok"))
+        assert not isinstance(done, TaskRecord)

@@ -42,7 +42,7 @@ from worker.metrics import Metrics
 from worker.poller import Poller
 from worker.store.changes import Claimed, ClaimRequest
 from worker.store.database import Store
-from worker.store.errors import DB_UNAVAILABLE
+from worker.store.errors import DB_UNAVAILABLE, TaskVanished
 from worker.waiting import Waits
 
 log = logging.getLogger(__name__)
@@ -87,9 +87,12 @@ class Runner:
             signer=signer,
             invoke=self._invoke,
             db=self._db,
+            claim=self._claim,
         )
         self._lease = settings.response_timeout + LEASE_GRACE_SECONDS
         self.stopping = asyncio.Event()
+        # The tasks this worker runs an attempt of now, from its claim to its settling.
+        self._running: set[str] = set()
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         """Run the task in `message` through to its acknowledgement."""
@@ -99,6 +102,11 @@ class Runner:
             await self._handle(message)
         except Stopping:
             log.info("stopping: task handed back to the queue")
+        except TaskVanished as exc:
+            # Before its call (the call's result is recorded under a new claim instead): the
+            # task is claimed afresh from its message, as if it were new.
+            log.warning("%s (a failover lost its last commits); message handed back", exc)
+            await settle(message.nack(requeue=True))
         except Exception:
             # A bug, not bad input: hand the message back; the queue's delivery limit ends a loop
             # (a reject counts towards it on every RabbitMQ version; a nack no longer does).
@@ -121,6 +129,15 @@ class Runner:
         claimed = await self._claim(message, task)
         if claimed is None:
             return
+        self._running.add(task.task_id)
+        try:
+            await self._run(message, task, claimed)
+        finally:
+            self._running.discard(task.task_id)
+
+    async def _run(
+        self, message: AbstractIncomingMessage, task: TaskMessage, claimed: Claimed
+    ) -> None:
         # Retries are attempts that ended, not ones whose worker died.
         if claimed.attempts - claimed.retries > MAX_ATTEMPTS:
             log.warning("task abandoned: its worker died in each of its attempts")
@@ -252,6 +269,15 @@ class Runner:
             recorded = await self._db(
                 lambda: self._store.complete(task.task_id, claimed.attempts, outcome)
             )
+        except TaskVanished as exc:
+            # The attempt's claim was lost with the last commits of a failed primary, after
+            # its call was made: the call's result is recorded under a new claim rather than
+            # the call made again.
+            log.warning("%s (a failover lost its claim); claiming it again to record", exc)
+            again = await self._claim(message, task)
+            if again is not None:
+                await self._complete(message, task, again, outcome, started=started)
+            return
         finally:
             if started is not None:
                 await started
@@ -302,10 +328,33 @@ class Runner:
             reply_to=message.reply_to,
             correlation_id=message.correlation_id,
         )
+        answer_lost = False
+
+        async def claim() -> Claimed | TaskRecord:
+            nonlocal answer_lost
+            try:
+                return await self._store.claim(request)
+            except DB_UNAVAILABLE:
+                answer_lost = True
+                raise
+
         while True:
-            got = await self._db(lambda: self._store.claim(request))
+            got = await self._db(claim)
             if isinstance(got, Claimed):
                 return got
+            if (
+                answer_lost
+                and got.state is State.RUNNING
+                and got.worker_id == self._store.worker_id
+                and task.task_id not in self._running
+            ):
+                # This worker's own claim, committed while its answer was lost (the database
+                # failed over, or the connection dropped, mid-commit): the attempt is this one,
+                # rather than one to wait out for its lease.
+                log.info("claim recorded though its answer was lost; running that attempt")
+                return Claimed(
+                    got.attempts, got.retries, got.queued_at, got.started_at or got.queued_at
+                )
             if got.digest != request.digest:
                 await self._dead_letter(
                     message,

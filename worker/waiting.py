@@ -21,11 +21,13 @@ from worker.contract.events import task_event
 from worker.contract.judging import outputs
 from worker.contract.macros import build_macros, callback_headers
 from worker.contract.models import EventName, HttpResponse, Outcome, Result, TaskEvent, TaskMessage
+from worker.contract.records import TaskRecord
 from worker.contract.settings import Settings
 from worker.contract.tokens import GRACE_SECONDS, Signer
 from worker.poller import Poller
 from worker.store.changes import Claimed
 from worker.store.database import Store
+from worker.store.errors import TaskVanished
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,10 @@ class Retrying(Protocol):
     async def __call__(self, call: Callable[[], Awaitable[T]]) -> T: ...
 
 
+# The runner's claim of a task from its message: the attempt, or None once the message is settled.
+Claiming = Callable[[AbstractIncomingMessage, TaskMessage], Awaitable[Claimed | None]]
+
+
 class Waits:
     """Starts callback and poll tasks on the runner's behalf, with its invoker and its patience
     with the database."""
@@ -65,6 +71,7 @@ class Waits:
         signer: Signer,
         invoke: Invoking,
         db: Retrying,
+        claim: Claiming,
     ) -> None:
         self._store = store
         self._broker = broker
@@ -72,6 +79,7 @@ class Waits:
         self._signer = signer
         self._invoke = invoke
         self._db = db
+        self._claim = claim
         self._callback_timeout = settings.callback_timeout
         # PlanUrl and $(system.CollectionUri): services append "/{projectId}/_apis/…" to it.
         self.public_url = str(settings.public_url).rstrip("/")
@@ -137,16 +145,26 @@ class Waits:
         if outcome.result is not Result.SUCCEEDED:
             return outcome
         values = outputs(task.outputs, outcome.response)
-        first = await self._db(
-            lambda: self._store.wait(
-                task.task_id,
-                claimed.attempts,
-                outcome.response,
-                deadline,
-                started_deadline,
-                outputs=values,
+
+        def record(attempts: int) -> Callable[[], Awaitable[TaskRecord | None]]:
+            return lambda: self._store.wait(
+                task.task_id, attempts, outcome.response, deadline, started_deadline, outputs=values
             )
-        )
+
+        attempts = claimed.attempts
+        while True:
+            try:
+                first = await self._db(record(attempts))
+                break
+            except TaskVanished as exc:
+                # The claim was lost with the last commits of a failed primary, after the call
+                # was made: the task waits under a new claim rather than calling again (the
+                # service holds a token for the task, whatever its attempt).
+                log.warning("%s (a failover lost its claim); claiming it again", exc)
+                again = await self._claim(message, task)
+                if again is None:
+                    return None
+                attempts = again.attempts
         if first is not None:
             # The callback came before the invocation's response and completed the task (its
             # event is the API's to publish), or a newer attempt holds the task.

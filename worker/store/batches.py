@@ -11,7 +11,7 @@ from datetime import datetime
 from worker.contract.records import TaskRecord
 from worker.store import queries
 from worker.store.changes import CallbackCompletion, Claimed, ClaimRequest, Completion
-from worker.store.errors import Executor, NotLive
+from worker.store.errors import Executor, NotLive, TaskVanished
 from worker.store.rows import task_record
 
 
@@ -20,6 +20,14 @@ async def records(
 ) -> dict[str, TaskRecord]:
     rows = await conn.fetch(queries.SELECT_TASKS, task_ids, lock_namespace)
     return {row["task_id"]: task_record(row) for row in rows}
+
+
+async def record(conn: Executor, task_id: str, lock_namespace: int) -> TaskRecord:
+    """The task's record; TaskVanished if it has none."""
+    found = await records(conn, [task_id], lock_namespace)
+    if task_id not in found:
+        raise TaskVanished(task_id)
+    return found[task_id]
 
 
 async def claims(
@@ -59,7 +67,7 @@ async def claims(
 
 async def completions(
     conn: Executor, batch: list[Completion], worker_id: int, lock_namespace: int
-) -> list[datetime | TaskRecord]:
+) -> list[datetime | TaskRecord | TaskVanished]:
     rows = await conn.fetch(
         queries.COMPLETE,
         [c.task_id for c in batch],
@@ -76,7 +84,7 @@ async def completions(
     done: dict[str, datetime] = {row["task_id"]: row["completed_at"] for row in rows}
     missed = [c.task_id for c in batch if c.task_id not in done]
     found = await records(conn, missed, lock_namespace) if missed else {}
-    return [done.get(c.task_id) or found[c.task_id] for c in batch]
+    return [done.get(c.task_id) or found.get(c.task_id) or TaskVanished(c.task_id) for c in batch]
 
 
 async def callbacks(

@@ -34,7 +34,7 @@ from worker.store import batches, queries
 from worker.store.batch import Batcher
 from worker.store.changes import CallbackCompletion, Claimed, ClaimRequest, Completion
 from worker.store.clock import follow, keep_measuring, measure
-from worker.store.errors import DB_UNAVAILABLE, Executor, NotLive, refused
+from worker.store.errors import DB_UNAVAILABLE, NotLive, TaskVanished, refused
 from worker.store.polls import PollStore
 from worker.store.rows import dead_letter, task_record, task_summary, worker_record
 from worker.store.schema import migrate
@@ -73,7 +73,7 @@ class Store:
         self._claims: Batcher[ClaimRequest, Claimed | TaskRecord] = Batcher(
             self._flush_claims, key=lambda c: c.task_id, isolate=refused, gather_turns=GATHER_TURNS
         )
-        self._completions: Batcher[Completion, datetime | TaskRecord] = Batcher(
+        self._completions: Batcher[Completion, datetime | TaskRecord | TaskVanished] = Batcher(
             self._flush_completions,
             key=lambda c: c.task_id,
             isolate=refused,
@@ -137,12 +137,15 @@ class Store:
         self, task_id: str, attempts: int, outcome: Outcome
     ) -> datetime | TaskRecord:
         """Record the attempt's result; its completion time, or the record that supersedes it;
-        NotLive while this worker does not hold its lock."""
+        NotLive while this worker does not hold its lock, TaskVanished if the task has no row."""
         response = response_json(outcome.response)
         outputs = outputs_json(outcome.outputs)
-        return await self._completions.submit(
+        recorded = await self._completions.submit(
             Completion(task_id, attempts, outcome, response, outputs)
         )
+        if isinstance(recorded, TaskVanished):
+            raise recorded
+        return recorded
 
     async def renew_lease(
         self, task_id: str, attempts: int, lease_seconds: float
@@ -155,7 +158,7 @@ class Store:
             )
             if until is not None:
                 return until
-            record = (await self._records(conn, [task_id]))[task_id]
+            record = await batches.record(conn, task_id, self.lock_namespace)
             if record.state is State.RUNNING and record.attempts == attempts:
                 raise NotLive(f"worker {self.worker_id} does not hold its liveness lock")
             return record
@@ -179,7 +182,7 @@ class Store:
             if retry_at is not None:
                 return retry_at
             await batches.ensure_live(conn, self.worker_id, self.lock_namespace)
-            return (await self._records(conn, [task_id]))[task_id]
+            return await batches.record(conn, task_id, self.lock_namespace)
 
     async def wait(
         self,
@@ -209,7 +212,7 @@ class Store:
             if waited is not None:
                 return None
             await batches.ensure_live(conn, self.worker_id, self.lock_namespace)
-            return (await self._records(conn, [task_id]))[task_id]
+            return await batches.record(conn, task_id, self.lock_namespace)
 
     async def complete_by_callback(
         self, task_id: str, plan_id: str, result: Result, reason: str
@@ -344,7 +347,7 @@ class Store:
             )
             if queued_at is not None:
                 return queued_at
-            return (await self._records(conn, [request.task_id]))[request.task_id]
+            return await batches.record(conn, request.task_id, self.lock_namespace)
 
     async def list_tasks(
         self,
@@ -418,14 +421,13 @@ class Store:
         rows = await self._pool.fetch(queries.SELECT_TASKS, [task_id], self.lock_namespace)
         return task_record(rows[0]) if rows else None
 
-    async def _records(self, conn: Executor, task_ids: list[str]) -> dict[str, TaskRecord]:
-        return await batches.records(conn, task_ids, self.lock_namespace)
-
     async def _flush_claims(self, batch: list[ClaimRequest]) -> list[Claimed | TaskRecord]:
         async with self._pool.acquire() as conn:
             return await batches.claims(conn, batch, self.worker_id, self.lock_namespace)
 
-    async def _flush_completions(self, batch: list[Completion]) -> list[datetime | TaskRecord]:
+    async def _flush_completions(
+        self, batch: list[Completion]
+    ) -> list[datetime | TaskRecord | TaskVanished]:
         async with self._pool.acquire() as conn:
             return await batches.completions(conn, batch, self.worker_id, self.lock_namespace)
 

@@ -33,3 +33,11 @@ def refused(exc: BaseException) -> bool:
 class NotLive(ConnectionError):
     """This worker does not hold its liveness lock now (its session was lost, and another worker
     may already have taken over its tasks): it claims nothing until it holds the lock again."""
+
+
+class TaskVanished(LookupError):
+    """The task's row is gone from under a running attempt: a failover to a replica that had not
+    received the attempt's claim (asynchronous replication) lost it."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id!r} is no longer in the database")
