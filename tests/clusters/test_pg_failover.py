@@ -55,7 +55,7 @@ LINK_LATENCY = 0.02
 # Tasks queued once every process is back, which each worker must take some of.
 FURTHER = 90
 # Every task the failover left recoverable completes within this of the promotion.
-RECOVERY_TIMEOUT = 60
+RECOVERY_TIMEOUT = 30
 PUBLISH_CHUNK = 200
 LOST_SESSION = "worker lost its database session"
 RELOCKED = "worker lock re-acquired"
