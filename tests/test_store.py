@@ -225,3 +225,36 @@ async def test_an_attempt_whose_row_vanished_is_told_so(
         assert isinstance(again, Claimed)
         done = await store.complete("gone-1", again.attempts, Outcome(Result.SUCCEEDED, "ok"))
         assert not isinstance(done, TaskRecord)
+
+
+async def test_writes_a_failover_lost_are_recorded_again(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """Asynchronous replication loses a promoted primary's last commits: a result and a wait the
+    worker recorded (and acknowledged) come back as `running`. Recorded again once the worker
+    holds its lock on the new primary; on a database that lost nothing, nothing changes."""
+    async with (
+        Store.open(settings.database_url) as store,
+        registered_worker(store, settings.database_url, lambda: 0),
+    ):
+        for task_id in ("lost-1", "lost-2", "kept-1"):
+            assert isinstance(await store.claim(claim_request(task_id)), Claimed)
+        await store.complete("lost-1", 1, Outcome(Result.SUCCEEDED, "HTTP 200"))
+        await store.complete("kept-1", 1, Outcome(Result.FAILED, "HTTP 500"))
+        deadline = datetime.now(UTC) + timedelta(minutes=5)
+        assert await store.wait("lost-2", 1, None, deadline, None) is None
+        assert await store.write_recent_again() == 0
+
+        # The promotion: the replica had the claims, not what came after them.
+        await db.execute(
+            "UPDATE tasks SET state = 'running', result = NULL, reason = NULL, deadline = NULL,"
+            " completed_at = NULL WHERE task_id IN ('lost-1', 'lost-2')"
+        )
+        assert await store.write_recent_again() == 2
+        rows = {
+            r["task_id"]: (r["state"], r["result"], r["deadline"])
+            for r in await db.fetch("SELECT task_id, state, result, deadline FROM tasks")
+        }
+        assert rows["lost-1"] == ("completed", "succeeded", None)
+        assert rows["lost-2"] == ("waiting", None, deadline)
+        assert rows["kept-1"][:2] == ("completed", "failed")

@@ -201,7 +201,7 @@ async def test_queue_without_a_broker_is_a_503_not_a_wait(
 ) -> None:
     broker = api.worker.broker
     # The broker goes away and cannot be reached again until the test lets it.
-    monkeypatch.setattr(broker, "_url", f"amqp://guest:guest@127.0.0.1:{free_port()}/")
+    monkeypatch.setattr(broker, "_urls", (f"amqp://guest:guest@127.0.0.1:{free_port()}/",))
     broker.connection_lost()
     status, problem, headers = await call("GET", f"{api.url}/queue")
     assert status == 503

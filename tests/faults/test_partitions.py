@@ -447,6 +447,33 @@ async def test_a_worker_whose_liveness_session_ends_claims_nothing_until_it_lock
     )
 
 
+async def test_a_worker_that_locks_again_records_again_what_a_failover_lost(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """The lock's session ends as it does when the primary is lost; the new primary (here the
+    same one, its last commits undone by hand) lacks the worker's last result. Once the worker
+    holds its lock again, the result is back."""
+    async with (
+        Store.open(settings.database_url) as store,
+        registered_worker(store, settings.database_url, lambda: 0),
+    ):
+        assert isinstance(await store.claim(claim_request("rw-1")), Claimed)
+        await store.complete("rw-1", 1, Outcome(Result.SUCCEEDED, "HTTP 200"))
+        assert await end_lock_session(db, store)
+        await asyncio.wait_for(until_cleared(store), 2)
+        await db.execute(
+            "UPDATE tasks SET state = 'running', result = NULL, completed_at = NULL"
+            " WHERE task_id = 'rw-1'"
+        )
+        await asyncio.wait_for(store.live.wait(), HEARTBEAT_SECONDS + HEARTBEAT_TIMEOUT)
+        async with asyncio.timeout(5):
+            while await db.fetchval("SELECT state FROM tasks WHERE task_id = 'rw-1'") != (
+                "completed"
+            ):
+                await asyncio.sleep(0.05)
+        assert await db.fetchval("SELECT result FROM tasks WHERE task_id = 'rw-1'") == "succeeded"
+
+
 async def end_lock_session(db: asyncpg.Connection, store: Store) -> bool:
     """End the session that holds `store`'s worker's lock, as PostgreSQL would."""
     ended: bool = await db.fetchval(

@@ -36,6 +36,7 @@ from worker.store.changes import CallbackCompletion, Claimed, ClaimRequest, Comp
 from worker.store.clock import follow, keep_measuring, measure
 from worker.store.errors import DB_UNAVAILABLE, NotLive, TaskVanished, refused
 from worker.store.polls import PollStore
+from worker.store.recent import RecentWrites, Waited
 from worker.store.rows import dead_letter, task_record, task_summary, worker_record
 from worker.store.schema import migrate
 from worker.store.storable import outputs_json, response_json, storable_text
@@ -70,6 +71,8 @@ class Store:
         # The database's clock, for what this process decides by the time of day.
         self.clock = Clock()
         self.polls = PollStore(pool, self.lock_namespace)
+        # What this worker recorded lately, to record again should a failover have lost it.
+        self.recent = RecentWrites()
         self._claims: Batcher[ClaimRequest, Claimed | TaskRecord] = Batcher(
             self._flush_claims, key=lambda c: c.task_id, isolate=refused, gather_turns=GATHER_TURNS
         )
@@ -121,6 +124,12 @@ class Store:
                     await measuring
             await pool.close()
 
+    async def write_recent_again(self) -> int:
+        """Record again what this worker recorded lately (recent.py): after it takes its lock
+        again, on what may be a new primary. How many writes had been lost."""
+        async with self._pool.acquire() as conn:
+            return await self.recent.write_again(conn, self.worker_id, self.lock_namespace)
+
     async def ping(self) -> bool:
         try:
             async with asyncio.timeout(2):
@@ -140,11 +149,12 @@ class Store:
         NotLive while this worker does not hold its lock, TaskVanished if the task has no row."""
         response = response_json(outcome.response)
         outputs = outputs_json(outcome.outputs)
-        recorded = await self._completions.submit(
-            Completion(task_id, attempts, outcome, response, outputs)
-        )
+        completion = Completion(task_id, attempts, outcome, response, outputs)
+        recorded = await self._completions.submit(completion)
         if isinstance(recorded, TaskVanished):
             raise recorded
+        if not isinstance(recorded, TaskRecord):
+            self.recent.add(completion)
         return recorded
 
     async def renew_lease(
@@ -197,19 +207,28 @@ class Store:
         """Mark the attempt's task waiting for its callback; None, or the record that got there
         first (a callback that completed it, a newer attempt); NotLive while this worker does
         not hold its lock."""
+        write = Waited(
+            task_id,
+            attempts,
+            response_json(response),
+            deadline,
+            started_deadline,
+            outputs_json(outputs),
+        )
         async with self._pool.acquire() as conn:
             waited = await conn.fetchval(
                 queries.WAIT,
-                task_id,
-                attempts,
-                response_json(response),
-                deadline,
-                started_deadline,
-                outputs_json(outputs),
+                write.task_id,
+                write.attempts,
+                write.response_json,
+                write.deadline,
+                write.started_deadline,
+                write.outputs_json,
                 self.worker_id,
                 self.lock_namespace,
             )
             if waited is not None:
+                self.recent.add(write)
                 return None
             await batches.ensure_live(conn, self.worker_id, self.lock_namespace)
             return await batches.record(conn, task_id, self.lock_namespace)

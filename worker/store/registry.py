@@ -123,6 +123,7 @@ class _Session:
         """Every HEARTBEAT_SECONDS: say the worker is alive (and how busy), and take the lock
         again if its session was lost; `store.live` follows."""
         worker_id = self._store.worker_id
+        rewrite = False
         try:
             while True:
                 with suppress(TimeoutError):
@@ -141,9 +142,14 @@ class _Session:
                             log.warning("worker lock still held by its lost session; waiting")
                             continue
                         log.info("worker lock re-acquired", extra={"workerId": worker_id})
+                        # Perhaps on a new primary, which may lack the last writes.
+                        rewrite = True
                     async with asyncio.timeout(HEARTBEAT_TIMEOUT):
                         await conn.execute(queries.HEARTBEAT, worker_id, in_flight())
                     self._store.live.set()
+                    if rewrite:
+                        await self._store.write_recent_again()
+                        rewrite = False
                 except _FAILURES as exc:
                     if self._store.live.is_set() or conn is not None:
                         _lost_session(str(exc) or type(exc).__name__, worker_id)
