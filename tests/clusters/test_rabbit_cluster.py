@@ -392,6 +392,17 @@ def assert_nothing_lost_nor_doubled(found: Run) -> None:
     assert found.unannounced == 0
 
 
+async def killed_and_restarted(cluster: RabbitCluster, node: RabbitNode, role: str) -> str:
+    """kill -9 of `node`, started again at once; what happened, as the test prints it."""
+    began = time.monotonic()
+    await asyncio.to_thread(cluster.kill, node)
+    back = await asyncio.to_thread(cluster.restart, node)
+    return (
+        f"killed the {role} {node.name} with SIGKILL; started again, and the cluster "
+        f"whole, {time.monotonic() - began:.1f} s later (restart {back:.1f} s)"
+    )
+
+
 async def test_quorum_leader_killed_with_sigkill_mid_run(
     rabbit_cluster: RabbitCluster, settings: Settings, db: asyncpg.Connection
 ) -> None:
@@ -403,13 +414,7 @@ async def test_quorum_leader_killed_with_sigkill_mid_run(
 
     async def kill_the_leader(leader: RabbitNode) -> str:
         assert leader is first
-        began = time.monotonic()
-        await asyncio.to_thread(cluster.kill, leader)
-        back = await asyncio.to_thread(cluster.restart, leader)
-        return (
-            f"killed the leader {leader.name} with SIGKILL; started again, and the cluster "
-            f"whole, {time.monotonic() - began:.1f} s later (restart {back:.1f} s)"
-        )
+        return await killed_and_restarted(cluster, leader, "leader")
 
     found = await run_with_fault(cluster, settings, db, declared_on=first, fault=kill_the_leader)
     assert_nothing_lost_nor_doubled(found)
@@ -426,13 +431,7 @@ async def test_follower_node_killed_with_sigkill_mid_run(
 
     async def kill_a_follower(found: RabbitNode) -> str:
         assert found is leader
-        began = time.monotonic()
-        await asyncio.to_thread(cluster.kill, follower)
-        back = await asyncio.to_thread(cluster.restart, follower)
-        return (
-            f"killed the follower {follower.name} with SIGKILL; started again, and the cluster "
-            f"whole, {time.monotonic() - began:.1f} s later (restart {back:.1f} s)"
-        )
+        return await killed_and_restarted(cluster, follower, "follower")
 
     found = await run_with_fault(cluster, settings, db, declared_on=leader, fault=kill_a_follower)
     assert_nothing_lost_nor_doubled(found)

@@ -8,9 +8,17 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import asyncpg
+
 from worker.contract.records import TaskRecord
 from worker.store import queries
-from worker.store.changes import CallbackCompletion, Claimed, ClaimRequest, Completion
+from worker.store.changes import (
+    CallbackCompletion,
+    Claimed,
+    ClaimRequest,
+    Completion,
+    Waited,
+)
 from worker.store.errors import Executor, NotLive, TaskVanished
 from worker.store.rows import task_record
 
@@ -65,10 +73,14 @@ async def claims(
     return [claimed.get(c.task_id) or found[c.task_id] for c in batch]
 
 
-async def completions(
+async def complete(
     conn: Executor, batch: list[Completion], worker_id: int, lock_namespace: int
-) -> list[datetime | TaskRecord | TaskVanished]:
-    rows = await conn.fetch(
+) -> list[asyncpg.Record]:
+    """COMPLETE of each attempt in `batch` (none at all without the worker's lock): the rows of
+    the tasks it completed, with their completion times."""
+    if not batch:
+        return []
+    rows: list[asyncpg.Record] = await conn.fetch(
         queries.COMPLETE,
         [c.task_id for c in batch],
         [c.attempts for c in batch],
@@ -79,6 +91,29 @@ async def completions(
         worker_id,
         lock_namespace,
     )
+    return rows
+
+
+async def wait(conn: Executor, write: Waited, worker_id: int, lock_namespace: int) -> bool:
+    """WAIT of the attempt: whether it made its task wait (not without the worker's lock)."""
+    waited = await conn.fetchval(
+        queries.WAIT,
+        write.task_id,
+        write.attempts,
+        write.response_json,
+        write.deadline,
+        write.started_deadline,
+        write.outputs_json,
+        worker_id,
+        lock_namespace,
+    )
+    return waited is not None
+
+
+async def completions(
+    conn: Executor, batch: list[Completion], worker_id: int, lock_namespace: int
+) -> list[datetime | TaskRecord | TaskVanished]:
+    rows = await complete(conn, batch, worker_id, lock_namespace)
     if not rows:
         await ensure_live(conn, worker_id, lock_namespace)
     done: dict[str, datetime] = {row["task_id"]: row["completed_at"] for row in rows}

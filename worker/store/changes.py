@@ -73,6 +73,18 @@ class CallbackCompletion:
 
 
 @dataclass(frozen=True, slots=True)
+class Waited:
+    """A callback task's attempt recorded `waiting` (queries.WAIT's arguments)."""
+
+    task_id: str
+    attempts: int
+    response_json: str | None
+    deadline: datetime
+    started_deadline: datetime | None
+    outputs_json: str
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
     task_id: str
     attempts: int

@@ -32,11 +32,17 @@ from worker.contract.records import (
 from worker.contract.settings import redact_url
 from worker.store import batches, queries
 from worker.store.batch import Batcher
-from worker.store.changes import CallbackCompletion, Claimed, ClaimRequest, Completion
+from worker.store.changes import (
+    CallbackCompletion,
+    Claimed,
+    ClaimRequest,
+    Completion,
+    Waited,
+)
 from worker.store.clock import follow, keep_measuring, measure
 from worker.store.errors import DB_UNAVAILABLE, NotLive, TaskVanished, refused
 from worker.store.polls import PollStore
-from worker.store.recent import RecentWrites, Waited
+from worker.store.recent import RecentWrites
 from worker.store.rows import dead_letter, task_record, task_summary, worker_record
 from worker.store.schema import migrate
 from worker.store.storable import outputs_json, response_json, storable_text
@@ -216,18 +222,8 @@ class Store:
             outputs_json(outputs),
         )
         async with self._pool.acquire() as conn:
-            waited = await conn.fetchval(
-                queries.WAIT,
-                write.task_id,
-                write.attempts,
-                write.response_json,
-                write.deadline,
-                write.started_deadline,
-                write.outputs_json,
-                self.worker_id,
-                self.lock_namespace,
-            )
-            if waited is not None:
+            waited = await batches.wait(conn, write, self.worker_id, self.lock_namespace)
+            if waited:
                 self.recent.add(write)
                 return None
             await batches.ensure_live(conn, self.worker_id, self.lock_namespace)

@@ -14,11 +14,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
-from datetime import datetime
 
-from worker.store import queries
-from worker.store.changes import Completion
+from worker.store import batches
+from worker.store.changes import Completion, Waited
 from worker.store.errors import Executor
 
 log = logging.getLogger(__name__)
@@ -28,18 +26,6 @@ log = logging.getLogger(__name__)
 RECENT_SECONDS = 30.0
 # The response text kept, at most: the oldest writes go first past it.
 RECENT_CHARS = 16 * 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Waited:
-    """A callback task's attempt recorded `waiting` (queries.WAIT's arguments)."""
-
-    task_id: str
-    attempts: int
-    response_json: str | None
-    deadline: datetime
-    started_deadline: datetime | None
-    outputs_json: str
 
 
 class RecentWrites:
@@ -63,34 +49,10 @@ class RecentWrites:
         many writes found their task as they had left it no longer (lost, now restored)."""
         writes = [write for _, write in self._writes]
         completions = [w for w in writes if isinstance(w, Completion)]
-        restored = 0
-        if completions:
-            rows = await conn.fetch(
-                queries.COMPLETE,
-                [c.task_id for c in completions],
-                [c.attempts for c in completions],
-                [c.outcome.result.value for c in completions],
-                [c.outcome.reason for c in completions],
-                [c.response_json for c in completions],
-                [c.outputs_json for c in completions],
-                worker_id,
-                lock_namespace,
-            )
-            restored += len(rows)
-        for w in writes:
-            if isinstance(w, Waited):
-                waited = await conn.fetchval(
-                    queries.WAIT,
-                    w.task_id,
-                    w.attempts,
-                    w.response_json,
-                    w.deadline,
-                    w.started_deadline,
-                    w.outputs_json,
-                    worker_id,
-                    lock_namespace,
-                )
-                restored += waited is not None
+        restored = len(await batches.complete(conn, completions, worker_id, lock_namespace))
+        for write in writes:
+            if isinstance(write, Waited):
+                restored += await batches.wait(conn, write, worker_id, lock_namespace)
         if restored:
             log.warning(
                 "recorded again %d results and waits that the database had lost (a failover "
