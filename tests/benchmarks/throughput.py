@@ -60,6 +60,8 @@ HUB: Final = "bench"
 # publishes: the worker still publishes and confirms its TaskStarted events (the broker drops
 # those nobody is bound to), but this process, which shares the machine, does not consume them.
 EVENT_KEYS: Final = "task.completed.#"
+# The target's count of calls by task (tasks made with `tag_calls`).
+CALLS_PATH: Final = "/calls"
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 
 # What the issue asks of the worker: its tasks/s as a share of the baseline's, by delay in ms.
@@ -134,15 +136,25 @@ def ticks_to_ms(ticks: int) -> float:
 async def serve_target() -> int:
     """Answer every request with {"status": "created"} after `?delay=` ms; print the port."""
     answer = orjson.dumps({"status": "created"})
+    # Calls by `?task=` (tasks made with `tag_calls`), read at GET /calls: how often each task's
+    # endpoint was invoked, whichever process invoked it.
+    calls: dict[str, int] = {}
 
     async def hook(request: web.Request) -> web.Response:
         await request.read()
+        task = request.query.get("task")
+        if task is not None:
+            calls[task] = calls.get(task, 0) + 1
         delay = float(request.query.get("delay", "0"))
         if delay > 0:
             await asyncio.sleep(delay / 1000)
         return web.Response(body=answer, content_type="application/json")
 
+    async def counted(_: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(calls), content_type="application/json")
+
     app = web.Application()
+    app.router.add_get(CALLS_PATH, counted)
     app.router.add_route("*", "/{tail:.*}", hook)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -397,11 +409,15 @@ class Run:
             self.other_busy_percent = max(0.0, 100 * (busy - ours) / total)
 
 
-def task_messages(run_id: str, target_url: str, delay_ms: int, count: int) -> list[Task]:
-    """SPEC §4 apiResponse tasks against the target."""
+def task_messages(
+    run_id: str, target_url: str, delay_ms: int, count: int, *, tag_calls: bool = False
+) -> list[Task]:
+    """SPEC §4 apiResponse tasks against the target; with `tag_calls`, each call names its task,
+    for the target to count (GET /calls)."""
     tasks: list[Task] = []
     for number in range(count):
         task_id = f"{run_id}-{number}"
+        tag = f"&task={task_id}" if tag_calls else ""
         message = {
             "taskId": task_id,
             "planId": f"plan-{run_id}",
@@ -409,7 +425,7 @@ def task_messages(run_id: str, target_url: str, delay_ms: int, count: int) -> li
             "name": "throughput benchmark",
             "request": {
                 "method": "POST",
-                "url": f"{target_url}/hook?delay={delay_ms}",
+                "url": f"{target_url}/hook?delay={delay_ms}{tag}",
                 "body": {"commit": f"{number:08x}"},
             },
             "waitForCompletion": "apiResponse",
@@ -541,24 +557,55 @@ class Context:
     database_url: str
 
 
-async def measure_baseline(context: Context, delay_ms: int) -> Run:
-    run_id = f"b{uuid.uuid4().hex[:10]}"
-    queue, exchange = f"agentless-bench.{run_id}.tasks", f"agentless-bench.{run_id}.events"
-    run = Run("baseline", delay_ms, context.tasks)
-    channel = await context.connection.channel()
+async def declare_baseline_objects(
+    connection: AbstractConnection, queue: str, exchange: str
+) -> None:
+    """The baseline's task queue and events exchange, of the kinds the worker's topology has."""
+    channel = await connection.channel()
     try:
         await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
         await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
     finally:
         await channel.close()
-    command = [
+
+
+def baseline_command(queue: str, exchange: str, concurrency: int) -> list[str]:
+    """The bare baseline's process, consuming `queue` and publishing to `exchange`."""
+    return [
         sys.executable,
         str(SELF),
         "--role=baseline",
         f"--queue={queue}",
         f"--exchange={exchange}",
-        f"--concurrency={context.concurrency}",
+        f"--concurrency={concurrency}",
     ]
+
+
+# The worker's process, started in the measured checkout (`cwd`).
+WORKER_COMMAND: Final = (sys.executable, "-m", "worker", "worker")
+
+
+def worker_environment(
+    database_url: str, schema: str, prefix: str, concurrency: int
+) -> dict[str, str]:
+    """A measured worker's settings: its own names and database schema, JSON logs (read for
+    warnings afterwards), a probe port of its own."""
+    joiner = "&" if "?" in database_url else "?"
+    return child_environment(
+        AGENTLESS_AMQP_URL=AMQP_URL,
+        AGENTLESS_DATABASE_URL=f"{database_url}{joiner}search_path={schema}",
+        AGENTLESS_PREFIX=prefix,
+        AGENTLESS_CONCURRENCY=str(concurrency),
+        AGENTLESS_WORKER_PORT="0",
+        AGENTLESS_LOG_FORMAT="json",
+    )
+
+
+async def measure_baseline(context: Context, delay_ms: int) -> Run:
+    run_id = f"b{uuid.uuid4().hex[:10]}"
+    queue, exchange = f"agentless-bench.{run_id}.tasks", f"agentless-bench.{run_id}.events"
+    run = Run("baseline", delay_ms, context.tasks)
+    await declare_baseline_objects(context.connection, queue, exchange)
     try:
         await measure(
             context.connection,
@@ -566,7 +613,7 @@ async def measure_baseline(context: Context, delay_ms: int) -> Run:
             queue=queue,
             exchange=exchange,
             tasks=task_messages(run_id, context.target_url, delay_ms, context.tasks),
-            command=command,
+            command=baseline_command(queue, exchange, context.concurrency),
             env=child_environment(AGENTLESS_AMQP_URL=AMQP_URL),
             log=context.logs / f"baseline-{delay_ms}ms.log",
             target_pid=context.target_pid,
@@ -591,15 +638,7 @@ async def measure_worker(context: Context, delay_ms: int) -> Run:
         await declare_topology(channel, names)
     finally:
         await channel.close()
-    joiner = "&" if "?" in context.database_url else "?"
-    env = child_environment(
-        AGENTLESS_AMQP_URL=AMQP_URL,
-        AGENTLESS_DATABASE_URL=f"{context.database_url}{joiner}search_path={schema}",
-        AGENTLESS_PREFIX=names.prefix,
-        AGENTLESS_CONCURRENCY=str(context.concurrency),
-        AGENTLESS_WORKER_PORT="0",
-        AGENTLESS_LOG_FORMAT="json",
-    )
+    env = worker_environment(context.database_url, schema, names.prefix, context.concurrency)
     try:
         await measure(
             context.connection,
@@ -607,7 +646,7 @@ async def measure_worker(context: Context, delay_ms: int) -> Run:
             queue=names.tasks,
             exchange=names.events,
             tasks=task_messages(run_id, context.target_url, delay_ms, context.tasks),
-            command=[sys.executable, "-m", "worker", "worker"],
+            command=WORKER_COMMAND,
             env=env,
             log=log,
             target_pid=context.target_pid,

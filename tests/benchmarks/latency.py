@@ -1,0 +1,646 @@
+"""Latency of the worker under open-loop load, next to the bare baseline at the same rates.
+
+    python tests/benchmarks/latency.py [--seconds 30] [--loads 25,50,75] [--peak-tasks 5000]
+                                       [--peak RATE] [--concurrency 256] [--no-ungathered]
+                                       [--json] [--worker-root DIR]
+
+Run on demand, never by pytest. First the worker's peak rate is measured as throughput.py
+measures it (apiResponse tasks queued in advance, 0 ms target). Then, at each share of that peak,
+each contender in turn (a process of its own, on a fresh queue and, for the worker, a fresh
+database schema) is sent apiResponse tasks against the same 0 ms target with Poisson arrivals:
+exponential gaps between publishes, each published with a confirm that nobody waits for before
+the next publish, so that a slow contender does not slow the arrivals down (open loop). Each
+task's latency runs from its publish to its TaskCompleted event, received here from the
+contender's events exchange (`task.completed.#`). The contenders:
+
+- baseline: throughput.py's bare consumer (consume, call, JMESPath, publish the completion with a
+  confirm, ack; no database);
+- worker: `python -m worker worker` as it ships;
+- worker, ungathered: the same worker with its store's batches flushed at once rather than after
+  gathering for a few turns of the event loop (`worker.store.database.GATHER_TURNS` set to 0 in
+  its process before it starts); beside the worker, it shows what gathering costs in latency.
+
+It exits 1 when the worker's p50 or p99 at 50% of the peak is further from the baseline's than
+the targets allow, or a run went wrong (then the contenders' logs are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aio_pika.exceptions import AMQPError
+
+# Run as a script, Python puts this file's directory on sys.path, not the repository's root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.benchmarks import throughput
+from tests.benchmarks.throughput import AMQP_URL, DATABASE_URL, ROOT, Snapshot, Task
+
+# What the issue asks at 50% of the peak: the worker's percentiles beside the baseline's, in ms.
+TARGET_LOAD: Final = 50
+P50_MARGIN_MS: Final = 2.0
+P99_MARGIN_MS: Final = 10.0
+QUANTILES: Final = (0.50, 0.99, 0.999)
+
+# Arrivals before the measured ones, at the same rate: connections opened, caches warm, the
+# worker's first batches and its start-up scans behind it.
+WARMUP_SECONDS: Final = 3.0
+# From spawning a contender to its subscription to the task queue.
+SUBSCRIBE_TIMEOUT: Final = 60.0
+
+# Run in the worker's process before it starts, for the ungathered contender: a benchmark's knob,
+# not a setting. It fails (and so does the run) if the constant is gone or renamed.
+UNGATHERED: Final = (
+    "import runpy, sys\n"
+    "import worker.store.database as database\n"
+    "if not isinstance(getattr(database, 'GATHER_TURNS', None), int):\n"
+    "    sys.exit('worker.store.database.GATHER_TURNS is gone: latency.py needs updating')\n"
+    "database.GATHER_TURNS = 0\n"
+    "sys.argv = ['worker', 'worker']\n"
+    "runpy.run_module('worker', run_name='__main__', alter_sys=True)\n"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Contender:
+    name: str
+    worker: bool
+    command: tuple[str, ...]
+
+
+BASELINE: Final = Contender("baseline", worker=False, command=())
+WORKER: Final = Contender("worker", worker=True, command=throughput.WORKER_COMMAND)
+UNGATHERED_WORKER: Final = Contender(
+    "worker, ungathered", worker=True, command=(sys.executable, "-c", UNGATHERED)
+)
+
+
+@dataclass
+class LatencyRun:
+    """One contender's figures at one arrival rate."""
+
+    contender: str
+    load_percent: int
+    rate: float
+    measured: int
+    completed: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    p999_ms: float | None = None
+    max_ms: float | None = None
+    arrivals_per_s: float | None = None
+    publish_lag_p99_ms: float | None = None
+    cpu_ms_per_task: float | None = None
+    postgres_cpu_ms_per_task: float | None = None
+    rabbitmq_cpu_ms_per_task: float | None = None
+    host_busy_percent: float | None = None
+    exit_code: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def valid(self) -> bool:
+        return not self.problems and self.p99_ms is not None
+
+
+def quantile(ordered: Sequence[float], q: float) -> float:
+    """Nearest rank: the smallest value with at least a share `q` of the values at or below it."""
+    return ordered[max(math.ceil(q * len(ordered)) - 1, 0)]
+
+
+class Arrivals:
+    """Each task's publish time, taken just before its publish, and its completion event's
+    arrival here: both on this process's monotonic clock."""
+
+    def __init__(self, tasks: Sequence[Task]) -> None:
+        self.expected = {task.task_id for task in tasks}
+        self.published: dict[str, float] = {}
+        self.completed: dict[str, float] = {}
+        self.failed = 0
+        self.duplicates = 0
+        self.progressed = asyncio.Event()
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        arrived = time.perf_counter()
+        event: dict[str, Any] = orjson.loads(message.body)
+        task_id = str(event.get("taskId"))
+        if event.get("name") != "TaskCompleted" or task_id not in self.expected:
+            return
+        if task_id in self.completed:
+            self.duplicates += 1
+            return
+        self.completed[task_id] = arrived
+        if event.get("result") != "succeeded":
+            self.failed += 1
+        self.progressed.set()
+
+    def latencies_ms(self, tasks: Sequence[Task]) -> list[float]:
+        return sorted(
+            (self.completed[task.task_id] - self.published[task.task_id]) * 1000
+            for task in tasks
+            if task.task_id in self.completed
+        )
+
+    async def wait(self, process: asyncio.subprocess.Process) -> str | None:
+        """Wait until every task completed; otherwise, why not."""
+        exited = asyncio.ensure_future(process.wait())
+        try:
+            while len(self.completed) < len(self.expected):
+                self.progressed.clear()
+                progressed = asyncio.ensure_future(self.progressed.wait())
+                done, _ = await asyncio.wait(
+                    {progressed, exited},
+                    timeout=throughput.STALL_TIMEOUT,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                progressed.cancel()
+                count = f"{len(self.completed)} of {len(self.expected)} completed"
+                if exited in done:
+                    return f"exited early with code {process.returncode}; {count}"
+                if not done:
+                    return f"nothing completed for {throughput.STALL_TIMEOUT:.0f} s; {count}"
+            return None
+        finally:
+            exited.cancel()
+
+
+async def publish_open_loop(
+    connection: AbstractConnection,
+    queue: str,
+    tasks: Sequence[Task],
+    rate: float,
+    arrivals: Arrivals,
+    rng: random.Random,
+) -> list[float]:
+    """Publish `tasks` at Poisson times of mean `rate`/s, each with a confirm that the next
+    publish does not wait for; once all are confirmed, how late each publish left, in ms."""
+    channel = await connection.channel(publisher_confirms=True)
+    lags: list[float] = []
+    pending: set[asyncio.Future[Any]] = set()
+    try:
+        due = time.perf_counter()
+        for task in tasks:
+            due += rng.expovariate(rate)
+            ahead = due - time.perf_counter()
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+            now = time.perf_counter()
+            lags.append(max(now - due, 0.0) * 1000)
+            arrivals.published[task.task_id] = now
+            message = aio_pika.Message(
+                task.body,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=task.task_id,
+                # The publish time in the message itself, for anyone reading the queue; the
+                # latencies use the monotonic clock above.
+                headers={"x-published-at": time.time()},
+            )
+            confirm = asyncio.ensure_future(
+                channel.default_exchange.publish(message, routing_key=queue)
+            )
+            pending.add(confirm)
+            confirm.add_done_callback(pending.discard)
+        # A publish the broker refused fails the run here.
+        await asyncio.gather(*pending)
+    finally:
+        await channel.close()
+    return sorted(lags)
+
+
+async def until_subscribed(
+    connection: AbstractConnection, queue: str, process: asyncio.subprocess.Process
+) -> None:
+    """Return once the contender consumes `queue`; raise if it exits or takes too long."""
+    channel = await connection.channel()
+    try:
+        async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+            while True:
+                declared = await channel.declare_queue(queue, passive=True)
+                if declared.declaration_result.consumer_count:
+                    return
+                if process.returncode is not None:
+                    raise RuntimeError(f"exited with code {process.returncode} before consuming")
+                await asyncio.sleep(0.05)
+    finally:
+        await channel.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    connection: AbstractConnection
+    target_url: str
+    target_pid: int
+    concurrency: int
+    seconds: float
+    logs: Path
+    worker_root: Path
+    database_url: str
+    rng: random.Random
+
+
+async def measure_at(setup: Setup, contender: Contender, load: int, rate: float) -> LatencyRun:
+    """One contender, started afresh, under Poisson arrivals at `rate`/s."""
+    from worker.contract.models import Names  # noqa: PLC0415 - the worker's own, as throughput.py
+    from worker.topology import declare_topology  # noqa: PLC0415
+
+    run_id = f"l{uuid.uuid4().hex[:10]}"
+    warmup = max(round(rate * WARMUP_SECONDS), 1)
+    count = max(round(rate * setup.seconds), 2)
+    tasks = throughput.task_messages(run_id, setup.target_url, 0, warmup + count)
+    measured = tasks[warmup:]
+    run = LatencyRun(contender.name, load, rate, count)
+    schema = f"bench_{run_id}"
+    if contender.worker:
+        names = Names(f"agentless-bench.{run_id}")
+        queue, exchange, dead = names.tasks, names.events, [names.dead]
+        channel = await setup.connection.channel()
+        try:
+            await declare_topology(channel, names)
+        finally:
+            await channel.close()
+        env = throughput.worker_environment(
+            setup.database_url, schema, names.prefix, setup.concurrency
+        )
+        command, cwd = contender.command, setup.worker_root
+    else:
+        queue, exchange = f"agentless-bench.{run_id}.tasks", f"agentless-bench.{run_id}.events"
+        dead = []
+        await throughput.declare_baseline_objects(setup.connection, queue, exchange)
+        env = throughput.child_environment(AGENTLESS_AMQP_URL=AMQP_URL)
+        command = tuple(throughput.baseline_command(queue, exchange, setup.concurrency))
+        cwd = ROOT
+    log = setup.logs / f"{contender.name.replace(', ', '-')}-{load}.log"
+    arrivals = Arrivals(tasks)
+    channel = await setup.connection.channel()
+    try:
+        observed = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await observed.bind(exchange, throughput.EVENT_KEYS)
+        await observed.consume(arrivals.on_message, no_ack=True)
+        with log.open("ab") as sink:
+            process = await asyncio.create_subprocess_exec(
+                *command,
+                cwd=cwd,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=sink,
+                stderr=sink,
+            )
+        try:
+            await until_subscribed(setup.connection, queue, process)
+            await publish_open_loop(
+                setup.connection, queue, tasks[:warmup], rate, arrivals, setup.rng
+            )
+            first = throughput.take_snapshot(process.pid, setup.target_pid)
+            lags = await publish_open_loop(
+                setup.connection, queue, measured, rate, arrivals, setup.rng
+            )
+            run.arrivals_per_s = (count - 1) / (
+                arrivals.published[measured[-1].task_id] - arrivals.published[measured[0].task_id]
+            )
+            run.publish_lag_p99_ms = quantile(lags, 0.99)
+            problem = await arrivals.wait(process)
+            if problem is not None:
+                run.problems.append(problem)
+            elif process.returncode is None:
+                record_cpu(run, first, throughput.take_snapshot(process.pid, setup.target_pid))
+        except (RuntimeError, TimeoutError, AMQPError) as exc:
+            run.problems.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            run.exit_code = await throughput.stop(process)
+        if run.exit_code != 0:
+            run.problems.append(f"exit code after SIGTERM was {run.exit_code}, not 0")
+    finally:
+        await channel.close()
+        await throughput.delete_broker_objects(setup.connection, [queue, *dead], [exchange])
+    latencies = arrivals.latencies_ms(measured)
+    run.completed = len(latencies)
+    run.failed, run.duplicates = arrivals.failed, arrivals.duplicates
+    if run.failed:
+        run.problems.append(f"{run.failed} tasks failed")
+    if latencies:
+        run.p50_ms, run.p99_ms, run.p999_ms = (quantile(latencies, q) for q in QUANTILES)
+        run.max_ms = latencies[-1]
+    if contender.worker:
+        run.problems.extend(throughput.log_problems(log))
+        run.problems.extend(
+            await throughput.check_and_drop_schema(setup.database_url, schema, len(tasks))
+        )
+    return run
+
+
+def record_cpu(run: LatencyRun, first: Snapshot, last: Snapshot) -> None:
+    """CPU per task from the first measured publish to the last completion (the warm-up's last
+    completions fall inside it too, a few ms in all)."""
+    tasks = run.measured
+    run.cpu_ms_per_task = throughput.ticks_to_ms(last.cpu_ticks - first.cpu_ticks) / tasks
+    postgres = throughput.service_delta(first, last, "postgres")
+    rabbitmq = throughput.service_delta(first, last, "beam.smp")
+    run.postgres_cpu_ms_per_task = throughput.ticks_to_ms(postgres) / tasks
+    run.rabbitmq_cpu_ms_per_task = throughput.ticks_to_ms(rabbitmq) / tasks
+    busy, total = (b - a for a, b in zip(first.host, last.host, strict=True))
+    if total:
+        run.host_busy_percent = 100 * busy / total
+
+
+async def peak_rate(
+    connection: AbstractConnection,
+    target_url: str,
+    target_pid: int,
+    tasks: int,
+    concurrency: int,
+    logs: Path,
+    worker_root: Path,
+    database_url: str,
+) -> throughput.Run:
+    """The worker's tasks/s with its queue full, as throughput.py measures it at 0 ms."""
+    context = throughput.Context(
+        connection,
+        target_url,
+        target_pid,
+        tasks,
+        concurrency,
+        logs,
+        worker_root,
+        database_url,
+    )
+    return await throughput.measure_worker(context, 0)
+
+
+@dataclass
+class Results:
+    peak: float | None
+    peak_run: dict[str, Any] | None
+    runs: list[LatencyRun]
+
+
+async def bench(args: argparse.Namespace, logs: Path) -> Results:
+    target, target_url = await throughput.start_target(logs)
+    runs: list[LatencyRun] = []
+    peak_run = None
+    try:
+        connection = await aio_pika.connect(
+            AMQP_URL,
+            timeout=10,
+            client_properties={"connection_name": "agentless latency benchmark"},
+        )
+        async with connection:
+            peak = args.peak
+            if peak is None:
+                measured = await peak_rate(
+                    connection,
+                    target_url,
+                    target.pid,
+                    args.peak_tasks,
+                    args.concurrency,
+                    logs,
+                    args.worker_root,
+                    DATABASE_URL,
+                )
+                peak_run = asdict(measured)
+                progress(f"peak: {throughput.number(measured.tasks_per_s, 1)} tasks/s")
+                if not measured.valid or measured.tasks_per_s is None:
+                    progress(f"the peak run went wrong: {measured.problems}")
+                    return Results(None, peak_run, runs)
+                peak = measured.tasks_per_s
+            setup = Setup(
+                connection,
+                target_url,
+                target.pid,
+                args.concurrency,
+                args.seconds,
+                logs,
+                args.worker_root,
+                DATABASE_URL,
+                random.Random(args.seed),
+            )
+            contenders = [BASELINE, WORKER] + ([] if args.no_ungathered else [UNGATHERED_WORKER])
+            for load in args.loads:
+                for contender in contenders:
+                    run = await measure_at(setup, contender, load, peak * load / 100)
+                    runs.append(run)
+                    progress(
+                        f"{load}% {contender.name}: p50 {throughput.number(run.p50_ms, 2)} ms, "
+                        f"p99 {throughput.number(run.p99_ms, 2)} ms"
+                        + (f" ({'; '.join(run.problems)})" if run.problems else "")
+                    )
+    finally:
+        await throughput.stop(target)
+    return Results(peak, peak_run, runs)
+
+
+def progress(line: str) -> None:
+    # On stderr, so that stdout holds only the results.
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    what: str
+    value: str
+    target: str
+    passed: bool
+
+
+def difference(worker: LatencyRun, baseline: LatencyRun, attribute: str) -> float | None:
+    mine, theirs = getattr(worker, attribute), getattr(baseline, attribute)
+    if not (worker.valid and baseline.valid) or mine is None or theirs is None:
+        return None
+    return float(mine - theirs)
+
+
+def verdicts(runs: list[LatencyRun]) -> list[Verdict]:
+    at = {(run.load_percent, run.contender): run for run in runs}
+    baseline, worker = at.get((TARGET_LOAD, BASELINE.name)), at.get((TARGET_LOAD, WORKER.name))
+    if baseline is None or worker is None:
+        return []
+    found = []
+    for attribute, label, margin in (
+        ("p50_ms", "p50", P50_MARGIN_MS),
+        ("p99_ms", "p99", P99_MARGIN_MS),
+    ):
+        extra = difference(worker, baseline, attribute)
+        found.append(
+            Verdict(
+                f"{TARGET_LOAD}% load: worker {label} - baseline {label}",
+                "invalid run" if extra is None else f"{extra:+.2f} ms",
+                f"<= {margin:g} ms",
+                extra is not None and extra <= margin,
+            )
+        )
+    return found
+
+
+def gathering_costs(runs: list[LatencyRun]) -> list[str]:
+    """What gathering adds to the worker's latency: the worker minus the ungathered worker."""
+    at = {(run.load_percent, run.contender): run for run in runs}
+    lines = []
+    for load in sorted({run.load_percent for run in runs}):
+        worker, ungathered = at.get((load, WORKER.name)), at.get((load, UNGATHERED_WORKER.name))
+        if worker is None or ungathered is None:
+            continue
+        parts = []
+        for attribute, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9")):
+            extra = difference(worker, ungathered, attribute)
+            parts.append(f"{label} {'-' if extra is None else f'{extra:+.2f}'} ms")
+        cpu = difference(worker, ungathered, "cpu_ms_per_task")
+        parts.append(f"worker CPU/task {'-' if cpu is None else f'{cpu:+.3f}'} ms")
+        lines.append(f"  at {load}%: {', '.join(parts)}")
+    return lines
+
+
+def report(results: Results, args: argparse.Namespace) -> str:
+    number = throughput.number
+    cpus = len(os.sched_getaffinity(0))
+    peak = "-" if results.peak is None else f"{results.peak:.1f}"
+    how = "given with --peak" if results.peak_run is None else f"{args.peak_tasks} tasks queued"
+    lines = [
+        f"agentless latency: apiResponse tasks, 0 ms target, concurrency {args.concurrency}, "
+        f"{cpus} CPUs, Python {sys.version.split()[0]}",
+        f"worker's peak: {peak} tasks/s ({how}, as throughput.py measures it)",
+        f"Poisson arrivals at each share of that peak for {args.seconds:g} s (after "
+        f"{WARMUP_SECONDS:g} s of warm-up), each contender started afresh;",
+        "latency: from just before a task's publish to its TaskCompleted event's arrival in this",
+        "  process. Arrivals/s: as published. Publish lag: how late the publishes left against",
+        "  their Poisson schedule (this process's own delays). CPU ms/task: the contender's",
+        "  utime+stime / tasks; PostgreSQL and RabbitMQ: all their processes on this host.",
+        "",
+        f"{'load':>4}  {'rate/s':>7}  {'contender':<18}  {'tasks':>6}  {'p50 ms':>7}  "
+        f"{'p99 ms':>7}  {'p99.9 ms':>8}  {'max ms':>7}  {'arrivals/s':>10}  "
+        f"{'lag p99 ms':>10}  {'CPU ms/task':>11}  {'PG ms/task':>10}  {'MQ ms/task':>10}  "
+        f"{'host busy %':>11}",
+    ]
+    lines.extend(
+        f"{run.load_percent:>3}%  {run.rate:>7.1f}  {run.contender:<18}  {run.completed:>6}  "
+        f"{number(run.p50_ms, 2):>7}  {number(run.p99_ms, 2):>7}  {number(run.p999_ms, 2):>8}  "
+        f"{number(run.max_ms, 1):>7}  {number(run.arrivals_per_s, 1):>10}  "
+        f"{number(run.publish_lag_p99_ms, 2):>10}  {number(run.cpu_ms_per_task, 3):>11}  "
+        f"{number(run.postgres_cpu_ms_per_task, 3):>10}  "
+        f"{number(run.rabbitmq_cpu_ms_per_task, 3):>10}  {number(run.host_busy_percent, 0):>11}"
+        for run in results.runs
+    )
+    costs = gathering_costs(results.runs)
+    if costs:
+        lines += ["", "what gathering costs (worker minus worker, ungathered):", *costs]
+    found = verdicts(results.runs)
+    lines += ["", f"{'target':<36}  {'measured':>11}  {'wanted':>9}  verdict"]
+    lines += [
+        f"{v.what:<36}  {v.value:>11}  {v.target:>9}  {'PASS' if v.passed else 'FAIL'}"
+        for v in found
+    ]
+    for run in results.runs:
+        lines += [f"problem: {run.load_percent}% {run.contender}: {p}" for p in run.problems]
+    return "\n".join(lines)
+
+
+def loads_percent(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("a comma-separated list of percentages") from None
+    if not values or any(not 0 < value < 100 for value in values):
+        raise argparse.ArgumentTypeError("a comma-separated list of percentages, each in 1..99")
+    return values
+
+
+def positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("a positive number")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Publish-to-completion latency of the worker and of a bare baseline under "
+        "Poisson arrivals at shares of the worker's peak rate."
+    )
+    parser.add_argument(
+        "--seconds", type=positive, default=30.0, help="measured per run (default 30)"
+    )
+    parser.add_argument(
+        "--loads",
+        type=loads_percent,
+        default=[25, 50, 75],
+        help="shares of the peak, in %% (default 25,50,75)",
+    )
+    parser.add_argument(
+        "--peak-tasks",
+        type=throughput.at_least(2),
+        default=5000,
+        help="tasks of the peak run (default 5000)",
+    )
+    parser.add_argument(
+        "--peak", type=positive, help="the worker's peak in tasks/s, rather than measuring it"
+    )
+    parser.add_argument("--concurrency", type=throughput.at_least(1), default=256)
+    parser.add_argument(
+        "--no-ungathered",
+        action="store_true",
+        help="leave out the worker whose batches flush without gathering",
+    )
+    parser.add_argument("--seed", type=int, default=16, help="of the arrival times (default 16)")
+    parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    parser.add_argument(
+        "--worker-root",
+        type=Path,
+        default=ROOT,
+        metavar="DIR",
+        help="the checkout whose worker to measure (default: this one)",
+    )
+    args = parser.parse_args(argv)
+    if not Path("/proc/self/stat").exists():
+        parser.error("this benchmark reads CPU from /proc: it runs on Linux only")
+    args.worker_root = args.worker_root.resolve()
+    if not (args.worker_root / "worker" / "__main__.py").is_file():
+        parser.error(f"--worker-root: {args.worker_root} holds no worker package")
+    # The topology is declared by the measured worker's own code.
+    sys.path.insert(0, str(args.worker_root))
+    logs = Path(tempfile.mkdtemp(prefix="agentless-latency-"))
+    with asyncio.Runner(loop_factory=throughput.event_loop) as runner:
+        results = runner.run(bench(args, logs))
+    print(report(results, args))
+    if args.json:
+        print(
+            orjson.dumps(
+                {
+                    "peak": results.peak,
+                    "peak_run": results.peak_run,
+                    "runs": [asdict(run) for run in results.runs],
+                    "verdicts": [asdict(v) for v in verdicts(results.runs)],
+                },
+                option=orjson.OPT_INDENT_2,
+            ).decode()
+        )
+    found = verdicts(results.runs)
+    passed = (
+        results.peak is not None
+        and (bool(found) or TARGET_LOAD not in args.loads)
+        and all(v.passed for v in found)
+        and all(run.valid for run in results.runs)
+    )
+    if passed:
+        shutil.rmtree(logs)
+    else:
+        print(f"logs kept in {logs}", file=sys.stderr)
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
