@@ -24,6 +24,7 @@ from worker.completions import Announcer
 from worker.contract.models import Names
 from worker.contract.settings import Settings
 from worker.metrics import ClusterGauges, Metrics
+from worker.purger import purging
 from worker.relay import Relay
 from worker.service import Worker, open_signer, running_worker
 from worker.store.database import Store
@@ -52,7 +53,10 @@ def with_worker(settings: Settings) -> Callable[[web.Application], AsyncIterator
     """Run a worker for as long as the app runs (`agentless run`), sharing its resources."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
-        async with running_worker(settings) as worker:
+        async with (
+            running_worker(settings) as worker,
+            purging(worker.store, settings.retention, worker.metrics),
+        ):
             app[worker_key] = worker
             announcer = Announcer(worker.broker, worker.store)
             app[services_key] = Services(
@@ -83,7 +87,8 @@ def _consume_loop_ended(app: web.Application) -> None:
 
 
 def standalone(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
-    """The API's own store and broker connections (`agentless api`), and the event relay."""
+    """The API's own store and broker connections (`agentless api`), the event relay, the
+    deadline sweep and the purge."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         async with (
@@ -115,7 +120,8 @@ def standalone(settings: Settings) -> Callable[[web.Application], AsyncIterator[
                 asyncio.create_task(sweeper.run(), name="sweeper"),
             ]
             try:
-                yield
+                async with purging(store, settings.retention, metrics):
+                    yield
             finally:
                 await announcer.drain(ANNOUNCE_GRACE_SECONDS)
                 for duty in duties:

@@ -10,6 +10,7 @@ import copy
 import functools
 import re
 from collections.abc import Sequence
+from datetime import datetime
 from http import HTTPStatus
 from typing import Any, Final, Literal
 
@@ -51,6 +52,11 @@ class Problem(BaseModel):
     )
     state: State | None = Field(default=None, description="a conflict (409): the task's state")
     result: Result | None = Field(default=None, description="a conflict (409): the task's result")
+    completed_at: datetime | None = Field(
+        default=None,
+        alias="completedAt",
+        description="a task deleted after the retention period (410): when it had completed",
+    )
     message: str | None = Field(
         default=None,
         description="on Azure-compatible routes: the detail again, where Azure's clients read it",

@@ -238,7 +238,11 @@ ROUTES: tuple[Route, ...] = (
         "api",
         "tasks",
         query=task_page.TaskQuery,
-        responses={200: TaskDetail, 404: "no such task"},
+        responses={
+            200: TaskDetail,
+            404: "no such task",
+            410: "deleted after AGENTLESS_RETENTION; completedAt says when it completed",
+        },
     ),
     Route(
         "POST",
@@ -256,7 +260,11 @@ ROUTES: tuple[Route, ...] = (
         "The log lines the task's service posted",
         "api",
         "tasks",
-        responses={200: TaskLogs, 404: "no such task"},
+        responses={
+            200: TaskLogs,
+            404: "no such task",
+            410: "deleted after AGENTLESS_RETENTION; completedAt says when it completed",
+        },
     ),
     Route(
         "GET",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from datetime import UTC
 from typing import Annotated, Final, Literal
 
 import orjson
@@ -30,6 +31,7 @@ from worker.contract.records import TaskRecord
 from worker.contract.requests import ID_PATTERN
 from worker.logs import bind_task
 from worker.store.changes import ClaimRequest
+from worker.store.database import Store
 from worker.store.queries import ORDER_COLUMNS
 from worker.views import (
     LogLine,
@@ -192,14 +194,31 @@ def _submitted(task_id: str, state: State) -> JsonValue:
 
 async def get_task(request: web.Request) -> web.Response:
     task_id = _task_id(request)
-    record = await services(request).store.get(task_id)
+    store = services(request).store
+    record = await store.get(task_id)
     if record is None:
-        raise Problem(404, f"there is no task {task_id!r}")
+        raise await _unknown(store, task_id)
     detail = TaskDetail.from_record(record)
     # A browser (following a link of the operations page) gets the page; API clients the JSON.
     if task_page.wants_page(request):
         return await task_page.get_page(request, detail)
     return _json(detail.model_dump(mode="json", by_alias=True), headers={"Vary": "Accept"})
+
+
+async def _unknown(store: Store, task_id: str) -> Problem:
+    """410 for a task deleted past the retention while its completion time is remembered (a
+    task submitted again since is its live row), else 404."""
+    completed_at = await store.retention.purged_completion(task_id)
+    if completed_at is None:
+        return Problem(404, f"there is no task {task_id!r}")
+    # RFC 3339 in UTC, as every time the API answers.
+    stamp = completed_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return Problem(
+        410,
+        f"task {task_id!r} completed at {stamp} and was deleted after the retention period "
+        "(AGENTLESS_RETENTION): its result and log are no longer kept",
+        completedAt=stamp,
+    )
 
 
 def _task_id(request: web.Request) -> str:
@@ -277,7 +296,7 @@ async def get_task_logs(request: web.Request) -> web.Response:
     task_id = _task_id(request)
     svc = services(request)
     if await svc.store.get(task_id) is None:
-        raise Problem(404, f"there is no task {task_id!r}")
+        raise await _unknown(svc.store, task_id)
     lines, dropped = await svc.store.log_lines(task_id)
     answer = TaskLogs(
         task_id=task_id,

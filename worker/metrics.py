@@ -128,6 +128,13 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.purged = Counter(
+            "agentless_purged",
+            "Rows this process deleted past AGENTLESS_RETENTION, by kind: tasks (with their log "
+            "lines), dead_letters, and tombstones (what was kept of purged tasks).",
+            ["kind"],
+            registry=self.registry,
+        )
         self.poll_lateness = Histogram(
             "agentless_poll_lateness_seconds",
             "Time from when a poll was due to when this process took it.",

@@ -179,9 +179,7 @@ def test_the_example_env_file_lists_every_setting() -> None:
         for line in text.splitlines()
         if line.lstrip("# ").startswith("AGENTLESS_") and "=" in line
     }
-    # SPEC §2 names AGENTLESS_RETENTION, which the settings may not read yet.
-    assert listed >= SETTINGS
-    assert listed - SETTINGS <= {"AGENTLESS_RETENTION"}
+    assert listed == SETTINGS
 
 
 # The live test: each agentless service as a local process.

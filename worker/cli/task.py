@@ -40,6 +40,19 @@ def _no_such_task(task_id: str) -> str:
     )
 
 
+async def _unknown(store: Store, task_id: str) -> str:
+    """Why the store has no row of the task: it was purged past the retention (GET /tasks/{id}
+    answers 410), or nothing is known of it (404)."""
+    completed_at = await store.retention.purged_completion(task_id)
+    if completed_at is None:
+        return _no_such_task(task_id)
+    stamp = completed_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    return (
+        f"agentless: task {task_id!r} completed at {stamp} and was deleted after the retention "
+        "period (AGENTLESS_RETENTION); its result and log are no longer kept"
+    )
+
+
 def _task_id(text: str) -> str:
     if not ID_PATTERN.fullmatch(text):
         raise UsageError(f"{text!r} is not a task id (1-128 of A-Z a-z 0-9 . _ : -)")
@@ -52,8 +65,8 @@ def _task_id(text: str) -> str:
 def cmd_task(settings: Settings, args: argparse.Namespace) -> int:
     task_id = _task_id(args.id)
     detail, now = asyncio.run(_detail(settings, task_id))
-    if detail is None:
-        print(_no_such_task(task_id), file=sys.stderr)
+    if isinstance(detail, str):
+        print(detail, file=sys.stderr)
         return EXIT_NOT_SUCCEEDED
     if args.json:
         print(detail.model_dump_json(by_alias=True, indent=2))
@@ -62,12 +75,15 @@ def cmd_task(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_DONE
 
 
-async def _detail(settings: Settings, task_id: str) -> tuple[TaskDetail | None, datetime]:
-    """The task, and the time by the database's clock (its ages' now)."""
+async def _detail(settings: Settings, task_id: str) -> tuple[TaskDetail | str, datetime]:
+    """The task, or why there is none to show; and the time by the database's clock (its ages'
+    now)."""
     async with Store.open(settings.database_url, pool_size=1) as store:
         record = await store.get(task_id)
         now = store.clock.now()
-    return None if record is None else TaskDetail.from_record(record), now
+        if record is None:
+            return await _unknown(store, task_id), now
+    return TaskDetail.from_record(record), now
 
 
 def summary(task: TaskDetail, now: datetime) -> str:
@@ -159,7 +175,7 @@ async def _cancel(settings: Settings, task_id: str) -> int:
         if record is None:
             existing = await store.get(task_id)
             if existing is None:
-                print(_no_such_task(task_id), file=sys.stderr)
+                print(await _unknown(store, task_id), file=sys.stderr)
             else:
                 print(
                     f"agentless: task {task_id!r} already completed with result "
@@ -203,7 +219,7 @@ async def _logs(settings: Settings, task_id: str, *, follow: bool) -> int:
         while True:
             record = await store.get(task_id)
             if record is None:
-                print(_no_such_task(task_id), file=sys.stderr)
+                print(await _unknown(store, task_id), file=sys.stderr)
                 return EXIT_NOT_SUCCEEDED
             lines, dropped = await store.log_lines(task_id)
             total = dropped + len(lines)

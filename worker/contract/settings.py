@@ -13,6 +13,7 @@ import orjson
 from pydantic import (
     AnyUrl,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -124,6 +125,32 @@ def _split(value: object) -> object:
 
 CommaList = Annotated[list[str], NoDecode]
 
+# AGENTLESS_RETENTION's units, in seconds.
+_RETENTION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_RETENTION = re.compile(r"(?:(\d{1,12})|(\d{1,12}(?:\.\d{1,6})?)([smhd]))")
+# A century: longer would put now() minus the retention out of PostgreSQL's timestamp range, which
+# the purge would learn only at its first statement.
+MAX_RETENTION_SECONDS = 100 * 365 * 86400
+
+
+def parse_retention(value: object) -> float:
+    """AGENTLESS_RETENTION in seconds: a whole number of seconds, or a number with a unit s, m, h
+    or d (`90s`, `30m`, `36h`, `7d`); 0 keeps completed tasks forever."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _RETENTION.fullmatch(value.strip().lower())):
+        whole, number, unit = match.groups()
+        seconds = float(whole) if whole is not None else float(number) * _RETENTION_UNITS[unit]
+    else:
+        raise ValueError(
+            "must be a whole number of seconds or a number with a unit s, m, h or d (90s, 30m, "
+            "36h, 7d); 0 keeps completed tasks forever"
+        )
+    if not 0 <= seconds <= MAX_RETENTION_SECONDS:
+        raise ValueError(f"must be from 0 (forever) to {MAX_RETENTION_SECONDS // 86400}d")
+    return seconds
+
+
 # A key is a secret to be guessed by no one: as long as the HMAC-SHA256 it keys.
 MIN_SIGNING_KEY_BYTES = 32
 
@@ -178,6 +205,8 @@ class Settings(BaseSettings):
     worker_host: str = "127.0.0.1"
     # None: the command line's --log-level, whose default is info, decides.
     log_level: Literal["debug", "info", "warning", "error"] | None = None
+    # Seconds a completed task is kept (AGENTLESS_RETENTION, read by parse_retention); 0: forever.
+    retention: Annotated[float, BeforeValidator(parse_retention)] = 7 * 86400.0
 
     @field_validator("amqp_url")
     @classmethod

@@ -43,6 +43,7 @@ from worker.store.clock import follow, keep_measuring, measure
 from worker.store.errors import DB_UNAVAILABLE, NotLive, TaskVanished, refused
 from worker.store.polls import PollStore
 from worker.store.recent import RecentWrites
+from worker.store.retention import RetentionStore
 from worker.store.rows import dead_letter, task_record, task_summary, worker_record
 from worker.store.schema import migrate
 from worker.store.storable import outputs_json, response_json, storable_text
@@ -77,6 +78,8 @@ class Store:
         # The database's clock, for what this process decides by the time of day.
         self.clock = Clock()
         self.polls = PollStore(pool, self.lock_namespace)
+        # Purging completed tasks past AGENTLESS_RETENTION, and what is known of purged ones.
+        self.retention = RetentionStore(pool, self.lock_namespace)
         # What this worker recorded lately, to record again should a failover have lost it.
         self.recent = RecentWrites()
         self._claims: Batcher[ClaimRequest, Claimed | TaskRecord] = Batcher(
