@@ -15,10 +15,15 @@ contender's events exchange (`task.completed.#`). The contenders:
 
 - baseline: throughput.py's bare consumer (consume, call, JMESPath, publish the completion with a
   confirm, ack; no database);
-- worker: `python -m worker worker` as it ships;
+- worker: the worker (`python -m worker worker`, run by this file's `--role=worker` so that
+  its claim and completion batches are timed: see below);
 - worker, ungathered: the same worker with its store's batches flushed at once rather than after
   gathering for a few turns of the event loop (`worker.store.database.GATHER_TURNS` set to 0 in
   its process before it starts); beside the worker, it shows what gathering costs in latency.
+
+In both workers each claim and completion is timed from its submission to its batch (the wait:
+the gathering turns and any flush still under way) and each batch's flush (its statement and
+commit): a few microseconds of bookkeeping per task, reported for the measured tasks' batches.
 
 It exits 1 when the worker's p50 or p99 at 50% of the peak is further from the baseline's than
 the targets allow, or a run went wrong (then the contenders' logs are kept).
@@ -36,6 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
+from argparse import SUPPRESS
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,15 +71,9 @@ SUBSCRIBE_TIMEOUT: Final = 60.0
 
 # Run in the worker's process before it starts, for the ungathered contender: a benchmark's knob,
 # not a setting. It fails (and so does the run) if the constant is gone or renamed.
-UNGATHERED: Final = (
-    "import runpy, sys\n"
-    "import worker.store.database as database\n"
-    "if not isinstance(getattr(database, 'GATHER_TURNS', None), int):\n"
-    "    sys.exit('worker.store.database.GATHER_TURNS is gone: latency.py needs updating')\n"
-    "database.GATHER_TURNS = 0\n"
-    "sys.argv = ['worker', 'worker']\n"
-    "runpy.run_module('worker', run_name='__main__', alter_sys=True)\n"
-)
+SELF: Final = Path(__file__).resolve()
+# The batches timed in the worker, by the name of the Store's flush method.
+TIMED_BATCHES: Final = {"_flush_claims": "claims", "_flush_completions": "completions"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +84,108 @@ class Contender:
 
 
 BASELINE: Final = Contender("baseline", worker=False, command=())
-WORKER: Final = Contender("worker", worker=True, command=throughput.WORKER_COMMAND)
-UNGATHERED_WORKER: Final = Contender(
-    "worker, ungathered", worker=True, command=(sys.executable, "-c", UNGATHERED)
+WORKER: Final = Contender(
+    "worker", worker=True, command=(sys.executable, str(SELF), "--role=worker")
 )
+UNGATHERED_WORKER: Final = Contender(
+    "worker, ungathered",
+    worker=True,
+    command=(sys.executable, str(SELF), "--role=worker", "--gather-turns=0"),
+)
+
+
+# --- the worker, its batches timed: `--role=worker` ----------------------------------------
+
+
+def run_timed_worker(gather_turns: int | None, stats: Path) -> int:
+    """`python -m worker worker` in this process, its claim and completion batches timed; with
+    `gather_turns`, its store's batches gather for that many turns rather than its own. Each
+    batch's (start, flush ms, its items' waits in ms) go to `stats` as JSON on the way out."""
+    import runpy  # noqa: PLC0415
+
+    # The measured checkout, the working directory, before this one.
+    sys.path.insert(0, os.getcwd())
+    from worker.store import batch, database  # noqa: PLC0415
+
+    if not isinstance(getattr(database, "GATHER_TURNS", None), int):
+        sys.exit("worker.store.database.GATHER_TURNS is gone: latency.py needs updating")
+    if gather_turns is not None:
+        database.GATHER_TURNS = gather_turns
+    submitted: dict[int, float] = {}
+    timed: dict[str, list[tuple[float, float, list[float]]]] = {
+        name: [] for name in TIMED_BATCHES.values()
+    }
+    batcher: Any = batch.Batcher
+    submit, take, run = batcher.submit, batcher._take, batcher._run
+
+    def name_of(self: Any) -> str | None:
+        return TIMED_BATCHES.get(getattr(self._flush, "__name__", ""))
+
+    async def timed_submit(self: Any, item: Any) -> Any:
+        if name_of(self) is not None:
+            submitted[id(item)] = time.perf_counter()
+        return await submit(self, item)
+
+    def timed_take(self: Any) -> Any:
+        taken = take(self)
+        self._taken_at = time.perf_counter()
+        self._waits = [
+            (self._taken_at - submitted.pop(id(item), self._taken_at)) * 1000 for item, _ in taken
+        ]
+        return taken
+
+    async def timed_run(self: Any, entries: Any) -> None:
+        name, began = name_of(self), time.perf_counter()
+        waits = getattr(self, "_waits", [])
+        self._waits = []
+        try:
+            await run(self, entries)
+        finally:
+            if name is not None and waits:
+                timed[name].append((began, (time.perf_counter() - began) * 1000, waits))
+
+    batcher.submit, batcher._take, batcher._run = timed_submit, timed_take, timed_run
+    sys.argv = ["worker", "worker"]
+    try:
+        runpy.run_module("worker", run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        stats.write_bytes(orjson.dumps(timed))
+    return 0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchTimes:
+    """One kind of batch, over the measured tasks' time: how long items waited to be taken into
+    a batch, how long its flush took, and how many a batch held."""
+
+    batches: int
+    mean_size: float
+    wait_p50_ms: float
+    wait_p99_ms: float
+    flush_p50_ms: float
+    flush_p99_ms: float
+
+
+def batch_times(stats: Path, since: float) -> dict[str, BatchTimes]:
+    found: dict[str, list[list[Any]]] = orjson.loads(stats.read_bytes())
+    times = {}
+    for name, batches in found.items():
+        kept = [entry for entry in batches if entry[0] >= since]
+        if not kept:
+            continue
+        waits = sorted(wait for _, _, items in kept for wait in items)
+        flushes = sorted(flush for _, flush, _ in kept)
+        times[name] = BatchTimes(
+            len(kept),
+            len(waits) / len(kept),
+            quantile(waits, 0.5),
+            quantile(waits, 0.99),
+            quantile(flushes, 0.5),
+            quantile(flushes, 0.99),
+        )
+    return times
 
 
 @dataclass
@@ -112,6 +210,8 @@ class LatencyRun:
     rabbitmq_cpu_ms_per_task: float | None = None
     host_busy_percent: float | None = None
     exit_code: int | None = None
+    # The worker's claim and completion batches, by kind.
+    batches: dict[str, BatchTimes] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -287,6 +387,10 @@ async def measure_at(setup: Setup, contender: Contender, load: int, rate: float)
         command = tuple(throughput.baseline_command(queue, exchange, setup.concurrency))
         cwd = ROOT
     log = setup.logs / f"{contender.name.replace(', ', '-')}-{load}.log"
+    stats = log.with_suffix(".batches.json")
+    if contender.worker:
+        command = (*command, f"--batch-stats={stats}")
+    first_measured = math.inf
     arrivals = Arrivals(tasks)
     channel = await setup.connection.channel()
     try:
@@ -308,6 +412,7 @@ async def measure_at(setup: Setup, contender: Contender, load: int, rate: float)
                 setup.connection, queue, tasks[:warmup], rate, arrivals, setup.rng
             )
             first = throughput.take_snapshot(process.pid, setup.target_pid)
+            first_measured = time.perf_counter()
             lags = await publish_open_loop(
                 setup.connection, queue, measured, rate, arrivals, setup.rng
             )
@@ -338,6 +443,10 @@ async def measure_at(setup: Setup, contender: Contender, load: int, rate: float)
         run.p50_ms, run.p99_ms, run.p999_ms = (quantile(latencies, q) for q in QUANTILES)
         run.max_ms = latencies[-1]
     if contender.worker:
+        if stats.exists():
+            run.batches = batch_times(stats, first_measured)
+        else:
+            run.problems.append("the worker wrote no batch times")
         run.problems.extend(throughput.log_problems(log))
         run.problems.extend(
             await throughput.check_and_drop_schema(setup.database_url, schema, len(tasks))
@@ -505,6 +614,30 @@ def gathering_costs(runs: list[LatencyRun]) -> list[str]:
     return lines
 
 
+def batch_lines(runs: list[LatencyRun]) -> list[str]:
+    timed = [run for run in runs if run.batches]
+    if not timed:
+        return []
+    number = throughput.number
+    lines = [
+        "",
+        "the workers' batches over the measured tasks: wait = from a claim's or completion's",
+        "  submission to its batch's start (the gathering turns, and a flush still under way);",
+        "  flush = the batch's statement and commit; size = items per batch.",
+        f"{'load':>4}  {'contender':<18}  {'batch':<11}  {'batches':>7}  {'size':>5}  "
+        f"{'wait p50 ms':>11}  {'wait p99 ms':>11}  {'flush p50 ms':>12}  {'flush p99 ms':>12}",
+    ]
+    for run in timed:
+        for name, times in sorted(run.batches.items()):
+            lines.append(
+                f"{run.load_percent:>3}%  {run.contender:<18}  {name:<11}  {times.batches:>7}  "
+                f"{times.mean_size:>5.2f}  {number(times.wait_p50_ms, 2):>11}  "
+                f"{number(times.wait_p99_ms, 2):>11}  {number(times.flush_p50_ms, 2):>12}  "
+                f"{number(times.flush_p99_ms, 2):>12}"
+            )
+    return lines
+
+
 def report(results: Results, args: argparse.Namespace) -> str:
     number = throughput.number
     cpus = len(os.sched_getaffinity(0))
@@ -535,6 +668,7 @@ def report(results: Results, args: argparse.Namespace) -> str:
         f"{number(run.rabbitmq_cpu_ms_per_task, 3):>10}  {number(run.host_busy_percent, 0):>11}"
         for run in results.runs
     )
+    lines += batch_lines(results.runs)
     costs = gathering_costs(results.runs)
     if costs:
         lines += ["", "what gathering costs (worker minus worker, ungathered):", *costs]
@@ -604,7 +738,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="the checkout whose worker to measure (default: this one)",
     )
+    parser.add_argument("--role", choices=["bench", "worker"], default="bench", help=SUPPRESS)
+    parser.add_argument("--gather-turns", type=int, help=SUPPRESS)
+    parser.add_argument("--batch-stats", type=Path, help=SUPPRESS)
     args = parser.parse_args(argv)
+    if args.role == "worker":
+        return run_timed_worker(args.gather_turns, args.batch_stats)
     if not Path("/proc/self/stat").exists():
         parser.error("this benchmark reads CPU from /proc: it runs on Linux only")
     args.worker_root = args.worker_root.resolve()
