@@ -27,8 +27,12 @@ from worker.store.errors import DB_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
-# How often deadlines are checked: a task times out within this (and a statement) of its deadline.
+# How often deadlines are checked, from the start of one sweep to the next: a task times out
+# within this (and a statement) of its deadline.
 SWEEP_INTERVAL = 0.5
+# Tasks timed out per statement, of each kind of deadline. A sweep that fills it goes again at
+# once: a burst of deadlines is not served this many per interval.
+SWEEP_LIMIT = 100
 # How often polls in flight on dead workers are looked for.
 RESCUE_INTERVAL = 2.0
 
@@ -56,14 +60,20 @@ class Sweeper:
 
     async def run(self) -> None:
         while True:
+            began = time.monotonic()
+            full = False
             try:
-                await self.sweep_once()
+                full = await self.sweep_once()
             except DB_UNAVAILABLE as exc:
                 log.warning("sweep skipped: database unavailable (%s)", exc)
-            await asyncio.sleep(SWEEP_INTERVAL)
+            if not full:
+                # Publishing the completions waits for the broker: that wait is part of the
+                # interval, not added to it.
+                await asyncio.sleep(max(0.0, SWEEP_INTERVAL - (time.monotonic() - began)))
 
-    async def sweep_once(self) -> None:
-        timed_out = await self._store.sweep()
+    async def sweep_once(self) -> bool:
+        """One sweep; whether it timed out as many tasks as one statement may (more may be due)."""
+        timed_out = await self._store.sweep(SWEEP_LIMIT)
         for record in timed_out:
             self._metrics.record_completed(record)
             log.info(
@@ -76,8 +86,9 @@ class Sweeper:
                 },
             )
         await publish_completions(self._broker, self._store, timed_out)
+        full = len(timed_out) >= SWEEP_LIMIT
         if self._invoker is None:
-            return
+            return full
         now = time.monotonic()
         if now - self._rescued_at >= RESCUE_INTERVAL:
             self._rescued_at = now
@@ -86,6 +97,7 @@ class Sweeper:
         requests = await self._store.take_cancel_requests()
         if requests:
             await asyncio.gather(*(self._invoke_cancel_request(self._invoker, r) for r in requests))
+        return full
 
     async def _invoke_cancel_request(self, invoker: Invoker, record: TaskRecord) -> None:
         """Best effort, once: the outcome is logged, and changes nothing about the task."""

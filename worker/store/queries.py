@@ -158,12 +158,21 @@ SELECT_IN_PLAN = f"SELECT {RECORD} FROM tasks t WHERE t.task_id = $1 AND t.plan_
 # Waiting and polling tasks past their deadline, or waiting ones past the time by which the
 # service had to say it started; SKIP LOCKED lets every worker sweep at once without two completing
 # one task. A poll in flight then finds its task completed, and records nothing.
+# One condition per scan, each in its partial index's order: a plain index scan stops at the
+# limit and marks the entries of rows that have since completed as dead, so that the next sweep
+# skips them. Both deadlines in one OR made a bitmap scan, which marks nothing: it read every
+# task completed since the last vacuum whose deadline had passed, each sweep (33 ms for 40,000).
 SWEEP = f"""
 WITH waiting AS (
     SELECT task_id FROM tasks
-    WHERE state = 'waiting'
-      AND (deadline <= now() OR (started_deadline <= now() AND external_started_at IS NULL))
+    WHERE state = 'waiting' AND deadline <= now()
     ORDER BY deadline
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), not_started AS (
+    SELECT task_id FROM tasks
+    WHERE state = 'waiting' AND started_deadline <= now() AND external_started_at IS NULL
+    ORDER BY started_deadline
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 ), polling AS (
@@ -184,7 +193,10 @@ SET state = 'completed', result = 'failed',
     completed_at = now(), completed_by = 'timeout', event_pending = true, updated_at = now(),
     next_poll_at = NULL, worker_id = NULL,
     cancel_state = CASE WHEN {_HAS_CANCEL_REQUEST} THEN 'pending' END
-FROM (SELECT task_id FROM waiting UNION ALL SELECT task_id FROM polling) AS due
+FROM (
+    SELECT task_id FROM waiting UNION SELECT task_id FROM not_started
+    UNION SELECT task_id FROM polling
+) AS due
 WHERE t.task_id = due.task_id
 RETURNING {RECORD}
 """
