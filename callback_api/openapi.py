@@ -137,12 +137,20 @@ _RESPONSE_HEADERS: Final[dict[int, dict[str, Any]]] = {
     202: {"Location": _header("where the task can be read")},
     206: {
         "Content-Range": _header(
-            "items FIRST-LAST/TOTAL; items */TOTAL when no item is in the range",
-            r"^items ([0-9]+-[0-9]+|\*)/[0-9]+$",
+            "items FIRST-LAST/TOTAL; items */TOTAL when no item is in the range. TOTAL is exact "
+            "up to 10,000 tasks; past that it is * (not counted: the body's total is an "
+            "estimate, totalExact false)",
+            r"^items ([0-9]+-[0-9]+|\*)/([0-9]+|\*)$",
         )
     },
     401: {"WWW-Authenticate": _header("the schemes the route takes")},
-    416: {"Content-Range": _header("items */TOTAL", r"^items \*/[0-9]+$")},
+    416: {
+        "Content-Range": _header(
+            "items */TOTAL, TOTAL counted exactly (a range past the end of a long list costs "
+            "the counting of its tasks)",
+            r"^items \*/[0-9]+$",
+        )
+    },
 }
 
 _SECURITY_SCHEMES: Final = {

@@ -244,26 +244,33 @@ async def list_tasks(request: web.Request) -> web.Response:
     query = query_of(request, TaskListQuery)
     ranged = request.headers.get("Range")
     offset, limit = _window(query, ranged)
-    records, total = await services(request).store.list_tasks(
+    listed = await services(request).store.list_tasks(
         query.filters(),
         query.order_field,
         descending=query.sort_type == "desc",
         offset=offset,
         limit=limit,
     )
-    page = TaskPage(tasks=[TaskSummary.of(record) for record in records], total=total)
+    page = TaskPage(
+        tasks=[TaskSummary.of(record) for record in listed.tasks],
+        total=listed.total,
+        total_exact=listed.exact,
+    )
     body = page.model_dump(mode="json", by_alias=True)
     if ranged is None:
         return _json(body)
-    if offset >= total and (total or offset):
+    if not listed.tasks and (listed.total or offset):
+        # An empty page is past the end, and its total is always exact (listing.page counts it).
         raise Problem(
             416,
-            f"the range starts past the last of {total} tasks",
-            headers={"Content-Range": f"items */{total}"},
+            f"the range starts past the last of {listed.total} tasks",
+            headers={"Content-Range": f"items */{listed.total}"},
         )
-    # A page with no task in it has no first and last to name.
-    shown = f"{offset}-{offset + len(records) - 1}" if records else "*"
-    return _json(body, 206, {"Content-Range": f"items {shown}/{total}"})
+    # A page with no task in it has no first and last to name; RFC 9110 writes a complete
+    # length that is not known as "*".
+    shown = f"{offset}-{offset + len(listed.tasks) - 1}" if listed.tasks else "*"
+    length = str(listed.total) if listed.exact else "*"
+    return _json(body, 206, {"Content-Range": f"items {shown}/{length}"})
 
 
 async def cancel_task(request: web.Request) -> web.Response:

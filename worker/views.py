@@ -132,7 +132,14 @@ class TaskDetail(TaskSummary):
 
 class TaskPage(View):
     tasks: list[TaskSummary]
-    total: int
+    total: int = Field(
+        description="how many tasks match: exact up to 10,000, past which it is an estimate "
+        "(totalExact false)"
+    )
+    total_exact: bool = Field(
+        default=True,
+        description="whether total is a count (true) or the database's estimate (false)",
+    )
 
 
 class WorkerView(View):
@@ -163,7 +170,10 @@ class QueueView(View):
     running: int
     waiting: int = Field(description="callback tasks waiting for their TaskCompleted")
     polling: int = Field(description="poll tasks waiting for their next poll")
-    completed: int
+    completed: int = Field(description="exact up to 10,000, past which an estimate")
+    completed_exact: bool = Field(
+        default=True, description="whether completed is a count (true) or an estimate (false)"
+    )
     oldest_waiting_age_seconds: float | None = None
     completed_last_minute: int
     broker_blocked: str | None = Field(
@@ -214,6 +224,7 @@ def dashboard(depths: QueueDepths, overview: Overview, now: datetime) -> Dashboa
         waiting=overview.states.get(State.WAITING, 0),
         polling=overview.states.get(State.POLLING, 0),
         completed=overview.states.get(State.COMPLETED, 0),
+        completed_exact=overview.completed_exact,
         oldest_waiting_age_seconds=None if oldest is None else (now - oldest).total_seconds(),
         completed_last_minute=overview.completed_last_minute,
         broker_blocked=depths.blocked,

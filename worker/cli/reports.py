@@ -65,7 +65,7 @@ def _status_tables(board: Dashboard, now: datetime) -> str:
         ("running", str(queue.running)),
         ("waiting", str(queue.waiting)),
         ("polling", str(queue.polling)),
-        ("completed", str(queue.completed)),
+        ("completed", _count(queue.completed, exact=queue.completed_exact)),
         ("oldest waiting", "-" if oldest is None else duration(oldest)),
         ("completed last minute", str(queue.completed_last_minute)),
     ]
@@ -120,7 +120,7 @@ def cmd_tasks(settings: Settings, args: argparse.Namespace) -> int:
         )
         if value is not None
     }
-    summaries, total, now = asyncio.run(
+    summaries, total, exact, now = asyncio.run(
         _tasks(settings, filters, args.order, descending=not args.asc, limit=args.limit)
     )
     if args.json:
@@ -154,7 +154,10 @@ def cmd_tasks(settings: Settings, args: argparse.Namespace) -> int:
         )
     )
     if total > len(summaries):
-        print(f"{len(summaries)} of {total} tasks shown; --limit shows more", file=sys.stderr)
+        print(
+            f"{len(summaries)} of {_count(total, exact=exact)} tasks shown; --limit shows more",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -163,14 +166,20 @@ _SUMMARIES = TypeAdapter(list[TaskSummary])
 
 async def _tasks(
     settings: Settings, filters: dict[str, str], order: str, *, descending: bool, limit: int
-) -> tuple[list[TaskSummary], int, datetime]:
-    """The tasks, how many match, and the time by the database's clock (their ages' now)."""
+) -> tuple[list[TaskSummary], int, bool, datetime]:
+    """The tasks, how many match (and whether exactly), and the time by the database's clock
+    (their ages' now)."""
     async with Store.open(settings.database_url, pool_size=1) as store:
-        records, total = await store.list_tasks(
+        listed = await store.list_tasks(
             filters, order, descending=descending, offset=0, limit=limit
         )
         now = store.clock.now()
-    return [TaskSummary.of(record) for record in records], total, now
+    return [TaskSummary.of(record) for record in listed.tasks], listed.total, listed.exact, now
+
+
+def _count(number: int, *, exact: bool) -> str:
+    """A count, or an estimate marked as one (past 10,000 tasks, totals are estimated)."""
+    return str(number) if exact else f"~{number}"
 
 
 def cmd_dead_list(settings: Settings, args: argparse.Namespace) -> int:

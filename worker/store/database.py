@@ -26,11 +26,10 @@ from worker.contract.records import (
     ClusterState,
     Overview,
     TaskRecord,
-    TaskSummaryRecord,
     WorkerRecord,
 )
 from worker.contract.settings import redact_url
-from worker.store import batches, queries
+from worker.store import batches, listing, queries
 from worker.store.batch import Batcher
 from worker.store.changes import (
     CallbackCompletion,
@@ -41,6 +40,7 @@ from worker.store.changes import (
 )
 from worker.store.clock import follow, keep_measuring, measure
 from worker.store.errors import DB_UNAVAILABLE, NotLive, TaskVanished, refused
+from worker.store.listing import TaskList
 from worker.store.polls import PollStore
 from worker.store.recent import RecentWrites
 from worker.store.retention import RetentionStore
@@ -375,20 +375,21 @@ class Store:
         descending: bool,
         offset: int,
         limit: int,
-    ) -> tuple[list[TaskSummaryRecord], int]:
-        """One page of task summaries, and how many tasks match in all."""
-        page, count = queries.list_tasks(list(filters), order, descending)
+    ) -> TaskList:
+        """One page of task summaries, and how many tasks match in all (listing.py)."""
         async with self._pool.acquire() as conn:
-            total: int = await conn.fetchval(count, *filters.values())
-            found = await conn.fetch(page, *filters.values(), offset, limit) if total else []
-        return [task_summary(row) for row in found], total
+            return await listing.page(
+                conn, filters, order, descending=descending, offset=offset, limit=limit
+            )
 
     async def overview(self, *, limit: int = 20) -> Overview:
         """What the queue page and `agentless status` show from the database."""
         async with self._pool.acquire() as conn:
-            counts = {r["state"]: r["n"] for r in await conn.fetch(queries.STATE_COUNTS)}
+            counts = {r["state"]: r["n"] for r in await conn.fetch(queries.UNFINISHED_COUNTS)}
+            completed, exact = await listing.total(conn, {"state": State.COMPLETED})
             return Overview(
-                states=counts,
+                states={**counts, State.COMPLETED: completed},
+                completed_exact=exact,
                 oldest_waiting_since=await conn.fetchval(queries.OLDEST_WAITING),
                 completed_last_minute=await conn.fetchval(queries.COMPLETED_SINCE, 60),
                 unfinished=[task_summary(r) for r in await conn.fetch(queries.UNFINISHED, limit)],

@@ -3,6 +3,8 @@ batches.py, registry.py) runs them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 def _lock_held(namespace_param: str, worker: str) -> str:
     """Whether worker `worker` (an id: a parameter or a column) holds its session lock now, i.e.
@@ -293,11 +295,12 @@ LIMIT 1
 SUMMARY = """t.task_id, t.plan_id, t.job_id, t.hub_name, t.name, t.mode, t.state, t.result,
     t.reason, t.attempts, t.queued_at, t.started_at, t.completed_at, t.deadline, t.polls"""
 
-# Sortable fields of GET /tasks and the columns behind them (the only text spliced into SQL).
+# Sortable fields of GET /tasks and the keys behind them (the only text spliced into SQL). Ids
+# sort as they filter, case-insensitively, by the lower() forms the indexes hold (0008).
 ORDER_COLUMNS = {
     "taskId": "t.task_id",
-    "planId": "t.plan_id",
-    "hubName": "t.hub_name",
+    "planId": "lower(t.plan_id)",
+    "hubName": "lower(t.hub_name)",
     "name": "t.name",
     "state": "t.state",
     "result": "t.result",
@@ -306,32 +309,112 @@ ORDER_COLUMNS = {
     "startedAt": "t.started_at",
     "completedAt": "t.completed_at",
 }
-# Columns that may be empty sort those last; the others keep the plain order, which the indexes
-# (migration 0003) supply without sorting every row.
-_NULLABLE = frozenset({"name", "result", "startedAt", "completedAt"})
+# Ties are broken by the queue time, then the task id, in the same direction: each order has an
+# index on exactly (key, queued_at, task_id) (migration 0008), so that a page is a walk along it.
+_TIES = ("t.queued_at", "t.task_id")
 
-# Filters of GET /tasks: each compares, case-insensitively, with the next parameter. The lower()
-# forms are indexed (migration 0003); state and result are stored in lower case.
+# Fields that may be empty sort those last in either direction. No one btree scan gives both
+# "DESC NULLS LAST" and "ASC NULLS LAST", so the tasks with a value and those without are read
+# as two parts, one after the other: each then follows an index.
+_PARTS = {
+    "name": ("t.name IS NOT NULL", "t.name IS NULL"),
+    "result": ("t.result IS NOT NULL", "t.result IS NULL"),
+    "startedAt": ("t.started_at IS NOT NULL", "t.started_at IS NULL"),
+    "completedAt": ("t.completed_at IS NOT NULL", "t.completed_at IS NULL"),
+}
+# A result and a completion time are set exactly when a task completes: a task with either is
+# completed, and one in another state has neither. The planner cannot know it; the statements
+# leave out what it implies, so that they match the indexes, which hold neither state.
+_SET_ON_COMPLETION = frozenset({"result", "completedAt"})
+
+# Filters of GET /tasks: each compares with the next parameter. State and result come validated
+# and spelled as stored, so they compare as they are and reach the indexes on (state, …) and
+# (result, …); ids compare case-insensitively, through the indexed lower() forms.
 _FILTERS = {
-    "state": "t.state = lower({})",
-    "result": "lower(t.result) = lower({})",
+    "state": "t.state = {}",
+    "result": "t.result = {}",
     "planId": "lower(t.plan_id) = lower({})",
     "hubName": "lower(t.hub_name) = lower({})",
 }
+# A filter that another condition implies still takes its parameter, as a condition that holds.
+_IMPLIED = "{}::text IS NOT NULL"
 
 
-def list_tasks(filters: list[str], order: str, descending: bool) -> tuple[str, str]:
-    """The page and count statements for these filters (by name, in order: $1, $2, …) and this
-    order; then $n+1 is the offset and $n+2 the limit."""
-    where = " AND ".join(_FILTERS[name].format(f"${i}") for i, name in enumerate(filters, 1))
-    where = f"WHERE {where}" if where else ""
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """The statements of one GET /tasks: filters by name, in order, are $1, $2, …, $n.
+
+    `parts` are read one after the other (their rows, in order, are the list), each with $n+1
+    the offset into it and $n+2 the limit; `part_counts[i]` counts part i's rows up to $n+1.
+    `count` counts the matching tasks up to $n+1; `estimate`'s plan estimates how many there are.
+    """
+
+    parts: tuple[str, ...]
+    part_counts: tuple[str, ...]
+    count: str
+    estimate: str
+
+
+def list_tasks(filters: dict[str, str], order: str, descending: bool) -> Listing:
+    """The statements that list the tasks matching `filters` (by name: value) in this order."""
+    state = filters.get("state")
+    completed = state == "completed"
+
+    def where(*extra: str, completed_implied: bool = False) -> str:
+        conditions = [
+            (
+                _IMPLIED if name == "state" and completed and completed_implied else _FILTERS[name]
+            ).format(f"${i}")
+            for i, name in enumerate(filters, 1)
+        ]
+        return _where(*conditions, *extra)
+
     direction = "DESC" if descending else "ASC"
-    # The task id breaks ties, so that pages never overlap or skip.
-    nulls = " NULLS LAST" if order in _NULLABLE else ""
-    page = f"""SELECT {SUMMARY} FROM tasks t {where}
-        ORDER BY {ORDER_COLUMNS[order]} {direction}{nulls}, t.task_id {direction}
-        OFFSET ${len(filters) + 1} LIMIT ${len(filters) + 2}"""
-    return page, f"SELECT count(*) FROM tasks t {where}"
+    # The task id is unique: it has no ties to break.
+    ties = [] if order == "taskId" else [tie for tie in _TIES if tie != ORDER_COLUMNS[order]]
+    keyed = ", ".join(f"{key} {direction}" for key in (ORDER_COLUMNS[order], *ties))
+    unkeyed = ", ".join(f"{key} {direction}" for key in ties)
+    with_result = "result" in filters
+    parts: list[tuple[str, str]] = []
+    if order in _PARTS:
+        with_value, without = _PARTS[order]
+        on_completion = order in _SET_ON_COMPLETION
+        if not (on_completion and state is not None and not completed):
+            parts.append((where(with_value, completed_implied=on_completion or with_result), keyed))
+        if not (on_completion and (completed or with_result)):
+            # An unfinished state implies the empty value: said again, it would only mislead the
+            # planner's estimate (it takes the two for independent, and their rows for few).
+            implied = on_completion and state is not None
+            parts.append(
+                (where(*([] if implied else [without]), completed_implied=with_result), unkeyed)
+            )
+    else:
+        parts.append((where(completed_implied=with_result), keyed))
+    offset, limit = len(filters) + 1, len(filters) + 2
+    everything = where(completed_implied=with_result)
+    return Listing(
+        # The page's task ids come off the index alone (an index-only scan past the offset);
+        # only the page's own rows are read.
+        parts=tuple(
+            f"""SELECT {SUMMARY} FROM tasks t WHERE t.task_id IN (
+                SELECT t.task_id FROM tasks t {part} ORDER BY {keys}
+                OFFSET ${offset} LIMIT ${limit})
+            ORDER BY {keys}"""
+            for part, keys in parts
+        ),
+        part_counts=tuple(_capped_count(part, offset) for part, _ in parts),
+        count=_capped_count(everything, offset),
+        estimate=f"SELECT 1 FROM tasks t {everything}",
+    )
+
+
+def _where(*conditions: str) -> str:
+    return f"WHERE {' AND '.join(conditions)}" if conditions else ""
+
+
+def _capped_count(where: str, cap: int) -> str:
+    """How many rows match, counting no further than the cap: the cost stays bounded."""
+    return f"SELECT count(*) FROM (SELECT 1 FROM tasks t {where} LIMIT ${cap}) AS capped"
 
 
 INSERT_QUEUED = """
@@ -342,29 +425,54 @@ ON CONFLICT (task_id) DO NOTHING
 RETURNING queued_at
 """
 
-STATE_COUNTS = "SELECT state, count(*) AS n FROM tasks GROUP BY state"
+# The states a task passes through before it completes, listed rather than written as
+# "<> 'completed'": each is then one range of the index on (state, queued_at), which reads the
+# unfinished tasks alone, however many completed ones the table keeps.
+_UNFINISHED_STATES = "('queued', 'running', 'waiting', 'polling')"
 
-OLDEST_WAITING = "SELECT min(started_at) FROM tasks WHERE state = 'waiting'"
+# Unfinished tasks by state; completed ones are counted as a listing counts its total.
+UNFINISHED_COUNTS = f"""
+SELECT state, count(*) AS n FROM tasks WHERE state IN {_UNFINISHED_STATES} GROUP BY state
+"""
+
+
+def _oldest_waiting(states: str) -> str:
+    """Since when the longest-waiting task in these states has waited: by the index on
+    waiting_since, and, for tasks that began to wait before migration 0006 stamped the time, by
+    their attempt's start (an index of its own holds those, migration 0008)."""
+    return f"""least(
+        (SELECT min(waiting_since) FROM tasks WHERE state IN {states}),
+        (SELECT min(started_at) FROM tasks
+         WHERE state IN {states} AND waiting_since IS NULL))"""
+
+
+_WAITING = "('waiting')"
+OLDEST_WAITING = f"SELECT {_oldest_waiting(_WAITING)}"
 
 # What the metrics export of the whole deployment, in one round trip. Only unfinished tasks are
-# counted (a partial index holds them), never the completed ones, which grow without bound. A task
-# is overdue once its deadline has passed by more than the sweep takes.
-CLUSTER_STATE = """
+# counted, never the completed ones, which grow without bound. A task is overdue once its
+# deadline has passed by more than the sweep takes; each mode's deadlines have an index.
+CLUSTER_STATE = f"""
 SELECT
-    (SELECT coalesce(jsonb_object_agg(state, n), '{}')::text FROM (
-        SELECT state, count(*) AS n FROM tasks WHERE state <> 'completed' GROUP BY state) s
+    (SELECT coalesce(jsonb_object_agg(state, n), '{{}}')::text FROM ({UNFINISHED_COUNTS}) s
     ) AS states,
     (SELECT min(queued_at) FROM tasks WHERE state = 'queued') AS oldest_queued_at,
-    (SELECT min(coalesce(waiting_since, started_at)) FROM tasks
-     WHERE state IN ('waiting', 'polling')) AS oldest_waiting_since,
+    {_oldest_waiting("('waiting', 'polling')")} AS oldest_waiting_since,
     (SELECT count(*) FROM tasks
-     WHERE state IN ('waiting', 'polling') AND deadline < now() - interval '30 seconds') AS overdue,
+     WHERE state = 'waiting' AND deadline < now() - interval '30 seconds')
+    + (SELECT count(*) FROM tasks
+       WHERE state = 'polling' AND deadline < now() - interval '30 seconds') AS overdue,
     (SELECT count(*) FROM workers WHERE last_seen > now() - interval '30 seconds') AS workers
 """
 
+# The oldest unfinished tasks: the oldest few of each state, each read off the index on
+# (state, queued_at), then the oldest of those.
 UNFINISHED = f"""
-SELECT {SUMMARY} FROM tasks t WHERE t.state IN ('running', 'waiting', 'polling')
-ORDER BY t.started_at LIMIT $1
+SELECT u.* FROM unnest(ARRAY['running', 'waiting', 'polling']) AS s(state)
+CROSS JOIN LATERAL (
+    SELECT {SUMMARY} FROM tasks t WHERE t.state = s.state ORDER BY t.queued_at LIMIT $1
+) AS u
+ORDER BY u.queued_at, u.task_id LIMIT $1
 """
 
 RECENT_FAILURES = f"""

@@ -1,6 +1,6 @@
 """Completions per minute over the last hour, succeeded or not: the operations page's chart.
 
-One statement: the index on completed_at (0001_tasks.sql) finds the last hour's completions
+One statement: the index led by completed_at (0008_listing.sql) finds the last hour's completions
 alone, however many older ones the table keeps, and the minutes come from the database's clock,
 the one that stamped completed_at.
 """

@@ -1,0 +1,178 @@
+"""The listing's plans on a full table: every order and the common filters of GET /tasks, and the
+queue's statements, read an index in their order and never scan or sort the whole table; and the
+lists they make are whole (no task twice, none missing) across pages and parts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import orjson
+
+from worker.store import listing, queries
+from worker.store.schema import migrate
+
+COMPLETED = 36_000
+WAITING = 4_000
+PAGE = 50
+DEEP = 10_000
+
+# Completed tasks of mixed results, hubs and five-task plans, and waiting callback tasks, as
+# a busy installation has them (bodies left small: the plans depend on the rows' number).
+SEED = """
+INSERT INTO tasks (task_id, plan_id, job_id, hub_name, name, mode, state, result, attempts,
+                   digest, message, queued_at, started_at, completed_at, waiting_since)
+SELECT 't-' || lpad(i::text, 6, '0'), 'Plan-' || (i / 5), 'job',
+       (ARRAY['build', 'Release', 'deploy', 'test'])[1 + i % 4],
+       CASE WHEN i % 9 = 0 THEN NULL ELSE 'step ' || (i % 97) END,
+       CASE WHEN i > $1::int THEN 'callback' ELSE 'apiResponse' END,
+       CASE WHEN i > $1::int THEN 'waiting' ELSE 'completed' END,
+       CASE WHEN i > $1::int THEN NULL WHEN i % 10 = 0 THEN 'failed'
+            WHEN i % 50 = 1 THEN 'canceled' ELSE 'succeeded' END,
+       1 + i % 3, '\\x00', '{}',
+       at, at + interval '1 s',
+       CASE WHEN i <= $1::int THEN at + interval '2 s' END,
+       CASE WHEN i > $1::int THEN at + interval '1 s' END
+FROM generate_series(1, $1::int + $2::int) AS i,
+     LATERAL (SELECT now() - make_interval(secs => ($1::int + $2::int - i) * 10) AS at) AS a
+"""
+
+
+async def test_plans_and_totals_on_a_full_table(db: asyncpg.Connection) -> None:
+    """One table filled once (the filling is most of the time): the plans, then the totals."""
+    await migrate(db)
+    await db.execute(SEED, COMPLETED, WAITING)
+    # As autovacuum leaves a table that has settled: statistics, and a visibility map that lets
+    # an index-only scan skip the rows before a deep page without reading them.
+    await db.execute("VACUUM ANALYZE tasks")
+    await every_order_and_filter_reads_an_index_in_its_order(db)
+    await the_queue_reads_the_unfinished_tasks_alone(db)
+    await totals_past_ten_thousand_are_estimates(db)
+
+
+def nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from nodes(child)
+
+
+async def plan_of(db: asyncpg.Connection, statement: str, *args: object) -> list[dict[str, Any]]:
+    explained = await db.fetchval(f"EXPLAIN (FORMAT JSON) {statement}", *args)
+    return list(nodes(orjson.loads(explained)[0]["Plan"]))
+
+
+def assert_indexed(
+    plan: list[dict[str, Any]], what: str, *, most_sorted: int = PAGE, most_read: int | None = None
+) -> None:
+    """No full scan of tasks, and nothing sorted but the page itself; a bitmap scan, which reads
+    its rows in the table's order rather than the list's, only where at most `most_read` rows
+    are counted."""
+    shown = [
+        (n["Node Type"], n.get("Index Name") or n.get("Relation Name"), n["Plan Rows"])
+        for n in plan
+    ]
+    for node in plan:
+        # The workers table holds a row a process: read whole.
+        full_scan = node["Node Type"] == "Seq Scan" and node["Relation Name"] == "tasks"
+        assert not full_scan, (what, shown)
+        if node["Node Type"] == "Bitmap Heap Scan":
+            assert most_read is not None, (what, shown)
+            assert node["Plan Rows"] <= most_read, (what, shown)
+        if node["Node Type"] in ("Sort", "Incremental Sort"):
+            assert node["Plan Rows"] <= most_sorted, (what, shown)
+    assert any("Index" in n["Node Type"] for n in plan), (what, shown)
+
+
+LISTINGS = [
+    *(({}, order, descending) for order in queries.ORDER_COLUMNS for descending in (True, False)),
+    ({"state": "waiting"}, "queuedAt", True),
+    ({"state": "waiting"}, "completedAt", True),
+    ({"state": "completed"}, "queuedAt", True),
+    ({"state": "completed"}, "completedAt", True),
+    ({"result": "succeeded"}, "queuedAt", True),
+    ({"result": "succeeded"}, "completedAt", True),
+    ({"result": "failed"}, "completedAt", True),
+    ({"planId": "plan-77"}, "queuedAt", True),
+    ({"planId": "plan-77"}, "completedAt", True),
+    ({"hubName": "RELEASE"}, "queuedAt", True),
+    ({"hubName": "RELEASE"}, "completedAt", True),
+    ({"state": "completed", "result": "failed"}, "completedAt", True),
+]
+
+
+async def every_order_and_filter_reads_an_index_in_its_order(full: asyncpg.Connection) -> None:
+    for filters, order, descending in LISTINGS:
+        statements = queries.list_tasks(filters, order, descending)
+        values = list(filters.values())
+        what = f"{filters} by {order} {'desc' if descending else 'asc'}"
+        for offset in (0, DEEP):
+            # The first part is the one a page of the first 10,050 tasks reads.
+            plan = await plan_of(full, statements.parts[0], *values, offset, PAGE)
+            assert_indexed(plan, f"{what} from {offset}")
+        if not filters or set(filters) == {"state"}:
+            # Past the offset, the rows are skipped in the index alone.
+            plan = await plan_of(full, statements.parts[0], *values, DEEP, PAGE)
+            assert any(n["Node Type"] == "Index Only Scan" for n in plan), what
+        for count in (statements.count, *statements.part_counts):
+            # Counting stops at the cap, whatever it reads (a table's first pages may do).
+            plan = await plan_of(full, count, *values, listing.EXACT_UP_TO + 1)
+            assert [n["Node Type"] for n in plan[:2]] == ["Aggregate", "Limit"], (what, plan)
+            assert not any("Sort" in n["Node Type"] for n in plan), (what, plan)
+
+
+async def the_queue_reads_the_unfinished_tasks_alone(full: asyncpg.Connection) -> None:
+    for name, statement, args in [
+        ("UNFINISHED_COUNTS", queries.UNFINISHED_COUNTS, ()),
+        ("OLDEST_WAITING", queries.OLDEST_WAITING, ()),
+        ("UNFINISHED", queries.UNFINISHED, (20,)),
+        ("RECENT_FAILURES", queries.RECENT_FAILURES, (20,)),
+        ("COMPLETED_SINCE", queries.COMPLETED_SINCE, (60,)),
+        ("CLUSTER_STATE", queries.CLUSTER_STATE, ()),
+    ]:
+        # Three states' oldest 20 each are sorted: no more.
+        assert_indexed(
+            await plan_of(full, statement, *args), name, most_sorted=60, most_read=WAITING
+        )
+
+
+async def test_pages_make_the_whole_list_across_parts(db: asyncpg.Connection) -> None:
+    """Completed tasks and then unfinished ones (no completion time: last in either direction),
+    every task once, whichever page size reads them."""
+    await migrate(db)
+    await db.execute(SEED, 90, 30)
+    expected = await db.fetchval("SELECT count(*) FROM tasks")
+    for order in ("completedAt", "result", "name", "planId", "queuedAt"):
+        for descending in (True, False):
+            seen: list[str] = []
+            offset = 0
+            while True:
+                page = await listing.page(
+                    db, {}, order, descending=descending, offset=offset, limit=7
+                )
+                assert (page.total, page.exact) == (expected, True)
+                seen += [task.task_id for task in page.tasks]
+                if len(page.tasks) < 7:
+                    break
+                offset += 7
+            assert len(set(seen)) == len(seen) == expected, order
+            if order == "completedAt":
+                states = [int(task_id[2:]) > 90 for task_id in seen]
+                assert states == sorted(states), "unfinished tasks come last"
+    # A page past the end of the list is empty, with the exact total.
+    past = await listing.page(db, {}, "queuedAt", descending=True, offset=500, limit=7)
+    assert (past.tasks, past.total, past.exact) == ([], expected, True)
+
+
+async def totals_past_ten_thousand_are_estimates(full: asyncpg.Connection) -> None:
+    many = await listing.page(full, {}, "queuedAt", descending=True, offset=0, limit=PAGE)
+    assert not many.exact
+    assert abs(many.total - (COMPLETED + WAITING)) < (COMPLETED + WAITING) / 10
+    few = await listing.page(
+        full, {"state": "waiting"}, "queuedAt", descending=True, offset=DEEP, limit=PAGE
+    )
+    assert (few.tasks, few.total, few.exact) == ([], WAITING, True)
+    waiting = await listing.page(
+        full, {"state": "waiting"}, "completedAt", descending=True, offset=0, limit=PAGE
+    )
+    assert (len(waiting.tasks), waiting.total, waiting.exact) == (PAGE, WAITING, True)
