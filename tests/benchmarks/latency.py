@@ -1,17 +1,20 @@
 """Latency of the worker under open-loop load, next to the bare baseline at the same rates.
 
-    python tests/benchmarks/latency.py [--seconds 30] [--loads 25,50,75] [--peak-tasks 5000]
-                                       [--peak RATE] [--concurrency 256] [--no-ungathered]
-                                       [--json] [--worker-root DIR]
+    python tests/benchmarks/latency.py [--seconds 30] [--rounds 6] [--loads 25,50,75]
+                                       [--peak-tasks 5000] [--peak RATE] [--concurrency 256]
+                                       [--no-ungathered] [--json] [--worker-root DIR]
 
 Run on demand, never by pytest. First the worker's peak rate is measured as throughput.py
 measures it (apiResponse tasks queued in advance, 0 ms target). Then, at each share of that peak,
-each contender in turn (a process of its own, on a fresh queue and, for the worker, a fresh
-database schema) is sent apiResponse tasks against the same 0 ms target with Poisson arrivals:
-exponential gaps between publishes, each published with a confirm that nobody waits for before
-the next publish, so that a slow contender does not slow the arrivals down (open loop). Each
-task's latency runs from its publish to its TaskCompleted event, received here from the
-contender's events exchange (`task.completed.#`). The contenders:
+the contenders are started afresh (each a process of its own, on a fresh queue and, for a worker,
+a fresh database schema) and sent apiResponse tasks against the same 0 ms target with Poisson
+arrivals: exponential gaps between publishes, each published with a confirm that nobody waits
+for before the next publish, so that a slow contender does not slow the arrivals down (open
+loop). After a warm-up, the contenders take turns, one segment of `seconds / rounds` each per
+round, each segment's tasks completed before the next begins: whatever else the host runs
+meanwhile falls on all of them alike. Each task's latency runs from its publish to its
+TaskCompleted event, received here from the contender's events exchange (`task.completed.#`).
+The contenders:
 
 - baseline: throughput.py's bare consumer (consume, call, JMESPath, publish the completion with a
   confirm, ack; no database);
@@ -168,11 +171,12 @@ class BatchTimes:
     flush_p99_ms: float
 
 
-def batch_times(stats: Path, since: float) -> dict[str, BatchTimes]:
+def batch_times(stats: Path, windows: Sequence[tuple[float, float]]) -> dict[str, BatchTimes]:
+    """The batches that started within `windows` (the measured segments)."""
     found: dict[str, list[list[Any]]] = orjson.loads(stats.read_bytes())
     times = {}
     for name, batches in found.items():
-        kept = [entry for entry in batches if entry[0] >= since]
+        kept = [entry for entry in batches if any(a <= entry[0] <= b for a, b in windows)]
         if not kept:
             continue
         waits = sorted(wait for _, _, items in kept for wait in items)
@@ -257,11 +261,11 @@ class Arrivals:
             if task.task_id in self.completed
         )
 
-    async def wait(self, process: asyncio.subprocess.Process) -> str | None:
-        """Wait until every task completed; otherwise, why not."""
+    async def wait(self, count: int, process: asyncio.subprocess.Process) -> None:
+        """Wait until `count` tasks completed; raise Failed if they do not."""
         exited = asyncio.ensure_future(process.wait())
         try:
-            while len(self.completed) < len(self.expected):
+            while len(self.completed) < count:
                 self.progressed.clear()
                 progressed = asyncio.ensure_future(self.progressed.wait())
                 done, _ = await asyncio.wait(
@@ -270,14 +274,17 @@ class Arrivals:
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 progressed.cancel()
-                count = f"{len(self.completed)} of {len(self.expected)} completed"
+                seen = f"{len(self.completed)} of {count} completed"
                 if exited in done:
-                    return f"exited early with code {process.returncode}; {count}"
+                    raise Failed(f"exited early with code {process.returncode}; {seen}")
                 if not done:
-                    return f"nothing completed for {throughput.STALL_TIMEOUT:.0f} s; {count}"
-            return None
+                    raise Failed(f"nothing completed for {throughput.STALL_TIMEOUT:.0f} s; {seen}")
         finally:
             exited.cancel()
+
+
+class Failed(Exception):
+    """A contender's run went wrong: why."""
 
 
 async def publish_open_loop(
@@ -321,13 +328,13 @@ async def publish_open_loop(
         await asyncio.gather(*pending)
     finally:
         await channel.close()
-    return sorted(lags)
+    return lags
 
 
 async def until_subscribed(
     connection: AbstractConnection, queue: str, process: asyncio.subprocess.Process
 ) -> None:
-    """Return once the contender consumes `queue`; raise if it exits or takes too long."""
+    """Return once the contender consumes `queue`; raise Failed if it exits or takes too long."""
     channel = await connection.channel()
     try:
         async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
@@ -336,8 +343,10 @@ async def until_subscribed(
                 if declared.declaration_result.consumer_count:
                     return
                 if process.returncode is not None:
-                    raise RuntimeError(f"exited with code {process.returncode} before consuming")
+                    raise Failed(f"exited with code {process.returncode} before consuming")
                 await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise Failed(f"not consuming after {SUBSCRIBE_TIMEOUT:.0f} s") from None
     finally:
         await channel.close()
 
@@ -349,56 +358,94 @@ class Setup:
     target_pid: int
     concurrency: int
     seconds: float
+    rounds: int
     logs: Path
     worker_root: Path
     database_url: str
     rng: random.Random
 
 
-async def measure_at(setup: Setup, contender: Contender, load: int, rate: float) -> LatencyRun:
-    """One contender, started afresh, under Poisson arrivals at `rate`/s."""
-    from worker.contract.models import Names  # noqa: PLC0415 - the worker's own, as throughput.py
-    from worker.topology import declare_topology  # noqa: PLC0415
+@dataclass
+class CpuTicks:
+    """CPU ticks summed over a contender's measured segments."""
 
-    run_id = f"l{uuid.uuid4().hex[:10]}"
-    warmup = max(round(rate * WARMUP_SECONDS), 1)
-    count = max(round(rate * setup.seconds), 2)
-    tasks = throughput.task_messages(run_id, setup.target_url, 0, warmup + count)
-    measured = tasks[warmup:]
-    run = LatencyRun(contender.name, load, rate, count)
-    schema = f"bench_{run_id}"
-    if contender.worker:
-        names = Names(f"agentless-bench.{run_id}")
-        queue, exchange, dead = names.tasks, names.events, [names.dead]
-        channel = await setup.connection.channel()
-        try:
-            await declare_topology(channel, names)
-        finally:
-            await channel.close()
-        env = throughput.worker_environment(
-            setup.database_url, schema, names.prefix, setup.concurrency
+    contender: int = 0
+    postgres: int = 0
+    rabbitmq: int = 0
+    host_busy: int = 0
+    host_total: int = 0
+
+    def add(self, first: Snapshot, last: Snapshot) -> None:
+        self.contender += last.cpu_ticks - first.cpu_ticks
+        self.postgres += throughput.service_delta(first, last, "postgres")
+        self.rabbitmq += throughput.service_delta(first, last, "beam.smp")
+        self.host_busy += last.host[0] - first.host[0]
+        self.host_total += last.host[1] - first.host[1]
+
+
+class Contestant:
+    """One contender's process at one rate, on a queue (and, for a worker, a database schema) of
+    its own, from its start to its stop; its tasks and what was measured of them."""
+
+    def __init__(self, setup: Setup, contender: Contender, load: int, rate: float) -> None:
+        self.setup, self.contender, self.rate = setup, contender, rate
+        self.run_id = f"l{uuid.uuid4().hex[:10]}"
+        self.schema = f"bench_{self.run_id}"
+        warmup = max(round(rate * WARMUP_SECONDS), 1)
+        per_round = max(round(rate * setup.seconds / setup.rounds), 1)
+        tasks = throughput.task_messages(
+            self.run_id, setup.target_url, 0, warmup + per_round * setup.rounds
         )
-        command, cwd = contender.command, setup.worker_root
-    else:
-        queue, exchange = f"agentless-bench.{run_id}.tasks", f"agentless-bench.{run_id}.events"
-        dead = []
-        await throughput.declare_baseline_objects(setup.connection, queue, exchange)
-        env = throughput.child_environment(AGENTLESS_AMQP_URL=AMQP_URL)
-        command = tuple(throughput.baseline_command(queue, exchange, setup.concurrency))
-        cwd = ROOT
-    log = setup.logs / f"{contender.name.replace(', ', '-')}-{load}.log"
-    stats = log.with_suffix(".batches.json")
-    if contender.worker:
-        command = (*command, f"--batch-stats={stats}")
-    first_measured = math.inf
-    arrivals = Arrivals(tasks)
-    channel = await setup.connection.channel()
-    try:
-        observed = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await observed.bind(exchange, throughput.EVENT_KEYS)
-        await observed.consume(arrivals.on_message, no_ack=True)
-        with log.open("ab") as sink:
-            process = await asyncio.create_subprocess_exec(
+        self.warmup = tasks[:warmup]
+        self.segments = [
+            tasks[warmup + n * per_round : warmup + (n + 1) * per_round]
+            for n in range(setup.rounds)
+        ]
+        self.arrivals = Arrivals(tasks)
+        self.run = LatencyRun(contender.name, load, rate, per_round * setup.rounds)
+        self.log = setup.logs / f"{contender.name.replace(', ', '-')}-{load}.log"
+        self.stats = self.log.with_suffix(".batches.json")
+        self.windows: list[tuple[float, float]] = []
+        self.lags: list[float] = []
+        self.cpu = CpuTicks()
+        self.queue = self.exchange = ""
+        self.dead: list[str] = []
+        self.process: asyncio.subprocess.Process | None = None
+        self.observer: aio_pika.abc.AbstractChannel | None = None
+
+    async def start(self) -> None:
+        from worker.contract.models import Names  # noqa: PLC0415 - the worker's, as throughput.py
+        from worker.topology import declare_topology  # noqa: PLC0415
+
+        setup, connection = self.setup, self.setup.connection
+        if self.contender.worker:
+            names = Names(f"agentless-bench.{self.run_id}")
+            self.queue, self.exchange, self.dead = names.tasks, names.events, [names.dead]
+            channel = await connection.channel()
+            try:
+                await declare_topology(channel, names)
+            finally:
+                await channel.close()
+            env = throughput.worker_environment(
+                setup.database_url, self.schema, names.prefix, setup.concurrency
+            )
+            command = (*self.contender.command, f"--batch-stats={self.stats}")
+            cwd = setup.worker_root
+        else:
+            self.queue = f"agentless-bench.{self.run_id}.tasks"
+            self.exchange = f"agentless-bench.{self.run_id}.events"
+            await throughput.declare_baseline_objects(connection, self.queue, self.exchange)
+            env = throughput.child_environment(AGENTLESS_AMQP_URL=AMQP_URL)
+            command = tuple(
+                throughput.baseline_command(self.queue, self.exchange, setup.concurrency)
+            )
+            cwd = ROOT
+        self.observer = await connection.channel()
+        observed = await self.observer.declare_queue(exclusive=True, auto_delete=True)
+        await observed.bind(self.exchange, throughput.EVENT_KEYS)
+        await observed.consume(self.arrivals.on_message, no_ack=True)
+        with self.log.open("ab") as sink:
+            self.process = await asyncio.create_subprocess_exec(
                 *command,
                 cwd=cwd,
                 env=env,
@@ -406,66 +453,98 @@ async def measure_at(setup: Setup, contender: Contender, load: int, rate: float)
                 stdout=sink,
                 stderr=sink,
             )
-        try:
-            await until_subscribed(setup.connection, queue, process)
-            await publish_open_loop(
-                setup.connection, queue, tasks[:warmup], rate, arrivals, setup.rng
-            )
-            first = throughput.take_snapshot(process.pid, setup.target_pid)
-            first_measured = time.perf_counter()
-            lags = await publish_open_loop(
-                setup.connection, queue, measured, rate, arrivals, setup.rng
-            )
-            run.arrivals_per_s = (count - 1) / (
-                arrivals.published[measured[-1].task_id] - arrivals.published[measured[0].task_id]
-            )
-            run.publish_lag_p99_ms = quantile(lags, 0.99)
-            problem = await arrivals.wait(process)
-            if problem is not None:
-                run.problems.append(problem)
-            elif process.returncode is None:
-                record_cpu(run, first, throughput.take_snapshot(process.pid, setup.target_pid))
-        except (RuntimeError, TimeoutError, AMQPError) as exc:
-            run.problems.append(f"{type(exc).__name__}: {exc}")
-        finally:
-            run.exit_code = await throughput.stop(process)
-        if run.exit_code != 0:
-            run.problems.append(f"exit code after SIGTERM was {run.exit_code}, not 0")
-    finally:
-        await channel.close()
-        await throughput.delete_broker_objects(setup.connection, [queue, *dead], [exchange])
-    latencies = arrivals.latencies_ms(measured)
-    run.completed = len(latencies)
-    run.failed, run.duplicates = arrivals.failed, arrivals.duplicates
-    if run.failed:
-        run.problems.append(f"{run.failed} tasks failed")
-    if latencies:
-        run.p50_ms, run.p99_ms, run.p999_ms = (quantile(latencies, q) for q in QUANTILES)
-        run.max_ms = latencies[-1]
-    if contender.worker:
-        if stats.exists():
-            run.batches = batch_times(stats, first_measured)
-        else:
-            run.problems.append("the worker wrote no batch times")
-        run.problems.extend(throughput.log_problems(log))
-        run.problems.extend(
-            await throughput.check_and_drop_schema(setup.database_url, schema, len(tasks))
+        await until_subscribed(connection, self.queue, self.process)
+
+    async def send(self, tasks: list[Task], measured: bool) -> None:
+        """Publish `tasks` at the rate and wait for their completions."""
+        assert self.process is not None
+        setup = self.setup
+        first = throughput.take_snapshot(self.process.pid, setup.target_pid)
+        lags = await publish_open_loop(
+            setup.connection, self.queue, tasks, self.rate, self.arrivals, setup.rng
         )
-    return run
+        await self.arrivals.wait(len(self.arrivals.published), self.process)
+        if measured:
+            self.cpu.add(first, throughput.take_snapshot(self.process.pid, setup.target_pid))
+            self.lags += lags
+            began = self.arrivals.published[tasks[0].task_id]
+            self.windows.append((began, time.perf_counter()))
+
+    async def finish(self) -> LatencyRun:
+        """Stop the process, drop its queue and schema; its figures."""
+        run, setup = self.run, self.setup
+        try:
+            if self.process is not None:
+                run.exit_code = await throughput.stop(self.process)
+                if run.exit_code != 0:
+                    run.problems.append(f"exit code after SIGTERM was {run.exit_code}, not 0")
+        finally:
+            if self.observer is not None:
+                await self.observer.close()
+            if self.queue:
+                await throughput.delete_broker_objects(
+                    setup.connection, [self.queue, *self.dead], [self.exchange]
+                )
+        measured = [task for segment in self.segments for task in segment]
+        latencies = self.arrivals.latencies_ms(measured)
+        run.completed = len(latencies)
+        run.failed, run.duplicates = self.arrivals.failed, self.arrivals.duplicates
+        if run.failed:
+            run.problems.append(f"{run.failed} tasks failed")
+        if latencies and run.completed == run.measured:
+            run.p50_ms, run.p99_ms, run.p999_ms = (quantile(latencies, q) for q in QUANTILES)
+            run.max_ms = latencies[-1]
+        if self.lags:
+            run.publish_lag_p99_ms = quantile(sorted(self.lags), 0.99)
+        published = self.arrivals.published
+        if all(segment[-1].task_id in published for segment in self.segments):
+            spent = sum(
+                published[segment[-1].task_id] - published[segment[0].task_id]
+                for segment in self.segments
+            )
+            if spent > 0:
+                run.arrivals_per_s = (run.measured - len(self.segments)) / spent
+        ticks = throughput.ticks_to_ms
+        if run.completed:
+            run.cpu_ms_per_task = ticks(self.cpu.contender) / run.completed
+            run.postgres_cpu_ms_per_task = ticks(self.cpu.postgres) / run.completed
+            run.rabbitmq_cpu_ms_per_task = ticks(self.cpu.rabbitmq) / run.completed
+        if self.cpu.host_total:
+            run.host_busy_percent = 100 * self.cpu.host_busy / self.cpu.host_total
+        if self.contender.worker and self.process is not None:
+            if self.stats.exists():
+                run.batches = batch_times(self.stats, self.windows)
+            else:
+                run.problems.append("the worker wrote no batch times")
+            run.problems.extend(throughput.log_problems(self.log))
+            run.problems.extend(
+                await throughput.check_and_drop_schema(
+                    setup.database_url, self.schema, len(self.arrivals.published)
+                )
+            )
+        return run
 
 
-def record_cpu(run: LatencyRun, first: Snapshot, last: Snapshot) -> None:
-    """CPU per task from the first measured publish to the last completion (the warm-up's last
-    completions fall inside it too, a few ms in all)."""
-    tasks = run.measured
-    run.cpu_ms_per_task = throughput.ticks_to_ms(last.cpu_ticks - first.cpu_ticks) / tasks
-    postgres = throughput.service_delta(first, last, "postgres")
-    rabbitmq = throughput.service_delta(first, last, "beam.smp")
-    run.postgres_cpu_ms_per_task = throughput.ticks_to_ms(postgres) / tasks
-    run.rabbitmq_cpu_ms_per_task = throughput.ticks_to_ms(rabbitmq) / tasks
-    busy, total = (b - a for a, b in zip(first.host, last.host, strict=True))
-    if total:
-        run.host_busy_percent = 100 * busy / total
+async def measure_at(
+    setup: Setup, contenders: Sequence[Contender], load: int, rate: float
+) -> list[LatencyRun]:
+    """The contenders at `rate`/s, each started afresh and warmed up, then in turn, a segment
+    each per round, so that what else the host runs meanwhile falls on all of them alike."""
+    playing = [Contestant(setup, contender, load, rate) for contender in contenders]
+    try:
+        for contestant in playing:
+            await contestant.start()
+        for contestant in playing:
+            await contestant.send(contestant.warmup, measured=False)
+        for round_ in range(setup.rounds):
+            # Each contender goes first in turn: none always follows the same one.
+            turn = round_ % len(playing)
+            for contestant in playing[turn:] + playing[:turn]:
+                await contestant.send(contestant.segments[round_], measured=True)
+    except (Failed, AMQPError) as exc:
+        failing = next((c for c in playing if c.process and c.process.returncode is not None), None)
+        (failing or playing[0]).run.problems.append(f"{type(exc).__name__}: {exc}")
+    return [await contestant.finish() for contestant in playing]
 
 
 async def peak_rate(
@@ -534,6 +613,7 @@ async def bench(args: argparse.Namespace, logs: Path) -> Results:
                 target.pid,
                 args.concurrency,
                 args.seconds,
+                args.rounds,
                 logs,
                 args.worker_root,
                 DATABASE_URL,
@@ -541,11 +621,10 @@ async def bench(args: argparse.Namespace, logs: Path) -> Results:
             )
             contenders = [BASELINE, WORKER] + ([] if args.no_ungathered else [UNGATHERED_WORKER])
             for load in args.loads:
-                for contender in contenders:
-                    run = await measure_at(setup, contender, load, peak * load / 100)
+                for run in await measure_at(setup, contenders, load, peak * load / 100):
                     runs.append(run)
                     progress(
-                        f"{load}% {contender.name}: p50 {throughput.number(run.p50_ms, 2)} ms, "
+                        f"{load}% {run.contender}: p50 {throughput.number(run.p50_ms, 2)} ms, "
                         f"p99 {throughput.number(run.p99_ms, 2)} ms"
                         + (f" ({'; '.join(run.problems)})" if run.problems else "")
                     )
@@ -648,7 +727,7 @@ def report(results: Results, args: argparse.Namespace) -> str:
         f"{cpus} CPUs, Python {sys.version.split()[0]}",
         f"worker's peak: {peak} tasks/s ({how}, as throughput.py measures it)",
         f"Poisson arrivals at each share of that peak for {args.seconds:g} s (after "
-        f"{WARMUP_SECONDS:g} s of warm-up), each contender started afresh;",
+        f"{WARMUP_SECONDS:g} s of warm-up) in {args.rounds} segments, the contenders taking turns;",
         "latency: from just before a task's publish to its TaskCompleted event's arrival in this",
         "  process. Arrivals/s: as published. Publish lag: how late the publishes left against",
         "  their Poisson schedule (this process's own delays). CPU ms/task: the contender's",
@@ -722,6 +801,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--peak", type=positive, help="the worker's peak in tasks/s, rather than measuring it"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=throughput.at_least(1),
+        default=6,
+        help="segments per contender and rate, the contenders taking turns (default 6)",
     )
     parser.add_argument("--concurrency", type=throughput.at_least(1), default=256)
     parser.add_argument(
