@@ -57,7 +57,7 @@ async def test_status_json_is_what_get_queue_shows(
         "waiting": 0,
         "polling": 0,
         "completed": 2,
-        "completedExact": True,
+        "estimated": [],
         "oldestWaitingAgeSeconds": None,
         "completedLastMinute": 2,
         "brokerBlocked": None,

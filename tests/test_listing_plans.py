@@ -124,6 +124,7 @@ async def every_order_and_filter_reads_an_index_in_its_order(full: asyncpg.Conne
 async def the_queue_reads_the_unfinished_tasks_alone(full: asyncpg.Connection) -> None:
     for name, statement, args in [
         ("UNFINISHED_COUNTS", queries.UNFINISHED_COUNTS, ()),
+        ("STATE_COUNTS", queries.STATE_COUNTS, (listing.EXACT_UP_TO + 1,)),
         ("OLDEST_WAITING", queries.OLDEST_WAITING, ()),
         ("UNFINISHED", queries.UNFINISHED, (20,)),
         ("RECENT_FAILURES", queries.RECENT_FAILURES, (20,)),

@@ -170,9 +170,11 @@ class QueueView(View):
     running: int
     waiting: int = Field(description="callback tasks waiting for their TaskCompleted")
     polling: int = Field(description="poll tasks waiting for their next poll")
-    completed: int = Field(description="exact up to 10,000, past which an estimate")
-    completed_exact: bool = Field(
-        default=True, description="whether completed is a count (true) or an estimate (false)"
+    completed: int
+    estimated: list[State] = Field(
+        default_factory=list,
+        description="the states whose count above is an estimate: each is counted exactly up "
+        "to 10,000 tasks, and estimated past that",
     )
     oldest_waiting_age_seconds: float | None = None
     completed_last_minute: int
@@ -224,7 +226,7 @@ def dashboard(depths: QueueDepths, overview: Overview, now: datetime) -> Dashboa
         waiting=overview.states.get(State.WAITING, 0),
         polling=overview.states.get(State.POLLING, 0),
         completed=overview.states.get(State.COMPLETED, 0),
-        completed_exact=overview.completed_exact,
+        estimated=sorted(State(state) for state in overview.estimated),
         oldest_waiting_age_seconds=None if oldest is None else (now - oldest).total_seconds(),
         completed_last_minute=overview.completed_last_minute,
         broker_blocked=depths.blocked,

@@ -61,11 +61,15 @@ def _status_tables(board: Dashboard, now: datetime) -> str:
         ("dead letters", str(queue.dead_letters)),
     ]
     database_side = [
-        ("queued", str(queue.queued)),
-        ("running", str(queue.running)),
-        ("waiting", str(queue.waiting)),
-        ("polling", str(queue.polling)),
-        ("completed", _count(queue.completed, exact=queue.completed_exact)),
+        (state, _count(number, exact=state not in queue.estimated))
+        for state, number in (
+            ("queued", queue.queued),
+            ("running", queue.running),
+            ("waiting", queue.waiting),
+            ("polling", queue.polling),
+            ("completed", queue.completed),
+        )
+    ] + [
         ("oldest waiting", "-" if oldest is None else duration(oldest)),
         ("completed last minute", str(queue.completed_last_minute)),
     ]

@@ -111,8 +111,8 @@ class Overview:
     failures: list[TaskSummaryRecord]
     workers: list[WorkerRecord]
     dead_letters: list[DeadLetterRecord]
-    # Whether states[completed] is a count or, past listing.EXACT_UP_TO tasks, an estimate.
-    completed_exact: bool = True
+    # The states whose count is an estimate: those with more than 10,000 tasks.
+    estimated: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -385,11 +385,10 @@ class Store:
     async def overview(self, *, limit: int = 20) -> Overview:
         """What the queue page and `agentless status` show from the database."""
         async with self._pool.acquire() as conn:
-            counts = {r["state"]: r["n"] for r in await conn.fetch(queries.UNFINISHED_COUNTS)}
-            completed, exact = await listing.total(conn, {"state": State.COMPLETED})
+            counts, estimated = await listing.state_counts(conn)
             return Overview(
-                states={**counts, State.COMPLETED: completed},
-                completed_exact=exact,
+                states=counts,
+                estimated=estimated,
                 oldest_waiting_since=await conn.fetchval(queries.OLDEST_WAITING),
                 completed_last_minute=await conn.fetchval(queries.COMPLETED_SINCE, 60),
                 unfinished=[task_summary(r) for r in await conn.fetch(queries.UNFINISHED, limit)],

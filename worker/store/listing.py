@@ -78,14 +78,18 @@ async def page(
     return TaskList(tasks, max(guess, counted, offset + len(tasks)), exact=False)
 
 
-async def total(conn: Executor, filters: dict[str, str]) -> tuple[int, bool]:
-    """How many tasks match `filters`, and whether that is exact (else an estimate)."""
-    listing = queries.list_tasks(filters, "queuedAt", descending=True)
-    values = list(filters.values())
-    counted: int = await conn.fetchval(listing.count, *values, EXACT_UP_TO + 1)
-    if counted <= EXACT_UP_TO:
-        return counted, True
-    return max(await estimate(conn, listing.estimate, values), counted), False
+async def state_counts(conn: Executor) -> tuple[dict[str, int], frozenset[str]]:
+    """How many tasks are in each state, and the states whose count is an estimate (past
+    EXACT_UP_TO tasks, as for a listing's total)."""
+    counts: dict[str, int] = {}
+    estimated = set()
+    for row in await conn.fetch(queries.STATE_COUNTS, EXACT_UP_TO + 1):
+        state, counted = row["state"], row["n"]
+        if counted > EXACT_UP_TO:
+            counted = max(await estimate(conn, queries.IN_STATE, [state]), counted)
+            estimated.add(state)
+        counts[state] = counted
+    return counts, frozenset(estimated)
 
 
 async def estimate(conn: Executor, statement: str, values: list[str]) -> int:

@@ -430,10 +430,19 @@ RETURNING queued_at
 # unfinished tasks alone, however many completed ones the table keeps.
 _UNFINISHED_STATES = "('queued', 'running', 'waiting', 'polling')"
 
-# Unfinished tasks by state; completed ones are counted as a listing counts its total.
+# Unfinished tasks by state (the metrics count them all, exactly).
 UNFINISHED_COUNTS = f"""
 SELECT state, count(*) AS n FROM tasks WHERE state IN {_UNFINISHED_STATES} GROUP BY state
 """
+
+# Tasks in each state, as a listing counts its total: up to $1 each, off the index on
+# (state, queued_at, task_id); a state with more has its count estimated (listing.py).
+STATE_COUNTS = """
+SELECT s.state, (SELECT count(*) FROM (SELECT 1 FROM tasks t WHERE t.state = s.state LIMIT $1) c)
+    AS n
+FROM unnest(ARRAY['queued', 'running', 'waiting', 'polling', 'completed']) AS s(state)
+"""
+IN_STATE = "SELECT 1 FROM tasks t WHERE t.state = $1"
 
 
 def _oldest_waiting(states: str) -> str:
