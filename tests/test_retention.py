@@ -169,6 +169,21 @@ async def test_tombstones_go_one_retention_after_their_task(
     assert await store.retention.purged_completion("old") is None
 
 
+async def test_the_duty_says_when_the_server_will_not_reuse_purged_space(
+    store: Store, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    await add_task(db, "old")
+    duty = asyncio.create_task(purger(store).run())
+    async with asyncio.timeout(10):
+        while await db.fetchval("SELECT count(*) FROM tasks"):
+            await asyncio.sleep(0.01)
+    duty.cancel()
+    await asyncio.gather(duty, return_exceptions=True)
+    autovacuum = await db.fetchval("SELECT current_setting('autovacuum')::boolean")
+    warned = any("without autovacuum" in record.message for record in caplog.records)
+    assert warned is not autovacuum
+
+
 # --- what the API and the command line say of a purged task --------------------------------------
 
 

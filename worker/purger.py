@@ -51,10 +51,13 @@ class Purger:
         self._round_seconds = round_seconds
         self._batch_rows = batch_rows
         self._batch_pause = batch_pause
+        self._server_checked = False
 
     async def run(self) -> None:
         while True:
             try:
+                if not self._server_checked:
+                    await self._check_server()
                 await self.purge_once()
             except DB_UNAVAILABLE as exc:
                 log.warning("purge skipped: database unavailable (%s)", exc)
@@ -63,6 +66,17 @@ class Purger:
                 # next round rather than ending retention for the process's life.
                 log.exception("purge failed")
             await asyncio.sleep(self._round_seconds)
+
+    async def _check_server(self) -> None:
+        # Deleted rows leave dead tuples, which only a vacuum makes room for new rows: without
+        # autovacuum the tables keep growing (and their scans slowing) as if nothing were deleted.
+        if not await self._store.retention.autovacuum():
+            log.warning(
+                "PostgreSQL runs without autovacuum: the space of purged tasks is reused only "
+                "once tasks, task_logs and purged_tasks are vacuumed (schedule VACUUM, or turn "
+                "autovacuum on)"
+            )
+        self._server_checked = True
 
     async def purge_once(self) -> dict[Purged, int]:
         """One round: rows past the retention deleted, by kind, until less than a batch is left

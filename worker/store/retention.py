@@ -111,6 +111,11 @@ class RetentionStore:
             deleted: int = await conn.fetchval(_STATEMENTS[kind], retention, limit)
         return Batch(deleted)
 
+    async def autovacuum(self) -> bool:
+        """Whether the server runs autovacuum, which makes the space of purged rows reusable."""
+        on: bool = await self._pool.fetchval("SELECT current_setting('autovacuum')::boolean")
+        return on
+
     async def purged_completion(self, task_id: str) -> datetime | None:
         """When the purged task `task_id` had completed; None if no purge is remembered of it."""
         completed_at: datetime | None = await self._pool.fetchval(_COMPLETED_AT, task_id)
