@@ -271,7 +271,9 @@ class Store:
 
     async def sweep(self, limit: int = 100) -> list[TaskRecord]:
         """Fail the waiting tasks whose deadline (or started deadline) has passed."""
-        rows = await self._pool.fetch(queries.SWEEP, limit)
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(queries.SWEEP_PLAN)
+            rows = await conn.fetch(queries.SWEEP, limit)
         return [task_record(row) for row in rows]
 
     async def take_cancel_requests(self, limit: int = 20) -> list[TaskRecord]:
