@@ -75,6 +75,11 @@ SUBSCRIBE_TIMEOUT: Final = 60.0
 # Run in the worker's process before it starts, for the ungathered contender: a benchmark's knob,
 # not a setting. It fails (and so does the run) if the constant is gone or renamed.
 SELF: Final = Path(__file__).resolve()
+# A worker task's latency, split at the times the database records: publish → claim statement
+# (the broker's delivery, validation, the claim's batch wait), claim → completion statement (the
+# claim's commit, the call, the completion's batch wait), completion → event here (its commit,
+# TaskCompleted's publish and routing).
+STAGES: Final = ("to claim", "claim to completion", "completion to event")
 # The batches timed in the worker, by the name of the Store's flush method.
 TIMED_BATCHES: Final = {"_flush_claims": "claims", "_flush_completions": "completions"}
 
@@ -216,6 +221,11 @@ class LatencyRun:
     exit_code: int | None = None
     # The worker's claim and completion batches, by kind.
     batches: dict[str, BatchTimes] = field(default_factory=dict)
+    # Where a worker's tasks spent their latency, by stage: (p50, p99) in ms.
+    stages: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Busy time of the host not spent by the contender, PostgreSQL, RabbitMQ, the target or
+    # this benchmark (other processes, the contenders idle meanwhile, interrupts).
+    other_busy_percent: float | None = None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -236,6 +246,9 @@ class Arrivals:
         self.expected = {task.task_id for task in tasks}
         self.published: dict[str, float] = {}
         self.completed: dict[str, float] = {}
+        # The same moments by the wall clock, which the database's timestamps share.
+        self.published_at: dict[str, float] = {}
+        self.completed_at: dict[str, float] = {}
         self.failed = 0
         self.duplicates = 0
         self.progressed = asyncio.Event()
@@ -250,6 +263,7 @@ class Arrivals:
             self.duplicates += 1
             return
         self.completed[task_id] = arrived
+        self.completed_at[task_id] = time.time()
         if event.get("result") != "succeeded":
             self.failed += 1
         self.progressed.set()
@@ -307,9 +321,10 @@ async def publish_open_loop(
             ahead = due - time.perf_counter()
             if ahead > 0:
                 await asyncio.sleep(ahead)
-            now = time.perf_counter()
+            now, wall = time.perf_counter(), time.time()
             lags.append(max(now - due, 0.0) * 1000)
             arrivals.published[task.task_id] = now
+            arrivals.published_at[task.task_id] = wall
             message = aio_pika.Message(
                 task.body,
                 content_type="application/json",
@@ -317,7 +332,7 @@ async def publish_open_loop(
                 message_id=task.task_id,
                 # The publish time in the message itself, for anyone reading the queue; the
                 # latencies use the monotonic clock above.
-                headers={"x-published-at": time.time()},
+                headers={"x-published-at": wall},
             )
             confirm = asyncio.ensure_future(
                 channel.default_exchange.publish(message, routing_key=queue)
@@ -374,9 +389,11 @@ class CpuTicks:
     rabbitmq: int = 0
     host_busy: int = 0
     host_total: int = 0
+    own: int = 0
 
     def add(self, first: Snapshot, last: Snapshot) -> None:
         self.contender += last.cpu_ticks - first.cpu_ticks
+        self.own += last.own_ticks - first.own_ticks
         self.postgres += throughput.service_delta(first, last, "postgres")
         self.rabbitmq += throughput.service_delta(first, last, "beam.smp")
         self.host_busy += last.host[0] - first.host[0]
@@ -509,20 +526,54 @@ class Contestant:
             run.cpu_ms_per_task = ticks(self.cpu.contender) / run.completed
             run.postgres_cpu_ms_per_task = ticks(self.cpu.postgres) / run.completed
             run.rabbitmq_cpu_ms_per_task = ticks(self.cpu.rabbitmq) / run.completed
-        if self.cpu.host_total:
-            run.host_busy_percent = 100 * self.cpu.host_busy / self.cpu.host_total
+        cpu = self.cpu
+        if cpu.host_total:
+            run.host_busy_percent = 100 * cpu.host_busy / cpu.host_total
+            ours = cpu.contender + cpu.postgres + cpu.rabbitmq + cpu.own
+            run.other_busy_percent = max(0.0, 100 * (cpu.host_busy - ours) / cpu.host_total)
         if self.contender.worker and self.process is not None:
             if self.stats.exists():
                 run.batches = batch_times(self.stats, self.windows)
             else:
                 run.problems.append("the worker wrote no batch times")
             run.problems.extend(throughput.log_problems(self.log))
+            run.stages = await self.stages(measured)
             run.problems.extend(
                 await throughput.check_and_drop_schema(
                     setup.database_url, self.schema, len(self.arrivals.published)
                 )
             )
         return run
+
+    async def stages(self, measured: list[Task]) -> dict[str, tuple[float, float]]:
+        """The measured tasks' latency split at the worker's claim and completion statements,
+        by the times the database recorded (its now(), when each statement began)."""
+        import asyncpg  # noqa: PLC0415 - kept out of the baseline's process, as throughput.py
+
+        conn = await asyncpg.connect(self.setup.database_url, timeout=10)
+        try:
+            rows = await conn.fetch(
+                "SELECT task_id, extract(epoch FROM started_at)::float8 AS started, "
+                f'extract(epoch FROM completed_at)::float8 AS completed FROM "{self.schema}".tasks '
+                "WHERE task_id = any($1::text[])",
+                [task.task_id for task in measured],
+            )
+        finally:
+            await conn.close()
+        published, received = self.arrivals.published_at, self.arrivals.completed_at
+        spans: dict[str, list[float]] = {name: [] for name in STAGES}
+        for row in rows:
+            task_id = row["task_id"]
+            if task_id not in received or row["started"] is None or row["completed"] is None:
+                continue
+            marks = (published[task_id], row["started"], row["completed"], received[task_id])
+            for name, begin, end in zip(STAGES, marks, marks[1:], strict=False):
+                spans[name].append((end - begin) * 1000)
+        return {
+            name: (quantile(sorted(values), 0.5), quantile(sorted(values), 0.99))
+            for name, values in spans.items()
+            if values
+        }
 
 
 async def measure_at(
@@ -717,6 +768,30 @@ def batch_lines(runs: list[LatencyRun]) -> list[str]:
     return lines
 
 
+def stage_lines(runs: list[LatencyRun]) -> list[str]:
+    staged = [run for run in runs if run.stages]
+    if not staged:
+        return []
+    lines = [
+        "",
+        "where the workers' latency went (by the database's timestamps; p50 / p99 ms): to claim =",
+        "  publish to the claim statement; claim to completion = to the completion statement",
+        "  (claim commit, call, batch wait); completion to event = its commit, publish, routing.",
+        f"{'load':>4}  {'contender':<18}  " + "  ".join(f"{name:>21}" for name in STAGES),
+    ]
+    for run in staged:
+        cells = (
+            "-"
+            if name not in run.stages
+            else f"{run.stages[name][0]:.2f} / {run.stages[name][1]:.2f}"
+            for name in STAGES
+        )
+        lines.append(
+            f"{run.load_percent:>3}%  {run.contender:<18}  " + "  ".join(f"{c:>21}" for c in cells)
+        )
+    return lines
+
+
 def report(results: Results, args: argparse.Namespace) -> str:
     number = throughput.number
     cpus = len(os.sched_getaffinity(0))
@@ -732,11 +807,13 @@ def report(results: Results, args: argparse.Namespace) -> str:
         "  process. Arrivals/s: as published. Publish lag: how late the publishes left against",
         "  their Poisson schedule (this process's own delays). CPU ms/task: the contender's",
         "  utime+stime / tasks; PostgreSQL and RabbitMQ: all their processes on this host.",
+        "  Host busy: all CPUs during the contender's segments; other: the part of it spent by",
+        "  none of the contender, PostgreSQL, RabbitMQ, the target and this benchmark.",
         "",
         f"{'load':>4}  {'rate/s':>7}  {'contender':<18}  {'tasks':>6}  {'p50 ms':>7}  "
         f"{'p99 ms':>7}  {'p99.9 ms':>8}  {'max ms':>7}  {'arrivals/s':>10}  "
         f"{'lag p99 ms':>10}  {'CPU ms/task':>11}  {'PG ms/task':>10}  {'MQ ms/task':>10}  "
-        f"{'host busy %':>11}",
+        f"{'host busy %':>11}  {'other %':>7}",
     ]
     lines.extend(
         f"{run.load_percent:>3}%  {run.rate:>7.1f}  {run.contender:<18}  {run.completed:>6}  "
@@ -744,10 +821,12 @@ def report(results: Results, args: argparse.Namespace) -> str:
         f"{number(run.max_ms, 1):>7}  {number(run.arrivals_per_s, 1):>10}  "
         f"{number(run.publish_lag_p99_ms, 2):>10}  {number(run.cpu_ms_per_task, 3):>11}  "
         f"{number(run.postgres_cpu_ms_per_task, 3):>10}  "
-        f"{number(run.rabbitmq_cpu_ms_per_task, 3):>10}  {number(run.host_busy_percent, 0):>11}"
+        f"{number(run.rabbitmq_cpu_ms_per_task, 3):>10}  {number(run.host_busy_percent, 0):>11}  "
+        f"{number(run.other_busy_percent, 0):>7}"
         for run in results.runs
     )
     lines += batch_lines(results.runs)
+    lines += stage_lines(results.runs)
     costs = gathering_costs(results.runs)
     if costs:
         lines += ["", "what gathering costs (worker minus worker, ungathered):", *costs]
