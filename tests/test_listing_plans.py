@@ -98,6 +98,8 @@ LISTINGS = [
     ({"hubName": "RELEASE"}, "queuedAt", True),
     ({"hubName": "RELEASE"}, "completedAt", True),
     ({"state": "completed", "result": "failed"}, "completedAt", True),
+    ({"hubName": "release", "result": "failed"}, "queuedAt", True),
+    ({"hubName": "release", "result": "failed"}, "completedAt", True),
 ]
 
 
