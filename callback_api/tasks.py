@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Annotated, Final, Literal
 
 import orjson
@@ -211,14 +211,18 @@ async def _unknown(store: Store, task_id: str) -> Problem:
     completed_at = await store.retention.purged_completion(task_id)
     if completed_at is None:
         return Problem(404, f"there is no task {task_id!r}")
-    # RFC 3339 in UTC, as every time the API answers.
-    stamp = completed_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    stamp = _rfc3339(completed_at)
     return Problem(
         410,
         f"task {task_id!r} completed at {stamp} and was deleted after the retention period "
         "(AGENTLESS_RETENTION): its result and log are no longer kept",
         completedAt=stamp,
     )
+
+
+def _rfc3339(moment: datetime) -> str:
+    """In UTC, as every time the API answers."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _task_id(request: web.Request) -> str:
@@ -280,6 +284,15 @@ async def cancel_task(request: web.Request) -> web.Response:
     if record is None:
         existing = await svc.store.get(task_id)
         if existing is None:
+            completed_at = await svc.store.retention.purged_completion(task_id)
+            if completed_at is not None:
+                # Completed, then purged: as completed as a task can be.
+                raise Problem(
+                    409,
+                    f"task {task_id!r} already completed (at {_rfc3339(completed_at)}) and was "
+                    "deleted after the retention period",
+                    completedAt=_rfc3339(completed_at),
+                )
             raise Problem(
                 404,
                 f"there is no task {task_id!r} (a task still in the queue is known once a "

@@ -212,6 +212,11 @@ async def test_a_purged_task_is_gone_and_runs_again_when_submitted_again(
     assert problem["completedAt"] in problem["detail"]
     assert (await call("GET", f"{api.url}/tasks/kept-then-gone/logs"))[0] == 410
     assert (await call("GET", f"{api.url}/tasks/never-seen"))[0] == 404
+    status, problem, _ = await call("POST", f"{api.url}/tasks/kept-then-gone/cancel")
+    assert (status, problem["completedAt"]) == (
+        409,
+        completed_at.isoformat().replace("+00:00", "Z"),
+    )
 
     # `agentless task`, run in a thread of this process (it runs a loop of its own).
     shown = argparse.Namespace(id="kept-then-gone", json=False)
