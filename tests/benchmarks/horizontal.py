@@ -43,7 +43,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 # Run as a script, Python puts this file's directory on sys.path, not the repository's root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.benchmarks import throughput
-from tests.benchmarks.throughput import AMQP_URL, CLOCK_TICKS, DATABASE_URL, ROOT, Task
+from tests.benchmarks.throughput import AMQP_URL, CLOCK_TICKS, DATABASE_URL, Task
 
 SUBSCRIBE_TIMEOUT: Final = 60.0
 
@@ -108,26 +108,12 @@ class Finished:
 
     async def wait(self, processes: list[asyncio.subprocess.Process]) -> str | None:
         """Wait until every task completed; otherwise, why not."""
-        exits = {asyncio.ensure_future(process.wait()) for process in processes}
-        try:
-            while self.last is None:
-                self.progressed.clear()
-                progressed = asyncio.ensure_future(self.progressed.wait())
-                done, _ = await asyncio.wait(
-                    {progressed, *exits},
-                    timeout=throughput.STALL_TIMEOUT,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                progressed.cancel()
-                count = f"{len(self.seen)} of {len(self.expected)} completed"
-                if done & exits:
-                    return f"a process exited early; {count}"
-                if not done:
-                    return f"nothing completed for {throughput.STALL_TIMEOUT:.0f} s; {count}"
-            return None
-        finally:
-            for exited in exits:
-                exited.cancel()
+        return await throughput.until_progress_stops(
+            self.progressed,
+            lambda: self.last is not None,
+            processes,
+            lambda: f"{len(self.seen)} of {len(self.expected)} completed",
+        )
 
 
 @dataclass
@@ -231,31 +217,19 @@ class Setup:
 
 
 async def measure(setup: Setup, worker: bool, processes: int) -> ScaleRun:
-    from worker.contract.models import Names  # noqa: PLC0415 - the worker's own, as throughput.py
-    from worker.topology import declare_topology  # noqa: PLC0415
-
     contender = "worker" if worker else "baseline"
     run = ScaleRun(contender, processes, setup.tasks)
     run_id = f"h{uuid.uuid4().hex[:10]}"
     schema = f"bench_{run_id}"
-    if worker:
-        names = Names(f"agentless-bench.{run_id}")
-        queue, exchange, dead = names.tasks, names.events, [names.dead]
-        channel = await setup.connection.channel()
-        try:
-            await declare_topology(channel, names)
-        finally:
-            await channel.close()
-        env = throughput.worker_environment(
-            setup.database_url, schema, names.prefix, setup.concurrency
-        )
-        command, cwd = list(throughput.WORKER_COMMAND), setup.worker_root
-    else:
-        queue, exchange = f"agentless-bench.{run_id}.tasks", f"agentless-bench.{run_id}.events"
-        dead = []
-        await throughput.declare_baseline_objects(setup.connection, queue, exchange)
-        env = throughput.child_environment(AGENTLESS_AMQP_URL=AMQP_URL)
-        command, cwd = throughput.baseline_command(queue, exchange, setup.concurrency), ROOT
+    objects = await throughput.declare_contender(
+        setup.connection,
+        run_id,
+        worker=worker,
+        concurrency=setup.concurrency,
+        database_url=setup.database_url,
+        schema=schema,
+        worker_root=setup.worker_root,
+    )
     tasks = throughput.task_messages(
         run_id, setup.target_url, setup.delay_ms, setup.tasks, tag_calls=True
     )
@@ -266,16 +240,16 @@ async def measure(setup: Setup, worker: bool, processes: int) -> ScaleRun:
     started: list[asyncio.subprocess.Process] = []
     try:
         observed = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await observed.bind(exchange, throughput.EVENT_KEYS)
+        await observed.bind(objects.exchange, throughput.EVENT_KEYS)
         await observed.consume(finished.on_message, no_ack=True)
-        await throughput.prepublish(setup.connection, queue, tasks)
+        await throughput.prepublish(setup.connection, objects.queue, tasks)
         for log in logs:
             with log.open("ab") as sink:
                 started.append(
                     await asyncio.create_subprocess_exec(
-                        *command,
-                        cwd=cwd,
-                        env=env,
+                        *objects.command,
+                        cwd=objects.cwd,
+                        env=objects.env,
                         stdin=asyncio.subprocess.DEVNULL,
                         stdout=sink,
                         stderr=sink,
@@ -283,7 +257,7 @@ async def measure(setup: Setup, worker: bool, processes: int) -> ScaleRun:
                 )
         finished.pids = [process.pid for process in started]
         try:
-            await until_consumers(setup.connection, queue, processes, started)
+            await until_consumers(setup.connection, objects.queue, processes, started)
             finished.start()
             problem = await finished.wait(started)
             if problem is not None:
@@ -308,13 +282,13 @@ async def measure(setup: Setup, worker: bool, processes: int) -> ScaleRun:
             run.problems.append(f"{run.invoked_twice} tasks invoked more than once")
         if run.never_invoked:
             run.problems.append(f"{run.never_invoked} tasks never invoked")
-        if worker:
-            dead_lettered = await throughput.dead_letters(setup.connection, names.dead)
+        for dead in objects.others:
+            dead_lettered = await throughput.dead_letters(setup.connection, dead)
             if dead_lettered:
                 run.problems.append(f"{dead_lettered} messages dead-lettered")
     finally:
         await channel.close()
-        await throughput.delete_broker_objects(setup.connection, [queue, *dead], [exchange])
+        await objects.delete(setup.connection)
     if worker:
         for log in logs:
             run.problems.extend(throughput.log_problems(log))
@@ -453,21 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency", type=throughput.at_least(1), default=64, help="per process (default 64)"
     )
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
-    parser.add_argument(
-        "--worker-root",
-        type=Path,
-        default=ROOT,
-        metavar="DIR",
-        help="the checkout whose worker to measure (default: this one)",
-    )
+    throughput.add_worker_root(parser)
     args = parser.parse_args(argv)
-    if not Path("/proc/self/stat").exists():
-        parser.error("this benchmark reads CPU from /proc: it runs on Linux only")
-    args.worker_root = args.worker_root.resolve()
-    if not (args.worker_root / "worker" / "__main__.py").is_file():
-        parser.error(f"--worker-root: {args.worker_root} holds no worker package")
-    # The topology is declared by the measured worker's own code.
-    sys.path.insert(0, str(args.worker_root))
+    args.worker_root = throughput.checked_worker_root(parser, args.worker_root)
     logs = Path(tempfile.mkdtemp(prefix="agentless-horizontal-"))
     with asyncio.Runner(loop_factory=throughput.event_loop) as runner:
         runs = runner.run(bench(args, logs))

@@ -58,7 +58,7 @@ from aio_pika.exceptions import AMQPError
 # Run as a script, Python puts this file's directory on sys.path, not the repository's root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.benchmarks import throughput
-from tests.benchmarks.throughput import AMQP_URL, DATABASE_URL, ROOT, Snapshot, Task
+from tests.benchmarks.throughput import AMQP_URL, DATABASE_URL, Snapshot, Task
 
 # What the issue asks at 50% of the peak: the worker's percentiles beside the baseline's, in ms.
 TARGET_LOAD: Final = 50
@@ -277,24 +277,14 @@ class Arrivals:
 
     async def wait(self, count: int, process: asyncio.subprocess.Process) -> None:
         """Wait until `count` tasks completed; raise Failed if they do not."""
-        exited = asyncio.ensure_future(process.wait())
-        try:
-            while len(self.completed) < count:
-                self.progressed.clear()
-                progressed = asyncio.ensure_future(self.progressed.wait())
-                done, _ = await asyncio.wait(
-                    {progressed, exited},
-                    timeout=throughput.STALL_TIMEOUT,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                progressed.cancel()
-                seen = f"{len(self.completed)} of {count} completed"
-                if exited in done:
-                    raise Failed(f"exited early with code {process.returncode}; {seen}")
-                if not done:
-                    raise Failed(f"nothing completed for {throughput.STALL_TIMEOUT:.0f} s; {seen}")
-        finally:
-            exited.cancel()
+        problem = await throughput.until_progress_stops(
+            self.progressed,
+            lambda: len(self.completed) >= count,
+            [process],
+            lambda: f"{len(self.completed)} of {count} completed",
+        )
+        if problem is not None:
+            raise Failed(problem)
 
 
 class Failed(Exception):
@@ -431,32 +421,20 @@ class Contestant:
         self.observer: aio_pika.abc.AbstractChannel | None = None
 
     async def start(self) -> None:
-        from worker.contract.models import Names  # noqa: PLC0415 - the worker's, as throughput.py
-        from worker.topology import declare_topology  # noqa: PLC0415
-
         setup, connection = self.setup, self.setup.connection
+        objects = await throughput.declare_contender(
+            connection,
+            self.run_id,
+            worker=self.contender.worker,
+            concurrency=setup.concurrency,
+            database_url=setup.database_url,
+            schema=self.schema,
+            worker_root=setup.worker_root,
+        )
+        self.queue, self.exchange, self.dead = objects.queue, objects.exchange, [*objects.others]
+        command = objects.command
         if self.contender.worker:
-            names = Names(f"agentless-bench.{self.run_id}")
-            self.queue, self.exchange, self.dead = names.tasks, names.events, [names.dead]
-            channel = await connection.channel()
-            try:
-                await declare_topology(channel, names)
-            finally:
-                await channel.close()
-            env = throughput.worker_environment(
-                setup.database_url, self.schema, names.prefix, setup.concurrency
-            )
             command = (*self.contender.command, f"--batch-stats={self.stats}")
-            cwd = setup.worker_root
-        else:
-            self.queue = f"agentless-bench.{self.run_id}.tasks"
-            self.exchange = f"agentless-bench.{self.run_id}.events"
-            await throughput.declare_baseline_objects(connection, self.queue, self.exchange)
-            env = throughput.child_environment(AGENTLESS_AMQP_URL=AMQP_URL)
-            command = tuple(
-                throughput.baseline_command(self.queue, self.exchange, setup.concurrency)
-            )
-            cwd = ROOT
         self.observer = await connection.channel()
         observed = await self.observer.declare_queue(exclusive=True, auto_delete=True)
         await observed.bind(self.exchange, throughput.EVENT_KEYS)
@@ -464,8 +442,8 @@ class Contestant:
         with self.log.open("ab") as sink:
             self.process = await asyncio.create_subprocess_exec(
                 *command,
-                cwd=cwd,
-                env=env,
+                cwd=objects.cwd,
+                env=objects.env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=sink,
                 stderr=sink,
@@ -895,26 +873,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=16, help="of the arrival times (default 16)")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
-    parser.add_argument(
-        "--worker-root",
-        type=Path,
-        default=ROOT,
-        metavar="DIR",
-        help="the checkout whose worker to measure (default: this one)",
-    )
+    throughput.add_worker_root(parser)
     parser.add_argument("--role", choices=["bench", "worker"], default="bench", help=SUPPRESS)
     parser.add_argument("--gather-turns", type=int, help=SUPPRESS)
     parser.add_argument("--batch-stats", type=Path, help=SUPPRESS)
     args = parser.parse_args(argv)
     if args.role == "worker":
         return run_timed_worker(args.gather_turns, args.batch_stats)
-    if not Path("/proc/self/stat").exists():
-        parser.error("this benchmark reads CPU from /proc: it runs on Linux only")
-    args.worker_root = args.worker_root.resolve()
-    if not (args.worker_root / "worker" / "__main__.py").is_file():
-        parser.error(f"--worker-root: {args.worker_root} holds no worker package")
-    # The topology is declared by the measured worker's own code.
-    sys.path.insert(0, str(args.worker_root))
+    args.worker_root = throughput.checked_worker_root(parser, args.worker_root)
     logs = Path(tempfile.mkdtemp(prefix="agentless-latency-"))
     with asyncio.Runner(loop_factory=throughput.event_loop) as runner:
         results = runner.run(bench(args, logs))

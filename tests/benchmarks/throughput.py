@@ -601,6 +601,105 @@ def worker_environment(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Contender:
+    """A contender's broker objects, made for one run, and how to start its process."""
+
+    queue: str
+    exchange: str
+    # Further queues to delete after the run (the worker's dead letters).
+    others: tuple[str, ...]
+    command: tuple[str, ...]
+    env: dict[str, str]
+    cwd: Path
+
+    async def delete(self, connection: AbstractConnection) -> None:
+        await delete_broker_objects(connection, [self.queue, *self.others], [self.exchange])
+
+
+async def declare_contender(
+    connection: AbstractConnection,
+    run_id: str,
+    *,
+    worker: bool,
+    concurrency: int,
+    database_url: str = "",
+    schema: str = "",
+    worker_root: Path = ROOT,
+) -> Contender:
+    """The queue and events exchange of a worker (its topology, its database `schema`) or of the
+    baseline, named after `run_id`."""
+    if not worker:
+        queue, exchange = f"agentless-bench.{run_id}.tasks", f"agentless-bench.{run_id}.events"
+        await declare_baseline_objects(connection, queue, exchange)
+        env = child_environment(AGENTLESS_AMQP_URL=AMQP_URL)
+        command = baseline_command(queue, exchange, concurrency)
+        return Contender(queue, exchange, (), tuple(command), env, ROOT)
+    # Imported here: the baseline and target roles run this file too and must stay bare.
+    from worker.contract.models import Names  # noqa: PLC0415
+    from worker.topology import declare_topology  # noqa: PLC0415
+
+    names = Names(f"agentless-bench.{run_id}")
+    channel = await connection.channel()
+    try:
+        await declare_topology(channel, names)
+    finally:
+        await channel.close()
+    env = worker_environment(database_url, schema, names.prefix, concurrency)
+    return Contender(names.tasks, names.events, (names.dead,), WORKER_COMMAND, env, worker_root)
+
+
+async def until_progress_stops(
+    progressed: asyncio.Event,
+    finished: Callable[[], bool],
+    processes: Sequence[asyncio.subprocess.Process],
+    count: Callable[[], str],
+) -> str | None:
+    """Wait until `finished()`, `progressed` being set at each completion; otherwise why not:
+    a process exited, or nothing completed for STALL_TIMEOUT."""
+    exits = {asyncio.ensure_future(process.wait()) for process in processes}
+    try:
+        while not finished():
+            progressed.clear()
+            progress = asyncio.ensure_future(progressed.wait())
+            done, _ = await asyncio.wait(
+                {progress, *exits}, timeout=STALL_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+            progress.cancel()
+            if done & exits:
+                codes = ", ".join(str(p.returncode) for p in processes if p.returncode is not None)
+                return f"exited early with code {codes}; {count()}"
+            if not done:
+                return f"nothing completed for {STALL_TIMEOUT:.0f} s; {count()}"
+        return None
+    finally:
+        for exited in exits:
+            exited.cancel()
+
+
+def add_worker_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--worker-root",
+        type=Path,
+        default=ROOT,
+        metavar="DIR",
+        help="the checkout whose worker to measure, e.g. a commit exported with `git archive` "
+        "(default: this one)",
+    )
+
+
+def checked_worker_root(parser: argparse.ArgumentParser, worker_root: Path) -> Path:
+    """`--worker-root` resolved, on a host with /proc; put first on sys.path, as the topology
+    is declared by the measured worker's own code."""
+    if not Path("/proc/self/stat").exists():
+        parser.error("this benchmark reads CPU and memory from /proc: it runs on Linux only")
+    resolved = worker_root.resolve()
+    if not (resolved / "worker" / "__main__.py").is_file():
+        parser.error(f"--worker-root: {resolved} holds no worker package")
+    sys.path.insert(0, str(resolved))
+    return resolved
+
+
 async def measure_baseline(context: Context, delay_ms: int) -> Run:
     run_id = f"b{uuid.uuid4().hex[:10]}"
     queue, exchange = f"agentless-bench.{run_id}.tasks", f"agentless-bench.{run_id}.events"
@@ -1019,14 +1118,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--concurrency", type=at_least(1), default=256, help="default 256")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
-    parser.add_argument(
-        "--worker-root",
-        type=Path,
-        default=ROOT,
-        metavar="DIR",
-        help="the checkout whose worker to measure, e.g. a commit exported with `git archive` "
-        "(default: this one)",
-    )
+    add_worker_root(parser)
     parser.add_argument(
         "--replica",
         choices=["none", "async", "sync"],
@@ -1045,11 +1137,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "baseline":
         with asyncio.Runner(loop_factory=event_loop) as runner:
             return runner.run(run_baseline(AMQP_URL, args.queue, args.exchange, args.concurrency))
-    if not Path("/proc/self/stat").exists():
-        parser.error("this benchmark reads CPU and memory from /proc: it runs on Linux only")
-    worker_root = args.worker_root.resolve()
-    if not (worker_root / "worker" / "__main__.py").is_file():
-        parser.error(f"--worker-root: {worker_root} holds no worker package")
+    worker_root = checked_worker_root(parser, args.worker_root)
     return run_benchmark(
         args.tasks, args.delays, args.concurrency, args.json, worker_root, args.replica
     )
