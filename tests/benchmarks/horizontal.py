@@ -399,16 +399,6 @@ def report(runs: list[ScaleRun], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def counts(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError("a comma-separated list of process counts") from None
-    if not values or any(value < 1 for value in values):
-        raise argparse.ArgumentTypeError("a comma-separated list of process counts, each >= 1")
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Tasks/s of 1, 2 and 3 workers on one queue and database, beside as many "
@@ -418,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         "--tasks", type=throughput.at_least(2), default=12_000, help="per run (default 12000)"
     )
     parser.add_argument(
-        "--processes", type=counts, default=[1, 2, 3], help="numbers of processes (default 1,2,3)"
+        "--processes",
+        type=throughput.integers("process counts", 1),
+        default=[1, 2, 3],
+        help="numbers of processes (default 1,2,3)",
     )
     parser.add_argument(
         "--delay", type=throughput.at_least(0), default=100, help="target delay in ms (100)"

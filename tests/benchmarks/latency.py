@@ -819,16 +819,6 @@ def report(results: Results, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def loads_percent(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError("a comma-separated list of percentages") from None
-    if not values or any(not 0 < value < 100 for value in values):
-        raise argparse.ArgumentTypeError("a comma-separated list of percentages, each in 1..99")
-    return values
-
-
 def positive(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -846,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--loads",
-        type=loads_percent,
+        type=throughput.integers("percentages", 1, 99),
         default=[25, 50, 75],
         help="shares of the peak, in %% (default 25,50,75)",
     )

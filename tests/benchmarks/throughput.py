@@ -1086,6 +1086,22 @@ def delays_ms(text: str) -> list[int]:
     return values
 
 
+def integers(what: str, lowest: int, highest: int | None = None) -> Callable[[str], list[int]]:
+    """An argument type: a comma-separated list of `what`, each from `lowest` to `highest`."""
+    bounds = f"each >= {lowest}" if highest is None else f"each in {lowest}..{highest}"
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a comma-separated list of {what}") from None
+        if not values or any(v < lowest or (highest is not None and v > highest) for v in values):
+            raise argparse.ArgumentTypeError(f"a comma-separated list of {what}, {bounds}")
+        return values
+
+    return parse
+
+
 def at_least(lowest: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = int(text)
