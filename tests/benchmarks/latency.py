@@ -529,6 +529,7 @@ class Contestant:
         import asyncpg  # noqa: PLC0415 - kept out of the baseline's process, as throughput.py
 
         conn = await asyncpg.connect(self.setup.database_url, timeout=10)
+        rows = []
         try:
             rows = await conn.fetch(
                 "SELECT task_id, extract(epoch FROM started_at)::float8 AS started, "
@@ -536,6 +537,8 @@ class Contestant:
                 "WHERE task_id = any($1::text[])",
                 [task.task_id for task in measured],
             )
+        except asyncpg.UndefinedTableError:
+            pass  # A worker that never started: its problems say so.
         finally:
             await conn.close()
         published, received = self.arrivals.published_at, self.arrivals.completed_at
