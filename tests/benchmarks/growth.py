@@ -64,6 +64,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage  # noqa: E4
 
 from tests.benchmarks.throughput import (  # noqa: E402
     AMQP_URL,
+    DISTURBED_PERCENT,
     EVENT_KEYS,
     STALL_TIMEOUT,
     START_TIMEOUT,
@@ -761,6 +762,17 @@ def report(outcome: Outcome, found: list[Verdict]) -> str:
         f"{v.what:<40}  {v.value:>9}  {v.target:>8}  {'PASS' if v.passed else 'FAIL'}"
         for v in found
     ]
+    disturbed = [
+        str(r.number)
+        for r in outcome.rounds
+        if r.other_busy_percent is not None and r.other_busy_percent > DISTURBED_PERCENT
+    ]
+    if disturbed:
+        lines.append(
+            f"note: other processes took over {DISTURBED_PERCENT:g}% of the host's CPU in rounds "
+            f"{', '.join(disturbed)}; compare those rounds' CPU ms/task rather than their tasks/s, "
+            "or run again on a quiet host."
+        )
     if outcome.duplicates:
         lines.append(f"note: {outcome.duplicates} completion events repeated (at least once)")
     lines += [f"problem: {p}" for p in outcome.problems]
