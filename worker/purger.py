@@ -20,7 +20,7 @@ import asyncpg
 from worker.metrics import Metrics
 from worker.store.database import Store
 from worker.store.errors import DB_UNAVAILABLE
-from worker.store.retention import Purged
+from worker.store.retention import FROM_THE_START, Purged
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,11 @@ class Purger:
         (or another process holds the purge lock)."""
         deleted = dict.fromkeys(Purged, 0)
         for kind in Purged:
+            start = FROM_THE_START
             while True:
-                batch = await self._store.retention.purge(kind, self._retention, self._batch_rows)
+                batch = await self._store.retention.purge(
+                    kind, self._retention, self._batch_rows, start
+                )
                 if batch.locked_out:
                     self._report(deleted)
                     return deleted
@@ -93,6 +96,7 @@ class Purger:
                     self._metrics.purged.labels(kind.value).inc(batch.deleted)
                 if batch.deleted < self._batch_rows:
                     break
+                start = batch.reached
                 await asyncio.sleep(self._batch_pause)
         self._report(deleted)
         return deleted

@@ -11,7 +11,7 @@ for a purge only on the rows of tasks that are already completed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 
 import asyncpg
@@ -37,7 +37,8 @@ class Purged(StrEnum):
 _PURGE_TASKS = """
 WITH doomed AS (
     SELECT t.task_id FROM tasks t
-    WHERE t.completed_at < now() - make_interval(secs => $1) AND t.state = 'completed'
+    WHERE t.completed_at < now() - make_interval(secs => $1) AND t.completed_at >= $3
+      AND t.state = 'completed'
       AND NOT t.event_pending AND t.cancel_state IS DISTINCT FROM 'pending'
     ORDER BY t.completed_at
     LIMIT $2
@@ -51,30 +52,31 @@ WITH doomed AS (
     -- The same id purged again: it was submitted again once it had been purged.
     ON CONFLICT (task_id) DO UPDATE
     SET completed_at = EXCLUDED.completed_at, purged_at = EXCLUDED.purged_at
-    RETURNING 1
+    RETURNING completed_at
 )
-SELECT count(*) FROM kept
+SELECT count(*) AS deleted, max(completed_at) AS reached FROM kept
 """
 
 _PURGE_DEAD_LETTERS = """
 WITH gone AS (
     DELETE FROM dead_letters WHERE id IN (
-        SELECT id FROM dead_letters WHERE at < now() - make_interval(secs => $1)
+        SELECT id FROM dead_letters WHERE at < now() - make_interval(secs => $1) AND at >= $3
         ORDER BY at LIMIT $2 FOR UPDATE SKIP LOCKED)
-    RETURNING 1
+    RETURNING at
 )
-SELECT count(*) FROM gone
+SELECT count(*) AS deleted, max(at) AS reached FROM gone
 """
 
 # A purged task is remembered for one retention period more, then forgotten (404).
 _PURGE_TOMBSTONES = """
 WITH gone AS (
     DELETE FROM purged_tasks WHERE task_id IN (
-        SELECT task_id FROM purged_tasks WHERE purged_at < now() - make_interval(secs => $1)
+        SELECT task_id FROM purged_tasks
+        WHERE purged_at < now() - make_interval(secs => $1) AND purged_at >= $3
         ORDER BY purged_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-    RETURNING 1
+    RETURNING purged_at
 )
-SELECT count(*) FROM gone
+SELECT count(*) AS deleted, max(purged_at) AS reached FROM gone
 """
 
 _STATEMENTS = {
@@ -86,11 +88,17 @@ _STATEMENTS = {
 _COMPLETED_AT = "SELECT completed_at FROM purged_tasks WHERE task_id = $1"
 
 
+# Where a round starts: before any row.
+FROM_THE_START = datetime.min.replace(tzinfo=UTC)
+
+
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """One batch's outcome: how many rows it deleted, or that another process holds the lock."""
+    """One batch's outcome: how many rows it deleted and the time of the latest (where the next
+    batch of the round starts), or that another process holds the lock."""
 
     deleted: int
+    reached: datetime = FROM_THE_START
     locked_out: bool = False
 
 
@@ -99,17 +107,26 @@ class RetentionStore:
         self._pool = pool
         self._lock_key = (_PURGE_TAG << 32) | lock_namespace
 
-    async def purge(self, kind: Purged, retention: float, limit: int) -> Batch:
+    async def purge(
+        self, kind: Purged, retention: float, limit: int, start: datetime = FROM_THE_START
+    ) -> Batch:
         """Delete up to `limit` rows of `kind` older than `retention` seconds, by the database's
-        clock, in one transaction; nothing if another process holds the purge lock."""
+        clock, and not older than `start`, in one transaction; nothing if another process holds
+        the purge lock.
+
+        A round passes the previous batch's `reached` as `start`: the rows that batch deleted
+        stay in the index until a vacuum, and a scan from the oldest end would read them all
+        again at every batch (the growth benchmark read 11.5 entries of that index per task in the
+        rounds that a purge of 36,000 tasks fell in)."""
         async with self._pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", self._lock_key):
                 return Batch(0, locked_out=True)
             # A commit lost in a crash is only a batch to delete again in the next round: it
             # need not wait for the disk (nor for a synchronous replica).
             await conn.execute("SET LOCAL synchronous_commit = off")
-            deleted: int = await conn.fetchval(_STATEMENTS[kind], retention, limit)
-        return Batch(deleted)
+            row = await conn.fetchrow(_STATEMENTS[kind], retention, limit, start)
+        assert row is not None
+        return Batch(row["deleted"], row["reached"] or start)
 
     async def autovacuum(self) -> bool:
         """Whether the server runs autovacuum, which makes the space of purged rows reusable."""
