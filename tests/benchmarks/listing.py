@@ -36,13 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Run as a script, Python puts this file's directory on sys.path, not the repository's root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import aiohttp
 import asyncpg
 import orjson
 from aiohttp import web
-from callbacks import (
+
+from tests.benchmarks.callbacks import (
     DATABASE_URL,
     BenchmarkError,
     Child,
@@ -52,8 +54,7 @@ from callbacks import (
     start,
     until,
 )
-from throughput import host_ticks, until_signalled
-
+from tests.benchmarks.throughput import host_ticks, until_signalled
 from worker.contract.models import Names
 from worker.store.schema import migrate
 
@@ -414,7 +415,10 @@ async def bench(args: argparse.Namespace, logs: Path) -> Outcome:
             await conn.execute("ANALYZE tasks")
             done = "reused"
         size = await conn.fetchval("SELECT pg_size_pretty(pg_total_relation_size('tasks'))")
-        counts = dict(await conn.fetch("SELECT state, count(*) FROM tasks GROUP BY state"))
+        counts: dict[str, int] = {
+            row["state"]: row["n"]
+            for row in await conn.fetch("SELECT state, count(*) AS n FROM tasks GROUP BY state")
+        }
         filled = f"schema {schema} ({done}): tasks {size}, " + ", ".join(
             f"{state} {n:,}" for state, n in sorted(counts.items())
         )
