@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import logging
-import re
 from datetime import UTC, datetime
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final
 
 import orjson
 from aiohttp import web
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     JsonValue,
@@ -22,6 +20,15 @@ from pydantic.alias_generators import to_camel
 
 from callback_api import task_page
 from callback_api.inputs import query_of, read_body
+from callback_api.paging import (
+    DEFAULT_ROWS_PER_PAGE,
+    PageNumber,
+    RowsPerPage,
+    SortType,
+    json_response,
+    page_response,
+    window,
+)
 from callback_api.problems import Problem
 from callback_api.services import services
 from worker.amqp import BrokerBlocked
@@ -45,32 +52,11 @@ from worker.views import (
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS_PER_PAGE: Final = 1000
 # How long POST /tasks waits for the broker to confirm the task's message before answering 503.
 PUBLISH_SECONDS: Final = 3.0
-DEFAULT_ROWS_PER_PAGE: Final = 50
-MAX_PAGE_NUMBER: Final = 10**9
-_RANGE = re.compile(r"items=(\d{1,12})-(\d{1,12})")
 
 
 # The query's validators: each message follows the parameter's name, as in "state 'x' is not …".
-
-
-def _whole(maximum: int) -> BeforeValidator:
-    def parse(value: object) -> object:
-        # isdigit() alone would take "²", which int() refuses; and int() refuses thousands of
-        # digits, which are over the maximum anyway.
-        if (
-            isinstance(value, str)
-            and value.isascii()
-            and value.isdigit()
-            and len(value.lstrip("0")) <= len(str(maximum))
-            and 1 <= int(value) <= maximum
-        ):
-            return int(value)
-        raise ValueError(f"must be a whole number from 1 to {maximum}, not {value!r}")
-
-    return BeforeValidator(parse)
 
 
 def _id(value: str) -> str:
@@ -85,12 +71,6 @@ def _order(value: str) -> str:
     return value
 
 
-def _sort(value: object) -> object:
-    if isinstance(value, str) and value.lower() in ("asc", "desc"):
-        return value.lower()
-    raise ValueError(f"must be asc or desc, not {value!r}")
-
-
 class TaskListQuery(BaseModel):
     """GET /tasks: filters, a page and an order; parameters it does not take are refused."""
 
@@ -102,15 +82,12 @@ class TaskListQuery(BaseModel):
     )
     plan_id: Annotated[str, AfterValidator(_id)] | None = None
     hub_name: Annotated[str, AfterValidator(_id)] | None = None
-    # The bounds before the validator, where the schema takes them from.
-    rows_per_page: Annotated[int, Field(ge=1, le=MAX_ROWS_PER_PAGE), _whole(MAX_ROWS_PER_PAGE)] = (
-        DEFAULT_ROWS_PER_PAGE
-    )
-    page_number: Annotated[int, Field(ge=1, le=MAX_PAGE_NUMBER), _whole(MAX_PAGE_NUMBER)] = 1
+    rows_per_page: RowsPerPage = DEFAULT_ROWS_PER_PAGE
+    page_number: PageNumber = 1
     order_field: Annotated[str, AfterValidator(_order)] = Field(
         default="queuedAt", json_schema_extra={"enum": list(ORDER_COLUMNS)}
     )
-    sort_type: Annotated[Literal["asc", "desc"], BeforeValidator(_sort)] = "desc"
+    sort_type: SortType = "desc"
 
     def filters(self) -> dict[str, str]:
         """The filters given, by the names the store knows them by."""
@@ -127,12 +104,6 @@ class TaskListQuery(BaseModel):
 _LIST_PARAMETERS = frozenset(
     field.alias or name for name, field in TaskListQuery.model_fields.items()
 )
-
-
-def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(body), status=status, headers=headers, content_type="application/json"
-    )
 
 
 def _canonical(task: TaskMessage) -> bytes:
@@ -170,7 +141,9 @@ async def submit_task(request: web.Request) -> web.Response:
                 f"taskId {task.task_id!r} already belongs to a different task; use a new taskId",
             )
         if recorded.state is not State.QUEUED:
-            return _json(_submitted(recorded.task_id, recorded.state), 202, {"Location": location})
+            return json_response(
+                _submitted(recorded.task_id, recorded.state), 202, {"Location": location}
+            )
         # Queued but perhaps never published (a crash after the insert): publish again; a
         # duplicate message is harmless, the claim runs the task once.
     # Bounded: a broker that blocks publishes, or is gone, is answered 503 within seconds, not
@@ -184,7 +157,7 @@ async def submit_task(request: web.Request) -> web.Response:
         correlation_id=task.task_id,
     )
     log.info("task submitted")
-    return _json(_submitted(task.task_id, State.QUEUED), 202, {"Location": location})
+    return json_response(_submitted(task.task_id, State.QUEUED), 202, {"Location": location})
 
 
 def _submitted(task_id: str, state: State) -> JsonValue:
@@ -202,7 +175,7 @@ async def get_task(request: web.Request) -> web.Response:
     # A browser (following a link of the operations page) gets the page; API clients the JSON.
     if task_page.wants_page(request):
         return await task_page.get_page(request, detail)
-    return _json(detail.model_dump(mode="json", by_alias=True), headers={"Vary": "Accept"})
+    return json_response(detail.model_dump(mode="json", by_alias=True), headers={"Vary": "Accept"})
 
 
 async def _unknown(store: Store, task_id: str) -> Problem:
@@ -233,21 +206,10 @@ def _task_id(request: web.Request) -> str:
     return task_id
 
 
-def _window(query: TaskListQuery, ranged: str | None) -> tuple[int, int]:
-    """Offset and limit: from a Range header if there is one, else from the page parameters."""
-    if ranged is None:
-        return (query.page_number - 1) * query.rows_per_page, query.rows_per_page
-    match = _RANGE.fullmatch(ranged.strip())
-    if match is None or int(match[1]) > int(match[2]):
-        raise Problem(400, f"Range must be 'items=FIRST-LAST' with FIRST <= LAST, not {ranged!r}")
-    first, last = int(match[1]), int(match[2])
-    return first, min(last, first + MAX_ROWS_PER_PAGE - 1) - first + 1
-
-
 async def list_tasks(request: web.Request) -> web.Response:
     query = query_of(request, TaskListQuery)
     ranged = request.headers.get("Range")
-    offset, limit = _window(query, ranged)
+    offset, limit = window(query.rows_per_page, query.page_number, ranged)
     listed = await services(request).store.list_tasks(
         query.filters(),
         query.order_field,
@@ -260,21 +222,16 @@ async def list_tasks(request: web.Request) -> web.Response:
         total=listed.total,
         total_exact=listed.exact,
     )
-    body = page.model_dump(mode="json", by_alias=True)
-    if ranged is None:
-        return _json(body)
-    if not listed.tasks and (listed.total or offset):
-        # An empty page is past the end, and its total is always exact (listing.page counts it).
-        raise Problem(
-            416,
-            f"the range starts past the last of {listed.total} tasks",
-            headers={"Content-Range": f"items */{listed.total}"},
-        )
-    # A page with no task in it has no first and last to name; RFC 9110 writes a complete
-    # length that is not known as "*".
-    shown = f"{offset}-{offset + len(listed.tasks) - 1}" if listed.tasks else "*"
-    length = str(listed.total) if listed.exact else "*"
-    return _json(body, 206, {"Content-Range": f"items {shown}/{length}"})
+    # An empty page past the end has an exact total: listing.page counts it.
+    return page_response(
+        page.model_dump(mode="json", by_alias=True),
+        ranged=ranged,
+        offset=offset,
+        shown=len(listed.tasks),
+        total=listed.total,
+        exact=listed.exact,
+        what="tasks",
+    )
 
 
 async def cancel_task(request: web.Request) -> web.Response:
@@ -309,7 +266,7 @@ async def cancel_task(request: web.Request) -> web.Response:
     svc.metrics.record_completed(record)
     svc.announcer.announce(record)
     answer = TaskStatus(task_id=record.task_id, state=record.state, result=record.result)
-    return _json(answer.model_dump(mode="json", by_alias=True))
+    return json_response(answer.model_dump(mode="json", by_alias=True))
 
 
 async def get_task_logs(request: web.Request) -> web.Response:
@@ -323,4 +280,4 @@ async def get_task_logs(request: web.Request) -> web.Response:
         dropped_lines=dropped,
         lines=[LogLine(at=at, line=line) for at, line in lines],
     )
-    return _json(answer.model_dump(mode="json", by_alias=True))
+    return json_response(answer.model_dump(mode="json", by_alias=True))
