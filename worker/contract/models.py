@@ -139,11 +139,17 @@ OutputName = Annotated[str, StringConstraints(pattern=rf"^{ID_PATTERN.pattern}$"
 OutputExpression = Annotated[str, StringConstraints(max_length=10_000), AfterValidator(_jmespath)]
 
 
-class TaskMessage(WireModel):
-    """A task as queued (SPEC §4)."""
+class TaskIds(WireModel):
+    """What makes a task of a template: its ids (SPEC §4)."""
 
     task_id: Id
     plan_id: Id
+
+
+class TaskTemplate(WireModel):
+    """Every field of a task message but its ids, and the rules they follow together: what a task
+    definition stores (SPEC §9) and a task message carries."""
+
     job_id: Id | None = None
     hub_name: Id = DEFAULT_HUB
     project_id: Id | None = None
@@ -202,6 +208,12 @@ class TaskMessage(WireModel):
     def polling(self) -> PollPolicy:
         """The poll policy of a poll task: its own, or every default."""
         return self.poll or _DEFAULT_POLL
+
+
+# The template's fields first, as declared, then the ids: pydantic orders a model's fields from
+# its last base to its first, so the ids lead (and errors about them are listed first).
+class TaskMessage(TaskTemplate, TaskIds):
+    """A task as queued (SPEC §4)."""
 
     @property
     def job(self) -> str:

@@ -39,6 +39,7 @@ from worker.store.changes import (
     Waited,
 )
 from worker.store.clock import follow, keep_measuring, measure
+from worker.store.definitions import DefinitionStore
 from worker.store.errors import DB_UNAVAILABLE, NotLive, TaskVanished, refused
 from worker.store.listing import TaskList
 from worker.store.polls import PollStore
@@ -80,6 +81,8 @@ class Store:
         self.polls = PollStore(pool, self.lock_namespace)
         # Purging completed tasks past AGENTLESS_RETENTION, and what is known of purged ones.
         self.retention = RetentionStore(pool, self.lock_namespace)
+        # Task definitions and their executions (SPEC §9).
+        self.definitions = DefinitionStore(pool)
         # What this worker recorded lately, to record again should a failover have lost it.
         self.recent = RecentWrites()
         self._claims: Batcher[ClaimRequest, Claimed | TaskRecord] = Batcher(

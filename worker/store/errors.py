@@ -41,3 +41,46 @@ class TaskVanished(LookupError):
 
     def __init__(self, task_id: str) -> None:
         super().__init__(f"task {task_id!r} is no longer in the database")
+
+
+class DefinitionNotFound(LookupError):
+    """No definition has this id (or name, where a name may be given)."""
+
+    def __init__(self, ref: str) -> None:
+        super().__init__(f"no task definition has the id or name {ref!r}")
+        self.ref = ref
+
+
+class NameTaken(ValueError):
+    """A definition's name is another's already, in some case (names are unique in any case).
+    `index` is its place in a bulk write, if it was one."""
+
+    def __init__(self, name: str, index: int | None = None) -> None:
+        where = "" if index is None else f" (item {index})"
+        super().__init__(
+            f"a task definition named {name!r} exists already (names are unique in any case)"
+            f"{where}; choose another name, or replace that definition"
+        )
+        self.name = name
+        self.index = index
+
+
+class StaleVersion(ValueError):
+    """A write that expected a definition's version found another: someone changed it since."""
+
+    def __init__(self, definition_id: str, expected: int, current: int) -> None:
+        super().__init__(
+            f"task definition {definition_id!r} is at version {current}, not {expected}: it "
+            "changed since it was read; read it again and apply the change to that version"
+        )
+        self.definition_id = definition_id
+        self.expected = expected
+        self.current = current
+
+
+class ExecutionConflict(ValueError):
+    """An execution id already names another execution, or a task that is none."""
+
+    def __init__(self, execution_id: str, why: str) -> None:
+        super().__init__(f"executionId {execution_id!r} {why}; use a new executionId")
+        self.execution_id = execution_id

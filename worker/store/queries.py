@@ -339,6 +339,10 @@ _FILTERS = {
     "result": "t.result = {}",
     "planId": "lower(t.plan_id) = lower({})",
     "hubName": "lower(t.hub_name) = lower({})",
+    # Tasks executed from a definition (0010): by its id (server-made, in lower case), or
+    # carrying a tag, exactly.
+    "definition": "t.definition_id = lower({})",
+    "tag": "t.tags @> ARRAY[{}::text]",
 }
 # A filter that another condition implies still takes its parameter, as a condition that holds.
 _IMPLIED = "{}::text IS NOT NULL"
