@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from worker import executions
 from worker.amqp import settle
 from worker.broker import Broker
 from worker.completions import publish_completion
@@ -120,8 +121,12 @@ class Runner:
         try:
             task = parse_task(message.body)
         except InvalidTask as exc:
-            await self._dead_letter(message, str(exc), kind="invalid")
-            return
+            # Perhaps a message that names a definition: it becomes the task it stands for.
+            found = await executions.task_of(message, exc, self._store, self._db)
+            if isinstance(found, executions.Refused):
+                await self._dead_letter(message, found.reason, kind=found.kind)
+                return
+            task = found
         bind_task(task.task_id, task.plan_id)
         if task.wait_for_completion is Mode.POLL:
             # New poll tasks add to the polls to make: they start at the pace the poller keeps.

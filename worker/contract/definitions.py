@@ -13,7 +13,8 @@
   unchanged; the result is validated whole. `DefinitionPatch` documents the body.
 - `ExecutionRequest` (`{input, comments, tags, source, executionId}`, nulls meaning the defaults)
   and `ExecutionMessage` (the AMQP form: `{"definition": name or id, "input": …, "taskId"?,
-  "planId"?, …}`); `request_digest()` tells a repeat of an execution from another.
+  "planId"?, …}`), found in a message by `parse_execution()`, its task id by
+  `execution_id_of()`; `request_digest()` tells a repeat of an execution from another.
 - `execution_task(definition, request, task_id=, plan_id=)`: the task message (§4) an execution
   queues: the definition's fields, its variables overridden by `input`, named after it;
   `canonical_message()` its bytes as queued.
@@ -34,14 +35,23 @@ from pydantic import (
     BeforeValidator,
     Field,
     JsonValue,
+    ValidationError,
     ValidationInfo,
     create_model,
     field_validator,
     model_validator,
 )
 
-from worker.contract.models import Result, State, TaskMessage, TaskTemplate
-from worker.contract.requests import SECRET_HEADERS, Id, PollPolicy, TaskRequest, WireModel
+from worker.contract.errors import InvalidTask, describe
+from worker.contract.models import MAX_TASK_BYTES, Result, State, TaskMessage, TaskTemplate
+from worker.contract.requests import (
+    ID_PATTERN,
+    SECRET_HEADERS,
+    Id,
+    PollPolicy,
+    TaskRequest,
+    WireModel,
+)
 
 # What the server makes and a client may send back unchanged: ignored in a definition's input.
 SERVER_FIELDS: Final = frozenset({"id", "version", "createdAt", "updatedAt"})
@@ -265,6 +275,38 @@ class ExecutionTarget(WireModel):
 
 class ExecutionMessage(ExecutionFields, ExecutionTarget):
     """A task message that names a definition instead of a request (SPEC §4, §9)."""
+
+
+def parse_execution(body: bytes) -> ExecutionMessage | None:
+    """The execution a task message asks for when it names a definition instead of a request
+    (SPEC §4); None when it names none (it is then an ordinary task message, valid or not);
+    InvalidTask, with every invalid field, when it names one but does not fit."""
+    # Too large, or with a NUL character: parse_task's reason stands.
+    if b'"definition"' not in body or len(body) > MAX_TASK_BYTES or b"\\u0000" in body:
+        return None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or "definition" not in data or "request" in data:
+        return None
+    try:
+        return ExecutionMessage.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidTask(
+            "message names a definition but does not fit the form of one (definition, input, "
+            f"taskId, planId, comments, tags, source): {describe(exc)}"
+        ) from exc
+
+
+def execution_id_of(call: ExecutionMessage, body: bytes, message_id: str | None) -> str:
+    """The task id of a message's execution: its taskId, else its message_id, else one made of
+    its content, so that a redelivery (the same message) is the same execution."""
+    if call.task_id is not None:
+        return call.task_id
+    if message_id is not None and ID_PATTERN.fullmatch(message_id):
+        return message_id
+    return f"x-{hashlib.sha256(body).hexdigest()[:32]}"
 
 
 def request_digest(fields: ExecutionFields, plan_id: str) -> bytes:
