@@ -9,8 +9,11 @@ from typing import Final
 DEFINITION: Final = """d.id, d.name, d.description, d.template::text AS template, d.version,
     d.created_at, d.updated_at"""
 
+# Stamped by the clock, not the transaction's start: definitions created together are listed
+# by createdAt in the order they were given.
 INSERT = f"""
-INSERT INTO definitions AS d (id, name, description, template) VALUES ($1, $2, $3, $4::jsonb)
+INSERT INTO definitions AS d (id, name, description, template, created_at, updated_at)
+SELECT $1, $2, $3, $4::jsonb, now.at, now.at FROM (SELECT clock_timestamp() AS at) AS now
 RETURNING {DEFINITION}
 """
 
@@ -24,7 +27,7 @@ LOCK_BY_ID = f"SELECT {DEFINITION} FROM definitions d WHERE d.id = $1 FOR UPDATE
 REPLACE = f"""
 UPDATE definitions AS d
 SET name = $2, description = $3, template = $4::jsonb, version = d.version + 1,
-    updated_at = now()
+    updated_at = clock_timestamp()
 WHERE d.id = $1
 RETURNING {DEFINITION}
 """
