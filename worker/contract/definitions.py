@@ -72,7 +72,7 @@ def validation_context(connections: Collection[str] | None) -> dict[str, object]
 
 
 def _request_problems(request: TaskRequest, info: ValidationInfo) -> list[str]:
-    problems = []
+    problems = [] if _storable(request.body) else [f"body {_TOO_LARGE}"]
     known = info.context.get(CONNECTIONS) if isinstance(info.context, dict) else None
     if request.connection is not None and known is not None and request.connection not in known:
         listed = ", ".join(sorted(known)) or "none is configured"
@@ -88,6 +88,18 @@ def _request_problems(request: TaskRequest, info: ValidationInfo) -> list[str]:
                 "connection (request.connection) or use a macro such as $(system.AccessToken)"
             )
     return problems
+
+
+_TOO_LARGE: Final = "has an integer beyond 64 bits, which cannot be stored; send it as a string"
+
+
+def _storable(value: JsonValue) -> bool:
+    """Whether `value` can be stored as JSON: orjson refuses integers beyond 64 bits."""
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _check_request(request: TaskRequest | None, info: ValidationInfo) -> None:
@@ -127,6 +139,13 @@ class DefinitionSpec(TaskTemplate):
             except ValueError as exc:
                 raise ValueError(f"request: {exc}") from None
         return poll
+
+    @field_validator("variables")
+    @classmethod
+    def _variables_storable(cls, variables: dict[str, JsonValue]) -> dict[str, JsonValue]:
+        if not _storable(variables):
+            raise ValueError(_TOO_LARGE)
+        return variables
 
     def spec(self) -> DefinitionSpec:
         """The definition as written, without what the server made."""
@@ -251,6 +270,13 @@ class ExecutionFields(WireModel):
     @classmethod
     def _tags_once(cls, tags: list[str]) -> list[str]:
         return _unique(tags)
+
+    @field_validator("input")
+    @classmethod
+    def _input_storable(cls, data: dict[str, JsonValue]) -> dict[str, JsonValue]:
+        if not _storable(data):
+            raise ValueError(_TOO_LARGE)
+        return data
 
 
 class ExecutionRequest(ExecutionFields):
