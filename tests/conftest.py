@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import socket
 import uuid
 from collections import Counter
@@ -276,11 +277,24 @@ def _no_proxy_env() -> Iterator[None]:
     os.environ.update(saved)
 
 
+# Ports the tests' own servers listen on are chosen below the kernel's ephemeral range (32768 and
+# up by default), which every outgoing connection draws its local port from: a port picked there
+# and bound a moment later by a slow-starting server (a RabbitMQ node takes seconds) may meanwhile
+# have become the local end of some connection of the other test process.
+PORTS = range(20000, 32000)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port nobody listens on or is connected from on 127.0.0.1 now, outside the ephemeral
+    range (see PORTS)."""
+    while True:
+        port = PORTS.start + secrets.randbelow(len(PORTS))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 @dataclass

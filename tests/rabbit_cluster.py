@@ -230,7 +230,7 @@ class RabbitCluster:
         each sees the three running; the seconds taken."""
         began = time.monotonic()
         first, *rest = self.nodes
-        _each(RabbitNode.start, self.nodes)
+        _each(_started, self.nodes)
         # One at a time: two nodes joining at once may each find the other's schema half-made.
         for node in rest:
             node.ctl("stop_app")
@@ -393,6 +393,18 @@ def _each(work: Any, nodes: list[RabbitNode]) -> list[Any]:
         return []
     with ThreadPoolExecutor(len(nodes)) as pool:
         return list(pool.map(work, nodes))
+
+
+def _started(node: RabbitNode) -> float:
+    """Start `node`, once more should its VM exit at start (a port taken meanwhile by somebody's
+    connection is given back within seconds): a node that does not boot is the machine's fault,
+    not agentless's."""
+    try:
+        return node.start()
+    except AssertionError as failed:
+        print(f"\n{failed}\nstarting {node.name} again")
+        node.halt()
+        return node.start()
 
 
 def _running_seen_by(node: RabbitNode) -> set[str]:

@@ -138,15 +138,29 @@ class RabbitNode:
     def start(self) -> float:
         """Start the node (on whatever data it has) and wait until it serves; the seconds taken."""
         began = time.monotonic()
+        if not self.vm_running():
+            # The last run's pid, which would read as a VM that already exited.
+            (self.base / "node.pid").unlink(missing_ok=True)
         done = self._run(str(SCRIPTS / "rabbitmq-server"), "-detached", timeout=60)
         assert done.returncode == 0, f"rabbitmq-server: {done.stderr or done.stdout}"
         # await_startup gives up at once on a node that epmd does not know yet, which a detached
         # VM is for its first seconds.
         while not self.running():
-            assert time.monotonic() - began < START_TIMEOUT, f"{self.name} did not come up"
+            # A VM that wrote its pid and exited will not come up: say why now, not in two minutes.
+            if self.vm_exited() or time.monotonic() - began > START_TIMEOUT:
+                tail = self.log_tail()
+                raise AssertionError(f"{self.name} did not come up; its log ends:\n{tail}")
             time.sleep(0.2)
         self.ctl("await_startup", "--timeout", str(int(START_TIMEOUT)), timeout=START_TIMEOUT + 10)
         return time.monotonic() - began
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last `lines` of each of the node's log files (what it said as it failed)."""
+        tails = []
+        for log in sorted((self.base / "log").glob("*.log")):
+            text = log.read_text(errors="replace").splitlines()[-lines:]
+            tails.append(f"--- {log.name}\n" + "\n".join(text))
+        return "\n".join(tails) or "(no log written)"
 
     def vm_running(self) -> bool:
         """Whether the node's VM runs, from the pid file it writes as it starts (no command line
@@ -154,6 +168,12 @@ class RabbitNode:
         written = self.base / "node.pid"
         pid = written.read_text().strip() if written.exists() else ""
         return pid.isdigit() and _alive(int(pid))
+
+    def vm_exited(self) -> bool:
+        """Whether the node's VM wrote its pid and is gone since."""
+        written = self.base / "node.pid"
+        pid = written.read_text().strip() if written.exists() else ""
+        return pid.isdigit() and not _alive(int(pid))
 
     def os_pid(self) -> int:
         """The node's Erlang VM (beam.smp) process id: from the pid file the node writes as it
@@ -186,6 +206,11 @@ class RabbitNode:
         """Raise RabbitMQ's memory alarm (a watermark below what any node uses) or clear it (the
         default watermark, 0.4)."""
         self.ctl("set_vm_memory_high_watermark", "0.0000001" if on else "0.4")
+
+    def halt(self) -> None:
+        """Kill the node's VM if it runs (a node that hangs at start, say), by its pid file."""
+        if self.vm_running():
+            self.kill(int((self.base / "node.pid").read_text().strip()))
 
     def remove(self) -> None:
         """Stop the node, or kill it should it not stop, and remove its directory."""
