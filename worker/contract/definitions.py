@@ -71,6 +71,18 @@ def validation_context(connections: Collection[str] | None) -> dict[str, object]
     return None if connections is None else {CONNECTIONS: frozenset(connections)}
 
 
+_TOO_LARGE: Final = "has an integer beyond 64 bits, which cannot be stored; send it as a string"
+
+
+def _storable(value: JsonValue) -> bool:
+    """Whether `value` can be stored as JSON: orjson refuses integers beyond 64 bits."""
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        return False
+    return True
+
+
 def _request_problems(request: TaskRequest, info: ValidationInfo) -> list[str]:
     problems = [] if _storable(request.body) else [f"body {_TOO_LARGE}"]
     known = info.context.get(CONNECTIONS) if isinstance(info.context, dict) else None
@@ -88,18 +100,6 @@ def _request_problems(request: TaskRequest, info: ValidationInfo) -> list[str]:
                 "connection (request.connection) or use a macro such as $(system.AccessToken)"
             )
     return problems
-
-
-_TOO_LARGE: Final = "has an integer beyond 64 bits, which cannot be stored; send it as a string"
-
-
-def _storable(value: JsonValue) -> bool:
-    """Whether `value` can be stored as JSON: orjson refuses integers beyond 64 bits."""
-    try:
-        orjson.dumps(value)
-    except TypeError:
-        return False
-    return True
 
 
 def _check_request(request: TaskRequest | None, info: ValidationInfo) -> None:
