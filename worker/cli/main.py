@@ -12,6 +12,7 @@ from typing import NoReturn
 
 from worker import logs
 from worker.cli.check import cmd_check
+from worker.cli.definitions import cmd_apply, cmd_delete, cmd_execute, cmd_list, cmd_show
 from worker.cli.events import cmd_events
 from worker.cli.exits import (
     CONNECTION_LOST,
@@ -48,6 +49,11 @@ COMMANDS: dict[str, Command] = {
     "logs": cmd_logs,
     "check": cmd_check,
     "openapi": cmd_openapi,
+    "definitions-apply": cmd_apply,
+    "definitions-list": cmd_list,
+    "definitions-show": cmd_show,
+    "definitions-delete": cmd_delete,
+    "execute": cmd_execute,
 }
 
 

@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(command="submit")
     _add_operations(commands)
     _add_task_commands(commands)
+    _add_definitions(commands)
     return parser
 
 
@@ -363,6 +364,122 @@ def _add_operations(commands: argparse._SubParsersAction[argparse.ArgumentParser
     dead_requeue.add_argument("ids", nargs="*", metavar="ID", help="message id (the taskId)")
     dead_requeue.add_argument("--all", action="store_true", help="every dead letter")
     dead_requeue.set_defaults(command="dead-requeue")
+
+
+DEFINITION_EXITS = """exit codes:
+  0  done
+  1  {missing}
+  4  the database is unavailable: try again later"""
+APPLY_EXITS = """exit codes:
+  0  done
+  2  a file is not valid (the message lists every field to fix): nothing in it was applied
+  4  the database is unavailable: try again later"""
+EXECUTE_EXITS = """exit codes:
+  0  queued (with --wait: the task succeeded)
+  1  no such definition; with --wait: the task's result is not succeeded
+  2  invalid input: the message says what to fix
+  3  --wait-timeout passed: the task stays queued or running
+  4  RabbitMQ or PostgreSQL is unavailable: try again later"""
+
+
+def _add_definitions(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The commands that keep task definitions (SPEC §9) and execute them by name."""
+    definitions = commands.add_parser(
+        "definitions",
+        help="apply, list, show or delete task definitions",
+        description="Task definitions are stored task templates (SPEC §9): a task's fields "
+        "without taskId and planId, plus a unique name and a description. Each change bumps "
+        "its version.",
+    )
+    definition_commands = definitions.add_subparsers(
+        title="commands", required=True, metavar="COMMAND"
+    )
+    apply = definition_commands.add_parser(
+        "apply",
+        help="create or replace definitions by name from JSON files",
+        description="Each FILE holds one definition (a JSON object) or several (an array). A "
+        "definition whose name (any case) is not stored yet is created; one that is stored is "
+        "replaced whole, attributes left out taking their defaults, and its version goes up "
+        "only if something changed. Prints, for each definition, created, updated to version "
+        "N, or unchanged. A file with an invalid definition applies nothing and lists every "
+        "invalid field; the other files are applied.",
+        epilog=APPLY_EXITS,
+        formatter_class=_HelpFormatter,
+    )
+    apply.add_argument("files", nargs="+", type=Path, metavar="FILE", help="JSON, or - for stdin")
+    apply.set_defaults(command="definitions-apply")
+
+    listed = definition_commands.add_parser(
+        "list",
+        help="list definitions by name",
+        description="List the definitions, by name: version, when last changed, description.",
+    )
+    listed.add_argument("--name", help="only names that contain this (any case)")
+    listed.add_argument(
+        "--limit", type=_whole(1, MAX_LISTED), default=100, metavar="N", help="default 100"
+    )
+    listed.add_argument("--json", action="store_true", help="a JSON array of the definitions")
+    listed.set_defaults(command="definitions-list")
+
+    show = definition_commands.add_parser(
+        "show",
+        help="one definition in full",
+        description="Show a definition, named or by id, and its last executions.",
+        epilog=DEFINITION_EXITS.format(missing="no such definition"),
+        formatter_class=_HelpFormatter,
+    )
+    show.add_argument("definition", metavar="NAME|ID")
+    show.add_argument(
+        "--json", action="store_true", help="GET /definitions/{id}'s JSON (every attribute)"
+    )
+    show.set_defaults(command="definitions-show")
+
+    delete = definition_commands.add_parser(
+        "delete",
+        help="delete definitions; their executions stay",
+        description="Delete definitions, named or by id. The tasks they executed stay, and "
+        "can still be read.",
+        epilog=DEFINITION_EXITS.format(missing="one of them is not there (the others are deleted)"),
+        formatter_class=_HelpFormatter,
+    )
+    delete.add_argument("definitions", nargs="+", metavar="NAME|ID")
+    delete.set_defaults(command="definitions-delete")
+
+    execute = commands.add_parser(
+        "execute",
+        help="queue a task from a definition; with --wait, print its result",
+        description="Queue a task from the current version of a definition, named or by id, "
+        "as POST /definitions/name/{name}/executions does; print its executionId (the taskId), "
+        "executionIndex and executionLink. Each --input overrides one of the definition's "
+        "variables: its value is read as JSON when it is JSON (7, true, null, [1,2], "
+        '{"a":1}, "quoted"), else taken as a string (v1.2 stays "v1.2"). With --wait, print '
+        "the TaskCompleted event and exit 0 only if it succeeded.",
+        epilog=EXECUTE_EXITS,
+        formatter_class=_HelpFormatter,
+    )
+    execute.add_argument("definition", metavar="NAME|ID")
+    execute.add_argument(
+        "--input",
+        "-i",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="variable for this execution, repeatable; VALUE is JSON if it parses, else text",
+    )
+    execute.add_argument("--comments", help="why this execution, kept with the task")
+    execute.add_argument("--tag", action="append", default=[], help="repeatable")
+    execute.add_argument("--source", default="cli", help="who executes it (default cli)")
+    execute.add_argument(
+        "--execution-id",
+        metavar="ID",
+        help="the taskId (default a new one); the same id with the same input is the same "
+        "execution",
+    )
+    execute.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    execute.add_argument(
+        "--wait-timeout", type=float, default=600, metavar="SECONDS", help="default 600"
+    )
+    execute.set_defaults(command="execute")
 
 
 def _whole(low: int, high: int) -> Callable[[str], int]:

@@ -36,7 +36,7 @@ def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
         task = parse_task(orjson.dumps(_task_from_args(args)))
     except InvalidTask as exc:
         raise UsageError(str(exc)) from exc
-    return asyncio.run(_submit(settings, task, wait=args.wait, wait_timeout=args.wait_timeout))
+    return asyncio.run(queue_task(settings, task, wait=args.wait, wait_timeout=args.wait_timeout))
 
 
 _REQUEST_FLAGS = (
@@ -144,9 +144,21 @@ def _read(path: Path) -> bytes:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
 
 
-async def _submit(settings: Settings, task: TaskMessage, *, wait: bool, wait_timeout: float) -> int:
+async def queue_task(
+    settings: Settings,
+    task: TaskMessage,
+    *,
+    wait: bool,
+    wait_timeout: float,
+    body: bytes | None = None,
+    receipt: str | None = None,
+    command: str = "submit",
+) -> int:
+    """Publish the task (as `body`, the bytes its row was recorded from, when it has one) and
+    print `receipt` (by default its taskId and planId); or, with `wait`, its TaskCompleted
+    event. The exit code."""
     names = Names(settings.prefix)
-    connection = await broker_connection(settings, "submit")
+    connection = await broker_connection(settings, command)
     blocked: list[str] = []
     watch_blocking(connection, blocked.append, blocked.clear)
     try:
@@ -159,7 +171,8 @@ async def _submit(settings: Settings, task: TaskMessage, *, wait: bool, wait_tim
             if sys.stderr.isatty():
                 # Bound before the task is published, so that none of its events is missed.
                 feed = await EventFeed.bound(channel, names, task.hub_name)
-        body = task.model_dump_json(by_alias=True, exclude_none=True).encode()
+        if body is None:
+            body = task.model_dump_json(by_alias=True, exclude_none=True).encode()
         message = aio_pika.Message(
             body,
             content_type="application/json",
@@ -174,9 +187,11 @@ async def _submit(settings: Settings, task: TaskMessage, *, wait: bool, wait_tim
                 CONFIRM_SECONDS,
             )
         except TimeoutError:
-            raise Unavailable(_unconfirmed(task, blocked)) from None
+            raise Unavailable(_unconfirmed(task, blocked, command)) from None
         if reply_queue is None:
-            print(orjson.dumps({"taskId": task.task_id, "planId": task.plan_id}).decode())
+            if receipt is None:
+                receipt = orjson.dumps({"taskId": task.task_id, "planId": task.plan_id}).decode()
+            print(receipt)
             return EXIT_DONE
         showing = (
             None
@@ -206,7 +221,11 @@ async def _submit(settings: Settings, task: TaskMessage, *, wait: bool, wait_tim
     return EXIT_DONE if result is Result.SUCCEEDED else EXIT_NOT_SUCCEEDED
 
 
-def _unconfirmed(task: TaskMessage, blocked: list[str]) -> str:
+# The flag that sends a task again under its id, by command.
+_SAME_ID = {"submit": "--task-id", "execute": "--execution-id"}
+
+
+def _unconfirmed(task: TaskMessage, blocked: list[str], command: str) -> str:
     """Why the task's message was not confirmed, and what to do: it may still be queued once the
     broker reads it, so sending it again (the same taskId) is the safe way to be sure."""
     if blocked:
@@ -214,8 +233,8 @@ def _unconfirmed(task: TaskMessage, blocked: list[str]) -> str:
     else:
         why = f"RabbitMQ did not confirm the task within {CONFIRM_SECONDS:g} s"
     return (
-        f"{why}; task {task.task_id} may not be queued: submit it again later with the same "
-        "--task-id (it runs once however often it is sent)"
+        f"{why}; task {task.task_id} may not be queued: {command} it again later with the same "
+        f"{_SAME_ID.get(command, 'id')} (it runs once however often it is sent)"
     )
 
 

@@ -23,6 +23,8 @@ SELECT_BY_NAME = f"SELECT {DEFINITION} FROM definitions d WHERE lower(d.name) = 
 
 LOCK_BY_ID = f"SELECT {DEFINITION} FROM definitions d WHERE d.id = $1 FOR UPDATE"
 
+LOCK_BY_NAME = f"SELECT {DEFINITION} FROM definitions d WHERE lower(d.name) = lower($1) FOR UPDATE"
+
 # A write that changes nothing is no change: the version stays.
 REPLACE = f"""
 UPDATE definitions AS d

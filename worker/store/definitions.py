@@ -9,6 +9,8 @@ Definitions:
   whether it changed: a write that changes nothing keeps the version). DefinitionNotFound,
   StaleVersion (If-Match), NameTaken; patch raises pydantic's ValidationError for an invalid
   result.
+- `apply(specs)`: each created, or replaced when its name (any case) is stored, all or nothing
+  (`agentless definitions apply`): an `Applied` each, with the definition it replaced.
 - `delete(id, expected_version=)`, `delete_many(ids)` (all or nothing): executions stay.
 - `page(name=, order=, descending=, offset=, limit=)`: a `DefinitionList` (its total exact);
   `name` matches names containing it, in any case; `order` is a key of ORDER_COLUMNS.
@@ -74,6 +76,15 @@ class Change:
 
 
 @dataclass(frozen=True, slots=True)
+class Applied:
+    """What `apply` made of one definition: `previous` is None when it created it; when it
+    replaced it, its version tells whether anything changed."""
+
+    definition: Definition
+    previous: Definition | None
+
+
+@dataclass(frozen=True, slots=True)
 class Replacement:
     """One element of a bulk replace: the definition `id` becomes `spec`, if it is still at
     `expected_version` (None: whatever its version)."""
@@ -122,6 +133,38 @@ class DefinitionStore:
                 assert row is not None  # RETURNING of an insert made
                 created.append(_definition(row))
         return created
+
+    async def apply(self, specs: Sequence[DefinitionSpec]) -> list[Applied]:
+        """Create each whose name (in any case) is not stored, and replace the one that is, in
+        order, all or none (`agentless definitions apply`); NameTaken on a clash (two of them
+        with one name, or a renamed one taking another's)."""
+        seen: set[str] = set()
+        for index, spec in enumerate(specs):
+            if spec.name.lower() in seen:
+                raise NameTaken(spec.name, index)
+            seen.add(spec.name.lower())
+        applied = []
+        async with self._pool.acquire() as conn, conn.transaction():
+            for index, spec in enumerate(specs):
+                row = await conn.fetchrow(queries.LOCK_BY_NAME, spec.name)
+                if row is not None:
+                    current = _definition(row)
+                    change = await _replace(conn, Replacement(current.id, spec), index, current)
+                    applied.append(Applied(change.definition, current))
+                    continue
+                try:
+                    row = await conn.fetchrow(
+                        queries.INSERT,
+                        str(uuid.uuid4()),
+                        spec.name,
+                        spec.description,
+                        _template_json(spec),
+                    )
+                except asyncpg.UniqueViolationError:
+                    raise NameTaken(spec.name, index) from None
+                assert row is not None  # RETURNING of an insert made
+                applied.append(Applied(_definition(row), None))
+        return applied
 
     async def get(self, definition_id: str) -> Definition | None:
         row = await self._pool.fetchrow(queries.SELECT_BY_ID, definition_id)
