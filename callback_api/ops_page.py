@@ -18,6 +18,8 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from callback_api.ops import current_dashboard
 from callback_api.services import services
+from worker.contract.definitions import Definition, ExecutionRecord
+from worker.store.database import Store
 from worker.store.throughput import MINUTES
 from worker.text import duration, shorten
 from worker.views import Dashboard, MinuteThroughput
@@ -186,14 +188,51 @@ def chart(board: Dashboard) -> Chart:
     )
 
 
-def render(board: Dashboard) -> str:
-    """The whole page; every value that came from a task or a message is escaped."""
+# The definitions the page lists (by name; the heading counts them all), and how many of each
+# one's latest executions.
+LISTED_DEFINITIONS = 20
+LATEST_EXECUTIONS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class DefinitionActivity:
+    """A definition on the page, and its latest executions, newest first."""
+
+    definition: Definition
+    executions: list[ExecutionRecord]
+
+
+@dataclass(frozen=True, slots=True)
+class Definitions:
+    listed: list[DefinitionActivity]
+    total: int
+
+
+NO_DEFINITIONS = Definitions([], 0)
+
+
+async def definition_activity(store: Store) -> Definitions:
+    """The first definitions by name, each with its latest executions: two or three queries,
+    each off an index, whatever the number of definitions or executions."""
+    page = await store.definitions.page(limit=LISTED_DEFINITIONS)
+    if not page.definitions:
+        return NO_DEFINITIONS
+    latest = await store.definitions.latest_executions(
+        [d.id for d in page.definitions], LATEST_EXECUTIONS
+    )
+    return Definitions([DefinitionActivity(d, latest[d.id]) for d in page.definitions], page.total)
+
+
+def render(board: Dashboard, definitions: Definitions = NO_DEFINITIONS) -> str:
+    """The whole page; every value that came from a task, a definition or a message is
+    escaped."""
     return templates.get_template("page.html").render(
         board=board,
         now=board.generated_at,
         refresh_seconds=REFRESH_SECONDS,
         excerpt_chars=EXCERPT_CHARS,
         chart=chart(board),
+        definitions=definitions,
     )
 
 
@@ -210,4 +249,5 @@ async def get_page(request: web.Request) -> web.Response:
             ]
         }
     )
-    return web.Response(text=render(board), content_type="text/html", headers=HEADERS)
+    definitions = await definition_activity(services(request).store)
+    return web.Response(text=render(board, definitions), content_type="text/html", headers=HEADERS)
