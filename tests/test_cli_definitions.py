@@ -60,6 +60,28 @@ def write(path: Path, content: object) -> str:
 
 
 @pytest.mark.parametrize(
+    "command",
+    [
+        ["definitions"],
+        ["definitions", "apply"],
+        ["definitions", "list"],
+        ["definitions", "show"],
+        ["definitions", "delete"],
+        ["execute"],
+    ],
+)
+def test_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([*command, "--help"])
+    out = capsys.readouterr().out
+    assert (exited.value.code, out.startswith(f"usage: agentless {' '.join(command)} ")) == (
+        0,
+        True,
+    )
+    assert ("exit codes:" in out) == (command != ["definitions"] and command[-1] != "list")
+
+
+@pytest.mark.parametrize(
     ("items", "inputs"),
     [
         ([], {}),
