@@ -6,6 +6,7 @@ reads the declarations from here, so none imports another's.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -26,6 +27,13 @@ class Text:
 
 
 @dataclass(frozen=True)
+class NoContent:
+    """An answer without a body (204): what it means."""
+
+    description: str
+
+
+@dataclass(frozen=True)
 class Route:
     method: str
     path: str
@@ -33,10 +41,14 @@ class Route:
     summary: str
     # callback: the task's AuthToken; api: AGENTLESS_API_TOKENS (when set); none: open.
     auth: Literal["callback", "api", "none"]
-    tag: Literal["callbacks", "tasks", "operations"]
-    # By status: a model is answered as its JSON, Text as text, and a str is an error (as
-    # application/problem+json) that says when it is answered. 401 goes without saying.
-    responses: dict[int, type[BaseModel] | Text | str] = field(default_factory=dict)
+    tag: Literal["callbacks", "tasks", "definitions", "operations"]
+    # By status: a model is answered as its JSON, Text as text, NoContent with no body, and a
+    # str is an error (as application/problem+json) that says when it is answered. 401 goes
+    # without saying.
+    responses: Mapping[int, type[BaseModel] | Text | NoContent | str] = field(default_factory=dict)
+    # By status, the names of the headers it is answered with besides those every route's
+    # answer of that status has (openapi.py describes each name).
+    headers: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
     # What the route reads besides its path: a model is a JSON body; Text, another kind of body.
     body: tuple[type[BaseModel] | Text, ...] = ()
     body_required: bool = True

@@ -18,7 +18,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, RootModel, TypeAdapter
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from callback_api.declarations import Route, Text
+from callback_api.declarations import NoContent, Route, Text
 from callback_api.problems import PROBLEM_TYPE
 from worker import __version__
 from worker.contract.models import Result, State
@@ -34,7 +34,10 @@ Refs = dict[tuple[type[BaseModel], JsonSchemaMode], dict[str, Any]]
 
 
 class FieldError(BaseModel):
-    field: str = Field(description="the field's path in the task, dotted")
+    field: str = Field(
+        description="the field's path in the task or definition, dotted; in an array body, "
+        "after the item's index in brackets, as [2].request.url"
+    )
     message: str
 
 
@@ -48,7 +51,7 @@ class Problem(BaseModel):
     status: int
     detail: str = Field(description="what went wrong and what to do about it")
     errors: list[FieldError] | None = Field(
-        default=None, description="a task that is not valid (400): each field to fix"
+        default=None, description="a task or definition that is not valid (400): each field to fix"
     )
     state: State | None = Field(default=None, description="a conflict (409): the task's state")
     result: Result | None = Field(default=None, description="a conflict (409): the task's result")
@@ -56,6 +59,14 @@ class Problem(BaseModel):
         default=None,
         alias="completedAt",
         description="a task deleted after the retention period (410): when it had completed",
+    )
+    current_version: int | None = Field(
+        default=None,
+        alias="currentVersion",
+        description="a stale If-Match (412): the definition's version now",
+    )
+    index: int | None = Field(
+        default=None, description="a name clash (409) in an array body: the item that clashed"
     )
     message: str | None = Field(
         default=None,
@@ -100,6 +111,16 @@ _PATH_PARAMETERS: Final[dict[str, tuple[str, dict[str, Any]]]] = {
         "the id a created log was given; the lines join the task's log lines whatever it is",
         {"type": "integer", "minimum": 1},
     ),
+    # Never "name": /definitions/name/{name}/… is the path by name.
+    "id": (
+        "the definition's id, as the server made it",
+        {**_ID_SCHEMA, "not": {"enum": [".", "..", "name"]}},
+    ),
+    "name": ("the definition's name, in any case", _ID_SCHEMA),
+    "index": (
+        "the execution's index: 1 for the definition's first",
+        {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+    ),
 }
 _PATH_PARAMETER = re.compile(r"\{([^}:]+)")
 
@@ -122,6 +143,16 @@ _RANGE_HEADER: Final[dict[str, Any]] = {
     "description": "items=FIRST-LAST, zero-based and inclusive: answered 206 with that slice "
     "(at most 1000 items), or 416 if it starts past the end",
     "schema": {"type": "string", "pattern": r"^items=[0-9]{1,12}-[0-9]{1,12}$"},
+}
+
+
+_IF_MATCH_HEADER: Final[dict[str, Any]] = {
+    "name": "If-Match",
+    "in": "header",
+    "required": False,
+    "description": 'the ETag read, "VERSION": the change is made only to that version (412 '
+    "when the definition has changed since); * for any version",
+    "schema": {"type": "string"},
 }
 
 
@@ -153,6 +184,26 @@ _RESPONSE_HEADERS: Final[dict[int, dict[str, Any]]] = {
     },
 }
 
+# Headers a route declares for a status it answers (Route.headers); a name ending in "?" is
+# answered only sometimes (POST /definitions: with one definition made, not with an array).
+_NAMED_HEADERS: Final[dict[str, dict[str, Any]]] = {
+    "Location": _header("where what was made can be read"),
+    "ETag": _header('"VERSION": the definition\'s version, for If-Match', r'^"[0-9]+"$'),
+    "Agentless-Changed": _header(
+        "what this write changed, comma-separated: the attributes of the definition (the ids of "
+        "the definitions, for an array PUT); none when it changed nothing (the version stays)",
+        r"^(none|[A-Za-z0-9._:-]+(, [A-Za-z0-9._:-]+)*)$",
+    ),
+}
+
+
+def _named_header(name: str) -> tuple[str, dict[str, Any]]:
+    header = _NAMED_HEADERS[name.removesuffix("?")]
+    if name.endswith("?"):
+        header = {**header, "required": False}
+    return name.removesuffix("?"), header
+
+
 _SECURITY_SCHEMES: Final = {
     "apiToken": {
         "type": "http",
@@ -180,6 +231,10 @@ _SECURITY_SCHEMES: Final = {
 _TAGS: Final = [
     {"name": "callbacks", "description": "what a task's external service posts back"},
     {"name": "tasks", "description": "submit, read, list and cancel tasks"},
+    {
+        "name": "definitions",
+        "description": "stored task definitions, and the tasks executed from them",
+    },
     {"name": "operations", "description": "the queue, the workers, metrics and health"},
 ]
 
@@ -202,7 +257,7 @@ def _models(routes: Sequence[Route]) -> tuple[tuple[type[BaseModel], JsonSchemaM
     wanted: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {(Problem, "serialization"): None}
     for route in routes:
         for answer in route.responses.values():
-            if isinstance(answer, type):
+            if isinstance(answer, type) and issubclass(answer, BaseModel):
                 wanted[answer, "serialization"] = None
         for body in route.body:
             if isinstance(body, type):
@@ -269,6 +324,8 @@ def _responses(route: Route, refs: Refs) -> dict[str, Any]:
                 "description": answer.description,
                 "content": {answer.media_type: {"schema": {"type": "string"}}},
             }
+        elif isinstance(answer, NoContent):
+            response = {"description": answer.description}
         elif isinstance(answer, str):
             problem = refs[Problem, "serialization"]
             response = {"description": answer, "content": {PROBLEM_TYPE: {"schema": problem}}}
@@ -278,8 +335,12 @@ def _responses(route: Route, refs: Refs) -> dict[str, Any]:
                 "description": HTTPStatus(status).phrase,
                 "content": {JSON_TYPE: {"schema": schema}},
             }
-        if status in _RESPONSE_HEADERS:
-            response["headers"] = _RESPONSE_HEADERS[status]
+        headers = {
+            **_RESPONSE_HEADERS.get(status, {}),
+            **dict(_named_header(name) for name in route.headers.get(status, ())),
+        }
+        if headers:
+            response["headers"] = headers
         responses[str(status)] = response
     return responses
 
@@ -324,6 +385,8 @@ def document(settings: Settings, routes: Sequence[Route]) -> dict[str, Any]:
             queries.add(name)
         if 206 in route.responses:
             parameters.append(_RANGE_HEADER)
+        if 412 in route.responses:
+            parameters.append(_IF_MATCH_HEADER)
         if route.location is not None:
             parameters.append(_API_VERSION)
         operation: dict[str, Any] = {

@@ -6,11 +6,28 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from callback_api import azure, events, openapi, ops, ops_page, task_page, tasks
-from callback_api.declarations import Route, Text, routes_key
+from callback_api import (
+    azure,
+    definitions,
+    events,
+    executions,
+    openapi,
+    ops,
+    ops_page,
+    task_page,
+    tasks,
+)
+from callback_api.declarations import NoContent, Route, Text, routes_key
 from callback_api.server import Deadlines
 from callback_api.services import services_key
 from worker import probe
+from worker.contract.definitions import (
+    Definition,
+    DefinitionPatch,
+    DefinitionSpec,
+    ExecutionRequest,
+    ExecutionStarted,
+)
 from worker.contract.models import TaskMessage
 from worker.views import (
     Health,
@@ -85,6 +102,25 @@ _LOG_ANSWERS: dict[int, type[BaseModel] | Text | str] = {
     409: _LOG_FINAL,
     **_CALLBACK_ERRORS,
 }
+_DEFINITION_BODY = {
+    408: _LATE_BODY,
+    413: f"the body is over {definitions.MAX_DEFINITIONS_BYTES // 1_048_576} MiB",
+}
+_NO_DEFINITION = "no such task definition"
+_INVALID_DEFINITION = "the definition is not valid: `errors` names each field to fix"
+_NAME_TAKEN = "another definition has this name, in some case"
+_STALE = "If-Match names another version: the definition changed since it was read"
+_BAD_IF_MATCH = 'If-Match is not "VERSION" nor *'
+_WRITTEN = {200: ("ETag", "Agentless-Changed")}
+_EXECUTE_ANSWERS: dict[int, type[BaseModel] | Text | NoContent | str] = {
+    202: ExecutionStarted,
+    400: "the execution is not valid: `errors` names each field to fix",
+    404: _NO_DEFINITION,
+    408: _LATE_BODY,
+    409: "the executionId names another execution, or a task that is none",
+    413: "the body is over 1 MiB",
+}
+_EXECUTED = {202: ("Location",)}
 _EVENT_ERRORS = {
     **_CALLBACK_ERRORS,
     400: "the body is not JSON, or not a valid event",
@@ -264,6 +300,199 @@ ROUTES: tuple[Route, ...] = (
             200: TaskLogs,
             404: "no such task",
             410: "deleted after AGENTLESS_RETENTION; completedAt says when it completed",
+        },
+    ),
+    Route(
+        "POST",
+        "/definitions",
+        definitions.create_definitions,
+        "Create a task definition, or an array of them (all or none)",
+        "api",
+        "definitions",
+        body=(definitions.DefinitionSpecs,),
+        responses={
+            201: definitions.Definitions,
+            400: "a definition is not valid: `errors` names each field to fix, after its index "
+            "in an array",
+            409: _NAME_TAKEN,
+            **_DEFINITION_BODY,
+        },
+        headers={201: ("Location?", "ETag?")},
+    ),
+    Route(
+        "GET",
+        "/definitions",
+        definitions.list_definitions,
+        "List task definitions",
+        "api",
+        "definitions",
+        query=definitions.DefinitionListQuery,
+        responses={
+            200: definitions.DefinitionPage,
+            206: definitions.DefinitionPage,
+            400: "a query parameter or the Range header is not valid",
+            416: "the range starts past the last definition",
+        },
+    ),
+    Route(
+        "PUT",
+        "/definitions",
+        definitions.replace_definitions,
+        "Replace task definitions, each by its id (all or none)",
+        "api",
+        "definitions",
+        body=(definitions.DefinitionReplacements,),
+        responses={
+            200: definitions.DefinitionList,
+            400: "not an array of valid definitions with ids: `errors` names each field to fix",
+            404: _NO_DEFINITION,
+            409: _NAME_TAKEN,
+            412: "an item's version is not the definition's now",
+            **_DEFINITION_BODY,
+        },
+        headers={200: ("Agentless-Changed",)},
+    ),
+    Route(
+        "DELETE",
+        "/definitions",
+        definitions.delete_definitions,
+        "Delete task definitions by id (all or none); their executions stay readable",
+        "api",
+        "definitions",
+        body=(definitions.DefinitionIds,),
+        responses={
+            204: NoContent("deleted"),
+            400: "not an array of definition ids",
+            404: "no definition has one of the ids: none was deleted",
+            **_DEFINITION_BODY,
+        },
+    ),
+    # Before the routes by id: /definitions/name/… is always the path by name (ids are never
+    # "name").
+    Route(
+        "GET",
+        "/definitions/name/{name}",
+        definitions.get_definition_by_name,
+        "A task definition by its name, in any case",
+        "api",
+        "definitions",
+        query=definitions.DefinitionQuery,
+        responses={200: Definition, 404: _NO_DEFINITION},
+        headers={200: ("ETag",)},
+    ),
+    Route(
+        "POST",
+        "/definitions/name/{name}/executions",
+        executions.execute_definition_by_name,
+        "Execute a task definition named so (in any case): queue a task from it",
+        "api",
+        "definitions",
+        body=(ExecutionRequest,),
+        body_required=False,
+        responses=_EXECUTE_ANSWERS,
+        headers=_EXECUTED,
+    ),
+    Route(
+        "GET",
+        "/definitions/{id}",
+        definitions.get_definition,
+        "A task definition",
+        "api",
+        "definitions",
+        query=definitions.DefinitionQuery,
+        responses={200: Definition, 404: _NO_DEFINITION},
+        headers={200: ("ETag",)},
+    ),
+    Route(
+        "PUT",
+        "/definitions/{id}",
+        definitions.replace_definition,
+        "Replace a task definition: omitted attributes take their defaults",
+        "api",
+        "definitions",
+        body=(DefinitionSpec,),
+        responses={
+            200: Definition,
+            400: f"{_INVALID_DEFINITION}; or {_BAD_IF_MATCH}",
+            404: _NO_DEFINITION,
+            409: _NAME_TAKEN,
+            412: _STALE,
+            **_DEFINITION_BODY,
+        },
+        headers=_WRITTEN,
+    ),
+    Route(
+        "PATCH",
+        "/definitions/{id}",
+        definitions.patch_definition,
+        "Change the attributes given of a task definition; absent or null ones stay",
+        "api",
+        "definitions",
+        body=(DefinitionPatch,),
+        responses={
+            200: Definition,
+            400: f"{_INVALID_DEFINITION}; or {_BAD_IF_MATCH}",
+            404: _NO_DEFINITION,
+            409: _NAME_TAKEN,
+            412: _STALE,
+            **_DEFINITION_BODY,
+        },
+        headers=_WRITTEN,
+    ),
+    Route(
+        "DELETE",
+        "/definitions/{id}",
+        definitions.delete_definition,
+        "Delete a task definition; its executions stay readable",
+        "api",
+        "definitions",
+        responses={
+            204: NoContent("deleted"),
+            400: _BAD_IF_MATCH,
+            404: _NO_DEFINITION,
+            412: _STALE,
+        },
+    ),
+    Route(
+        "POST",
+        "/definitions/{id}/executions",
+        executions.execute_definition,
+        "Execute a task definition: queue a task from its current version",
+        "api",
+        "definitions",
+        body=(ExecutionRequest,),
+        body_required=False,
+        responses=_EXECUTE_ANSWERS,
+        headers=_EXECUTED,
+    ),
+    Route(
+        "GET",
+        "/definitions/{id}/executions",
+        executions.list_executions,
+        "A task definition's executions",
+        "api",
+        "definitions",
+        query=executions.ExecutionListQuery,
+        responses={
+            200: executions.ExecutionPage,
+            206: executions.ExecutionPage,
+            400: "a query parameter or the Range header is not valid",
+            404: "no such task definition, and no executions of one",
+            416: "the range starts past the last execution",
+        },
+    ),
+    Route(
+        "GET",
+        "/definitions/{id}/executions/{index}",
+        executions.get_execution,
+        "One execution of a task definition",
+        "api",
+        "definitions",
+        query=definitions.DefinitionQuery,
+        responses={
+            200: executions.ExecutionView,
+            400: "the index is not a whole number from 1",
+            404: "the definition has no execution of that index",
         },
     ),
     Route(

@@ -30,7 +30,7 @@ from callback_api.paging import (
     window,
 )
 from callback_api.problems import Problem
-from callback_api.services import services
+from callback_api.services import Services, services
 from worker.amqp import BrokerBlocked
 from worker.contract.errors import invalid_fields
 from worker.contract.models import MAX_TASK_BYTES, Result, State, TaskMessage, any_case
@@ -82,6 +82,14 @@ class TaskListQuery(BaseModel):
     )
     plan_id: Annotated[str, AfterValidator(_id)] | None = None
     hub_name: Annotated[str, AfterValidator(_id)] | None = None
+    definition: Annotated[str, AfterValidator(_id)] | None = Field(
+        default=None,
+        description="the tasks executed from this definition: its id, or its name in any case "
+        "(a deleted definition's executions: by its id)",
+    )
+    tag: Annotated[str, AfterValidator(_id)] | None = Field(
+        default=None, description="the tasks an execution gave this tag, exactly"
+    )
     rows_per_page: RowsPerPage = DEFAULT_ROWS_PER_PAGE
     page_number: PageNumber = 1
     order_field: Annotated[str, AfterValidator(_order)] = Field(
@@ -96,6 +104,8 @@ class TaskListQuery(BaseModel):
             "result": self.result,
             "planId": self.plan_id,
             "hubName": self.hub_name,
+            "definition": self.definition,
+            "tag": self.tag,
         }
         return {name: str(value) for name, value in given.items() if value is not None}
 
@@ -127,9 +137,7 @@ async def submit_task(request: web.Request) -> web.Response:
         raise Problem(400, f"the task is not valid; fix: {fields}", errors=errors) from exc
     bind_task(task.task_id, task.plan_id)
     svc = services(request)
-    if (blocked := svc.broker.blocked) is not None:
-        # Refused before anything is recorded: the same body sent again later is a new submission.
-        raise BrokerBlocked(blocked)
+    refuse_while_blocked(svc)
     canonical = _canonical(task)
     claim = ClaimRequest.of(task, canonical)
     recorded = await svc.store.submit(claim)
@@ -146,18 +154,30 @@ async def submit_task(request: web.Request) -> web.Response:
             )
         # Queued but perhaps never published (a crash after the insert): publish again; a
         # duplicate message is harmless, the claim runs the task once.
-    # Bounded: a broker that blocks publishes, or is gone, is answered 503 within seconds, not
-    # by a hung request. The task is recorded by then and its message goes out when it can, so a
-    # retry of the same body is answered 202 as the same task, and runs it once.
-    await svc.broker.publish_within(
-        PUBLISH_SECONDS,
-        canonical,
-        svc.broker.names.tasks,
-        message_id=task.task_id,
-        correlation_id=task.task_id,
-    )
+    await publish_task(svc, task.task_id, canonical)
     log.info("task submitted")
     return json_response(_submitted(task.task_id, State.QUEUED), 202, {"Location": location})
+
+
+def refuse_while_blocked(svc: Services) -> None:
+    """503 while the broker blocks publishes, before a task is recorded: the same request sent
+    again later is then a new one."""
+    if (blocked := svc.broker.blocked) is not None:
+        raise BrokerBlocked(blocked)
+
+
+async def publish_task(svc: Services, task_id: str, message: bytes) -> None:
+    """Send a recorded, queued task's message to the task queue (POST /tasks, and executions of
+    definitions). Bounded: a broker that blocks publishes, or is gone, is answered 503 within
+    seconds, not by a hung request. The task is recorded by then and its message goes out when
+    it can, so a retry of the same request is answered 202 as the same task, and runs it once."""
+    await svc.broker.publish_within(
+        PUBLISH_SECONDS,
+        message,
+        svc.broker.names.tasks,
+        message_id=task_id,
+        correlation_id=task_id,
+    )
 
 
 def _submitted(task_id: str, state: State) -> JsonValue:
@@ -210,8 +230,15 @@ async def list_tasks(request: web.Request) -> web.Response:
     query = query_of(request, TaskListQuery)
     ranged = request.headers.get("Range")
     offset, limit = window(query.rows_per_page, query.page_number, ranged)
-    listed = await services(request).store.list_tasks(
-        query.filters(),
+    store = services(request).store
+    filters = query.filters()
+    if query.definition is not None:
+        # The store filters by id: a name is the id of the definition it names now.
+        named = await store.definitions.find(query.definition)
+        if named is not None:
+            filters["definition"] = named.id
+    listed = await store.list_tasks(
+        filters,
         query.order_field,
         descending=query.sort_type == "desc",
         offset=offset,

@@ -14,7 +14,7 @@ import requests
 import schemathesis
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
-from pydantic import SecretStr
+from pydantic import JsonValue, SecretStr
 from schemathesis import APIOperation, Case, GenerationMode
 from schemathesis.checks import (
     content_type_conformance,
@@ -47,6 +47,9 @@ CHECKS = [
 # Per operation and per mode (valid data, then data that breaks the schema): enough to reach
 # every status a route answers, few enough that the whole file takes seconds.
 EXAMPLES = 20
+# The definition routes, fewer: their thirteen operations share three bodies (a definition, a
+# patch, an execution) and GET /tasks's list conventions, and generating a definition is slow.
+DEFINITION_EXAMPLES = 8
 
 
 @pytest.fixture
@@ -125,6 +128,24 @@ def _submissions(schema: schemathesis.BaseSchema, base_url: str, task: dict[str,
     ]
 
 
+def _definition(schema: schemathesis.BaseSchema, base_url: str, target: Target) -> dict[str, str]:
+    """A definition, executed once, for the fuzzing to find (generated ones are never valid):
+    the path parameters that name it and its execution."""
+    name = "openapi-definition"
+    body: dict[str, JsonValue] = {"name": name, "request": {"url": f"{target.url}/hook?key={name}"}}
+    create = schema["/definitions"]["POST"].Case(body=body, media_type="application/json")
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    created = create.call_and_validate(base_url=base_url, headers=auth, checks=CHECKS)
+    assert created.status_code == 201, created.text
+    definition_id = created.json()["id"]
+    execute = schema["/definitions/{id}/executions"]["POST"].Case(
+        path_parameters={"id": definition_id}, body={}, media_type="application/json"
+    )
+    executed = execute.call_and_validate(base_url=base_url, headers=auth, checks=CHECKS)
+    assert executed.status_code == 202, executed.text
+    return {"id": definition_id, "name": name, "index": "1"}
+
+
 def _operations(schema: schemathesis.BaseSchema) -> Iterator[Operation]:
     for path in schema:
         for method in schema[path]:
@@ -140,7 +161,11 @@ def _modes(operation: Operation) -> list[GenerationMode]:
 
 
 def _fuzz(
-    schema: schemathesis.BaseSchema, base_url: str, task_id: str, callback_token: str
+    schema: schemathesis.BaseSchema,
+    base_url: str,
+    task_id: str,
+    callback_token: str,
+    definition: dict[str, str],
 ) -> list[str]:
     """Every operation, valid and invalid data, against the live API: the failures found."""
     failures: list[str] = []
@@ -149,7 +174,7 @@ def _fuzz(
             token = callback_token if operation.path.startswith(("/plans", "/{")) else API_TOKEN
             for mode in _modes(operation):
                 try:
-                    _check(operation, mode, task_id, base_url, session, token)
+                    _check(operation, mode, task_id, definition, base_url, session, token)
                 # Every operation is tried, so that one run tells every failure.
                 except (FailureGroup, Exception) as exc:
                     failures.append(f"{operation.label} ({mode.value}):\n{exc}")
@@ -160,14 +185,19 @@ def _check(
     operation: Operation,
     mode: GenerationMode,
     task_id: str,
+    definition: dict[str, str],
     base_url: str,
     session: requests.Session,
     token: str,
 ) -> None:
     names = {parameter.name for parameter in operation.path_parameters}
-    # Half the cases name the waiting task, so that handlers get past "no such task" to the
-    # answers built from its record.
-    pinned = {k: v for k, v in {"taskId": task_id, "planId": "plan-1"}.items() if k in names}
+    # Half the cases name the waiting task, or the definition and its execution, so that
+    # handlers get past "no such task" to the answers built from its record. The definition is
+    # never deleted: the operations after DELETE still find it.
+    known = {"taskId": task_id, "planId": "plan-1"}
+    if operation.method.upper() != "DELETE":
+        known |= definition
+    pinned = {k: v for k, v in known.items() if k in names}
     cases = st.one_of(
         operation.as_strategy(generation_mode=mode),
         operation.as_strategy(generation_mode=mode, path_parameters=pinned).map(
@@ -176,7 +206,7 @@ def _check(
     )
 
     @hypothesis.settings(
-        max_examples=EXAMPLES,
+        max_examples=DEFINITION_EXAMPLES if operation.path.startswith("/definitions") else EXAMPLES,
         derandomize=True,
         database=None,
         deadline=None,
@@ -218,8 +248,9 @@ async def test_the_live_api_keeps_to_its_document(api: Api, events: Events, targ
     # Schemathesis is synchronous: it runs in a thread while this loop serves its requests.
     assert await asyncio.to_thread(_submissions, schema, api.url, task) == [202, 202, 409]
     token = await _waiting(events, target, task_id)
+    definition = await asyncio.to_thread(_definition, schema, api.url, target)
 
-    failures = await asyncio.to_thread(_fuzz, schema, api.url, task_id, token)
+    failures = await asyncio.to_thread(_fuzz, schema, api.url, task_id, token, definition)
     assert failures == [], "\n\n".join(failures)
 
 
@@ -246,6 +277,12 @@ ONCE_SERVER_ERRORS = [
         {"value": [{"variables": {"name": {"value": "a\u0000b"}}}]},
         id="nul-in-a-variable-value",
     ),
+    pytest.param(
+        "POST",
+        "/definitions/d/executions",
+        {"input": {"a": 2**64}},
+        id="integer-beyond-64-bits-in-an-execution-input",
+    ),
 ]
 
 
@@ -259,7 +296,7 @@ async def test_inputs_that_once_caused_server_errors(
         async with session.post(f"{api.url}/tasks", json=task, headers=auth) as response:
             response.raise_for_status()
         token = await _waiting(events, target, str(task["taskId"]))
-        if not path.startswith("/tasks"):
+        if not path.startswith(("/tasks", "/definitions")):
             auth = {"Authorization": f"Bearer {token}"}
         async with session.request(method, api.url + path, json=body, headers=auth) as response:
             assert response.status < 500, await response.text()

@@ -69,10 +69,12 @@ _EXECUTE_TRIES = 3
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """A definition as written, and whether the write changed it (and its version)."""
+    """A definition as written, and whether the write changed it (and its version); `previous`
+    is the definition before it (the API names the attributes that changed)."""
 
     definition: Definition
     changed: bool
+    previous: Definition
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +332,7 @@ async def _replace(
         _check_version(current, replacement.expected_version)
     spec = replacement.spec
     if spec.written() == current.written():
-        return Change(current, changed=False)
+        return Change(current, changed=False, previous=current)
     try:
         row = await conn.fetchrow(
             queries.REPLACE, replacement.id, spec.name, spec.description, _template_json(spec)
@@ -338,7 +340,7 @@ async def _replace(
     except asyncpg.UniqueViolationError:
         raise NameTaken(spec.name, index) from None
     assert row is not None  # the row is locked: the update finds it
-    return Change(_definition(row), changed=True)
+    return Change(_definition(row), changed=True, previous=current)
 
 
 async def _execute(

@@ -1,0 +1,515 @@
+"""The definitions API (SPEC §9): create, read, list, replace, patch and delete stored task
+definitions, with the list conventions of GET /tasks (callback_api/paging.py). Executions of a
+definition are in executions.py.
+
+Choices the SPEC leaves open, as the README tells them:
+- A write (PUT, PATCH) answers `Agentless-Changed`: the attributes it changed, in alphabetical
+  order, comma-separated (an array PUT: the ids of the definitions it changed), or `none` when
+  it changed nothing; then the version stays. A PATCH whose attributes are all absent or null
+  is such a write: 200, the definition as it was, `none`.
+- An array body is all or nothing: every invalid field of every item is listed in one 400
+  (`[INDEX].field`), a name clash is a 409 naming the item. In an array PUT, an item's `version`
+  is its If-Match: the item must still be at that version (412).
+- `If-Match` ("VERSION", or * for any) also guards DELETE.
+- A browser (Accept preferring text/html) gets the answer as an HTML page of its JSON, unless
+  the URL has `?json`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from typing import Annotated, Any, ClassVar, Final, Literal
+
+import orjson
+from aiohttp import web
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    RootModel,
+    TypeAdapter,
+    ValidationError,
+)
+from pydantic.alias_generators import to_camel
+
+from callback_api.inputs import query_of, read_body
+from callback_api.ops_page import HEADERS, templates
+from callback_api.paging import (
+    DEFAULT_ROWS_PER_PAGE,
+    PageNumber,
+    RowsPerPage,
+    SortType,
+    json_response,
+    page_response,
+    window,
+)
+from callback_api.problems import Problem
+from callback_api.services import services
+from callback_api.task_page import prefers_html
+from worker.contract.definitions import (
+    SERVER_FIELDS,
+    Definition,
+    DefinitionName,
+    DefinitionSpec,
+    DefinitionSummary,
+    validation_context,
+)
+from worker.contract.requests import ID_PATTERN, Id
+from worker.store.definitions import ORDER_COLUMNS, Change, Replacement
+from worker.store.errors import DefinitionNotFound, NameTaken, StaleVersion
+
+# A bulk write's body may hold many definitions, each up to a task's size.
+MAX_DEFINITIONS_BYTES: Final = 8 * 1_048_576
+MAX_ITEMS: Final = 1000
+CHANGED_HEADER: Final = "Agentless-Changed"
+_ENTITY_TAG = re.compile(r'\s*(?:W/)?"([^"]*)"\s*')
+
+
+class DefinitionQuery(BaseModel):
+    """What a browser may add to a definitions URL to get the JSON, not the page."""
+
+    model_config = ConfigDict(alias_generator=to_camel, extra="forbid")
+
+    json_: str | None = Field(
+        default=None,
+        alias="json",
+        description="present, with any value or none: the JSON, even when Accept prefers "
+        "text/html (a browser)",
+    )
+
+
+def _name_filter(value: str) -> str:
+    if not ID_PATTERN.fullmatch(value):
+        raise ValueError(f"must be part of a name: 1 to 128 of A-Z a-z 0-9 . _ : - (not {value!r})")
+    return value
+
+
+def _order(value: str) -> str:
+    if value not in ORDER_COLUMNS:
+        raise ValueError(f"{value!r} is not one of {', '.join(ORDER_COLUMNS)}")
+    return value
+
+
+Format = Literal["list", "detail", "name"]
+
+
+class DefinitionListQuery(DefinitionQuery):
+    """GET /definitions: a name filter, a page, an order and a format."""
+
+    name: Annotated[str, AfterValidator(_name_filter)] | None = Field(
+        default=None, description="the definitions whose name contains it, in any case"
+    )
+    rows_per_page: RowsPerPage = DEFAULT_ROWS_PER_PAGE
+    page_number: PageNumber = 1
+    order_field: Annotated[str, AfterValidator(_order)] = Field(
+        default="name", json_schema_extra={"enum": list(ORDER_COLUMNS)}
+    )
+    sort_type: SortType = "asc"
+    format: str = Field(
+        default="list",
+        description="list (id, name, description, version, updatedAt), detail (everything) or "
+        "name (id and name); any other value is taken for list",
+        json_schema_extra={"examples": ["list", "detail", "name"]},
+    )
+
+    @property
+    def shape(self) -> Format:
+        return self.format if self.format in ("detail", "name") else "list"  # type: ignore[return-value]
+
+
+class DefinitionPage(BaseModel):
+    """A page of definitions, each in the format asked for."""
+
+    definitions: list[Definition | DefinitionSummary | DefinitionName]
+    total: int = Field(description="how many definitions match, exactly")
+
+
+class DefinitionSpecs(RootModel[DefinitionSpec | list[DefinitionSpec]]):
+    """One definition, or an array of them (all made, or none)."""
+
+
+class Definitions(RootModel[Definition | list[Definition]]):
+    """The definition made, or those made, in the order given."""
+
+
+class DefinitionReplacement(DefinitionSpec):
+    """An item of an array PUT: a definition as written, with the id of the one it replaces."""
+
+    # `id` and `version` are read here; the other server-made fields are ignored.
+    _ignored: ClassVar[frozenset[str]] = SERVER_FIELDS - {"id", "version"}
+
+    id: Id = Field(description="the definition to replace")
+    version: int | None = Field(
+        default=None, ge=1, description="if given, the definition must still be at it (412)"
+    )
+
+
+class DefinitionReplacements(RootModel[list[DefinitionReplacement]]):
+    """Definitions to replace, each by its id: all replaced, or none."""
+
+
+class DefinitionList(RootModel[list[Definition]]):
+    """The definitions as replaced, in the order given."""
+
+
+class DefinitionIds(RootModel[list[Id]]):
+    """The ids of the definitions to delete: all deleted, or none."""
+
+
+# Validated with the service connections known as context (validation_context).
+_SPECS: Final = TypeAdapter(list[DefinitionSpec])
+_REPLACEMENTS: Final = TypeAdapter(list[DefinitionReplacement])
+_IDS: Final = TypeAdapter(list[Id])
+_JSON: Final[TypeAdapter[JsonValue]] = TypeAdapter(JsonValue)
+
+
+# Reading requests.
+
+
+def definition_id(request: web.Request) -> str:
+    """The path's definition id: 404 when it cannot be one."""
+    value = request.match_info["id"]
+    if not ID_PATTERN.fullmatch(value):
+        raise Problem(404, f"there is no task definition {value!r}")
+    return value
+
+
+async def _connections(request: web.Request) -> frozenset[str] | None:
+    """The service connections a definition may name: those of AGENTLESS_CONNECTIONS, read
+    anew for each write (the file may have changed); None when the API is not told them, as
+    when it runs apart from the workers (the worker then reports an unknown one)."""
+    settings = services(request).settings
+    if settings.connections is None:
+        return None
+    return frozenset(await asyncio.to_thread(settings.load_connections))
+
+
+def field_errors(exc: ValidationError, *, array: bool) -> list[dict[str, str]]:
+    """Each invalid field: its dotted path, after `[INDEX]` in an array; and what is wrong."""
+    errors = []
+    for error in exc.errors(include_url=False, include_input=False):
+        location = [str(part) for part in error["loc"]]
+        if array and location and location[0].isdigit():
+            location = [f"[{location[0]}]" + ("." + location[1] if len(location) > 1 else "")]
+            location += [str(part) for part in error["loc"][2:]]
+        errors.append(
+            {
+                "field": ".".join(location) or "(body)",
+                "message": error["msg"].removeprefix("Value error, "),
+            }
+        )
+    return errors
+
+
+def invalid(what: str, exc: ValidationError, *, array: bool = False) -> Problem:
+    errors = field_errors(exc, array=array)
+    fields = ", ".join(dict.fromkeys(error["field"] for error in errors))
+    return Problem(400, f"the {what} is not valid; fix: {fields}", errors=errors)
+
+
+async def json_body(request: web.Request, limit: int = MAX_DEFINITIONS_BYTES) -> JsonValue:
+    """The body as JSON that can be stored; an empty body is null."""
+    body = await read_body(request, limit)
+    if b"\\u0000" in body:
+        raise Problem(400, "the body contains a NUL character (\\u0000), which cannot be stored")
+    if not body.strip():
+        return None
+    try:
+        parsed: JsonValue = _JSON.validate_json(body)
+        # What JSON allows and storing it does not: stored as JSON again, it would fail later.
+        orjson.dumps(parsed)
+    except ValidationError:
+        raise Problem(400, "the body is not JSON") from None
+    except orjson.JSONEncodeError:
+        raise Problem(
+            400,
+            "the body holds a value that cannot be stored: integers must fit in 64 bits, and "
+            "arrays and objects be nested fewer than 255 deep",
+        ) from None
+    return parsed
+
+
+async def _definitions_body(request: web.Request) -> JsonValue:
+    """The body, an array of 1 to MAX_ITEMS if it is one."""
+    parsed = await json_body(request)
+    if isinstance(parsed, list) and not 1 <= len(parsed) <= MAX_ITEMS:
+        raise Problem(400, f"an array body holds 1 to {MAX_ITEMS} items, not {len(parsed)}")
+    return parsed
+
+
+def if_match(request: web.Request) -> int | None:
+    """The version If-Match asks for; None for none (or *, any version)."""
+    header = request.headers.get("If-Match")
+    if header is None or header.strip() == "*":
+        return None
+    match = _ENTITY_TAG.fullmatch(header)
+    if match is None or not match[1].isascii() or not match[1].isdigit() or len(match[1]) > 9:
+        raise Problem(
+            400,
+            f'If-Match must be the ETag read, "VERSION" (or * for any version), not {header!r}',
+        )
+    return int(match[1])
+
+
+# Answering.
+
+
+def stale(exc: StaleVersion) -> Problem:
+    return Problem(412, str(exc), headers={"ETag": f'"{exc.current}"'}, currentVersion=exc.current)
+
+
+def clash(exc: NameTaken) -> Problem:
+    extra: dict[str, Any] = {} if exc.index is None else {"index": exc.index}
+    return Problem(409, str(exc), name=exc.name, **extra)
+
+
+def absent(exc: DefinitionNotFound) -> Problem:
+    return Problem(404, f"there is no task definition {exc.ref!r}", id=exc.ref)
+
+
+def dumped(model: BaseModel) -> JsonValue:
+    data: JsonValue = model.model_dump(mode="json", by_alias=True)
+    return data
+
+
+def wants_page(request: web.Request) -> bool:
+    """A browser's request (Accept prefers text/html) without `?json`."""
+    return "json" not in request.query and prefers_html(request.headers.get("Accept"))
+
+
+def answer(
+    request: web.Request,
+    body: JsonValue,
+    title: str,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """The JSON; for a browser without `?json`, a page of it."""
+    if not wants_page(request):
+        return json_response(body, status, {**(headers or {}), "Vary": "Accept"})
+    json_href = request.rel_url.update_query(json="")
+    page = templates.get_template("definitions.html").render(
+        title=title,
+        body=body,
+        json_href=str(json_href),
+        now=services(request).store.clock.now(),
+        refresh_seconds=0,
+    )
+    return web.Response(text=page, content_type="text/html", headers={**HEADERS, "Vary": "Accept"})
+
+
+def changed_header(change: Change) -> dict[str, str]:
+    """ETag and Agentless-Changed: the attributes the write changed, or none."""
+    before, after = change.previous.written(), change.definition.written()
+    names = sorted(key for key in {**before, **after} if before.get(key) != after.get(key))
+    return {"ETag": change.definition.etag, CHANGED_HEADER: ", ".join(names) or "none"}
+
+
+# The routes.
+
+
+async def create_definitions(request: web.Request) -> web.Response:
+    parsed = await _definitions_body(request)
+    array = isinstance(parsed, list)
+    context = validation_context(await _connections(request))
+    try:
+        if array:
+            specs = _SPECS.validate_python(parsed, context=context)
+        else:
+            specs = [DefinitionSpec.model_validate(parsed, context=context)]
+    except ValidationError as exc:
+        raise invalid("definition", exc, array=array) from exc
+    try:
+        created = await services(request).store.definitions.create(specs)
+    except NameTaken as exc:
+        raise clash(exc) from exc
+    if array:
+        return json_response([dumped(d) for d in created], 201)
+    made = created[0]
+    return json_response(
+        dumped(made), 201, {"Location": f"/definitions/{made.id}", "ETag": made.etag}
+    )
+
+
+async def list_definitions(request: web.Request) -> web.Response:
+    query = query_of(request, DefinitionListQuery)
+    ranged = request.headers.get("Range")
+    offset, limit = window(query.rows_per_page, query.page_number, ranged)
+    listed = await services(request).store.definitions.page(
+        name=query.name,
+        order=query.order_field,
+        descending=query.sort_type == "desc",
+        offset=offset,
+        limit=limit,
+    )
+    body: dict[str, JsonValue] = {
+        "definitions": [dumped(_shaped(d, query.shape)) for d in listed.definitions],
+        "total": listed.total,
+    }
+    if ranged is None or wants_page(request):
+        return answer(request, body, "Task definitions")
+    return page_response(
+        body,
+        ranged=ranged,
+        offset=offset,
+        shown=len(listed.definitions),
+        total=listed.total,
+        what="task definitions",
+        headers={"Vary": "Accept"},
+    )
+
+
+def _shaped(definition: Definition, shape: Format) -> BaseModel:
+    match shape:
+        case "detail":
+            return definition
+        case "name":
+            return definition.name_only()
+        case _:
+            return definition.summary()
+
+
+async def get_definition(request: web.Request) -> web.Response:
+    definition = await services(request).store.definitions.get(definition_id(request))
+    if definition is None:
+        raise Problem(404, f"there is no task definition {request.match_info['id']!r}")
+    return _one(request, definition)
+
+
+async def get_definition_by_name(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    definition = None
+    if ID_PATTERN.fullmatch(name):
+        definition = await services(request).store.definitions.get_by_name(name)
+    if definition is None:
+        raise Problem(404, f"there is no task definition named {name!r} (in any case)")
+    return _one(request, definition)
+
+
+def _one(request: web.Request, definition: Definition) -> web.Response:
+    return answer(
+        request,
+        dumped(definition),
+        f"Task definition {definition.name}",
+        headers={"ETag": definition.etag},
+    )
+
+
+async def replace_definition(request: web.Request) -> web.Response:
+    target = definition_id(request)
+    expected = if_match(request)
+    parsed = await _definitions_body(request)
+    try:
+        spec = DefinitionSpec.model_validate(
+            parsed, context=validation_context(await _connections(request))
+        )
+    except ValidationError as exc:
+        raise invalid("definition", exc) from exc
+    try:
+        change = await services(request).store.definitions.replace(
+            target, spec, expected_version=expected
+        )
+    except DefinitionNotFound as exc:
+        raise absent(exc) from exc
+    except StaleVersion as exc:
+        raise stale(exc) from exc
+    except NameTaken as exc:
+        raise clash(exc) from exc
+    return json_response(dumped(change.definition), headers=changed_header(change))
+
+
+async def replace_definitions(request: web.Request) -> web.Response:
+    parsed = await _definitions_body(request)
+    if not isinstance(parsed, list):
+        raise Problem(
+            400,
+            "PUT /definitions replaces an array of definitions, each with its id; to replace "
+            "one, PUT /definitions/{id}",
+        )
+    try:
+        items = _REPLACEMENTS.validate_python(
+            parsed, context=validation_context(await _connections(request))
+        )
+    except ValidationError as exc:
+        raise invalid("definition", exc, array=True) from exc
+    _refuse_repeats([item.id for item in items], "replaced")
+    replacements = [Replacement(item.id, item.spec(), item.version) for item in items]
+    try:
+        changes = await services(request).store.definitions.replace_many(replacements)
+    except DefinitionNotFound as exc:
+        raise absent(exc) from exc
+    except StaleVersion as exc:
+        raise stale(exc) from exc
+    except NameTaken as exc:
+        raise clash(exc) from exc
+    changed = [change.definition.id for change in changes if change.changed]
+    return json_response(
+        [dumped(change.definition) for change in changes],
+        headers={CHANGED_HEADER: ", ".join(changed) or "none"},
+    )
+
+
+def _refuse_repeats(ids: Sequence[str], done: str) -> None:
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise Problem(
+            400,
+            f"each definition is {done} once: {', '.join(map(repr, repeated))} is given more "
+            "than once",
+        )
+
+
+async def patch_definition(request: web.Request) -> web.Response:
+    target = definition_id(request)
+    expected = if_match(request)
+    parsed = await _definitions_body(request)
+    if not isinstance(parsed, dict):
+        raise Problem(400, "PATCH takes a JSON object of the attributes to change")
+    try:
+        change = await services(request).store.definitions.patch(
+            target,
+            parsed,
+            expected_version=expected,
+            connections=await _connections(request),
+        )
+    except ValidationError as exc:
+        raise invalid("definition", exc) from exc
+    except DefinitionNotFound as exc:
+        raise absent(exc) from exc
+    except StaleVersion as exc:
+        raise stale(exc) from exc
+    except NameTaken as exc:
+        raise clash(exc) from exc
+    return json_response(dumped(change.definition), headers=changed_header(change))
+
+
+async def delete_definition(request: web.Request) -> web.Response:
+    target = definition_id(request)
+    expected = if_match(request)
+    try:
+        await services(request).store.definitions.delete(target, expected_version=expected)
+    except DefinitionNotFound as exc:
+        raise absent(exc) from exc
+    except StaleVersion as exc:
+        raise stale(exc) from exc
+    return web.Response(status=204)
+
+
+async def delete_definitions(request: web.Request) -> web.Response:
+    parsed = await _definitions_body(request)
+    try:
+        ids = _IDS.validate_python(parsed)
+    except ValidationError as exc:
+        raise invalid("list of definition ids", exc, array=True) from exc
+    _refuse_repeats(ids, "deleted")
+    try:
+        await services(request).store.definitions.delete_many(ids)
+    except DefinitionNotFound as exc:
+        raise Problem(
+            404, f"there is no task definition {exc.ref!r}: none was deleted", id=exc.ref
+        ) from exc
+    return web.Response(status=204)
