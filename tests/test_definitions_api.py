@@ -37,9 +37,14 @@ pytestmark = pytest.mark.xdist_group("definitions_api")
 
 
 @pytest_asyncio.fixture(scope="module")
-async def shared(amqp: AbstractRobustConnection) -> AsyncIterator[tuple[Api, Events]]:
-    """`agentless run` with its own prefix and schema, and the events it publishes."""
+async def shared(
+    amqp: AbstractRobustConnection, target: Target, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Api, Events]]:
+    """`agentless run` with its own prefix and schema, and the events it publishes; its one
+    service connection, `ci`, is the target."""
     name = unique_name()
+    connections = tmp_path_factory.mktemp("connections") / "connections.json"
+    connections.write_bytes(orjson.dumps({"ci": {"url": target.url}}))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     settings = Settings(
@@ -50,7 +55,7 @@ async def shared(amqp: AbstractRobustConnection) -> AsyncIterator[tuple[Api, Eve
         concurrency=32,
         worker_port=0,
         log_format="json",
-        connections=None,
+        connections=connections,
         egress_deny=[],
         egress_allow=[],
         api_port=port,
@@ -208,6 +213,36 @@ async def test_a_definition_is_validated_as_a_task_is(api: Api, target: Target) 
         "timeoutSeconds",
         "taskId",
     }
+
+
+async def test_a_connection_must_be_one_the_deployment_has(
+    api: Api, events: Events, target: Target
+) -> None:
+    name = named("connected")
+    status, problem, _ = await call(
+        "POST",
+        f"{api.url}/definitions",
+        {"name": name, "request": {"connection": "nope", "urlSuffix": "/x"}},
+    )
+    assert status == 400
+    assert problem["errors"] == [
+        {
+            "field": "request",
+            "message": "connection 'nope' is not a service connection of this deployment "
+            "(known: ci)",
+        }
+    ]
+    made = await create(
+        api, {"name": name, "request": {"connection": "ci", "urlSuffix": f"/hook?key={name}"}}
+    )
+    status, problem, _ = await call(
+        "PATCH", f"{api.url}/definitions/{made['id']}", {"request": {"connection": "nope"}}
+    )
+    assert (status, [e["field"] for e in problem["errors"]]) == (400, ["request"])
+    status, started, _ = await call("POST", f"{api.url}/definitions/{made['id']}/executions")
+    assert status == 202
+    assert (await events.completed(started["executionId"]))["result"] == "succeeded"
+    assert target.calls[name] == 1
 
 
 async def test_list_formats_filter_order_and_pages(api: Api, target: Target) -> None:
