@@ -1,6 +1,6 @@
 """The definitions API (SPEC §9): create, read, list, replace, patch and delete stored task
 definitions, with the list conventions of GET /tasks (callback_api/paging.py). Executions of a
-definition are in executions.py.
+definition are in executions.py; what both read and how they answer, in definition_io.py.
 
 Choices the SPEC leaves open, as the README tells them:
 - A write (PUT, PATCH) answers `Agentless-Changed`: the attributes it changed, in alphabetical
@@ -18,26 +18,34 @@ Choices the SPEC leaves open, as the README tells them:
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Sequence
-from typing import Annotated, Any, ClassVar, Final, Literal
+from typing import Annotated, ClassVar, Final
 
-import orjson
 from aiohttp import web
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     JsonValue,
     RootModel,
     TypeAdapter,
     ValidationError,
 )
-from pydantic.alias_generators import to_camel
 
-from callback_api.inputs import query_of, read_body
-from callback_api.ops_page import HEADERS, templates
+from callback_api.definition_io import (
+    DefinitionQuery,
+    absent,
+    answer,
+    clash,
+    definition_id,
+    dumped,
+    if_match,
+    invalid,
+    json_body,
+    stale,
+    wants_page,
+)
+from callback_api.inputs import query_of
 from callback_api.paging import (
     DEFAULT_ROWS_PER_PAGE,
     PageNumber,
@@ -49,7 +57,6 @@ from callback_api.paging import (
 )
 from callback_api.problems import Problem
 from callback_api.services import services
-from callback_api.task_page import prefers_html
 from worker.contract.definitions import (
     SERVER_FIELDS,
     Definition,
@@ -62,24 +69,8 @@ from worker.contract.requests import ID_PATTERN, Id
 from worker.store.definitions import ORDER_COLUMNS, Change, Replacement
 from worker.store.errors import DefinitionNotFound, NameTaken, StaleVersion
 
-# A bulk write's body may hold many definitions, each up to a task's size.
-MAX_DEFINITIONS_BYTES: Final = 8 * 1_048_576
 MAX_ITEMS: Final = 1000
 CHANGED_HEADER: Final = "Agentless-Changed"
-_ENTITY_TAG = re.compile(r'\s*(?:W/)?"([^"]*)"\s*')
-
-
-class DefinitionQuery(BaseModel):
-    """What a browser may add to a definitions URL to get the JSON, not the page."""
-
-    model_config = ConfigDict(alias_generator=to_camel, extra="forbid")
-
-    json_: str | None = Field(
-        default=None,
-        alias="json",
-        description="present, with any value or none: the JSON, even when Accept prefers "
-        "text/html (a browser)",
-    )
 
 
 def _name_filter(value: str) -> str:
@@ -92,9 +83,6 @@ def _order(value: str) -> str:
     if value not in ORDER_COLUMNS:
         raise ValueError(f"{value!r} is not one of {', '.join(ORDER_COLUMNS)}")
     return value
-
-
-Format = Literal["list", "detail", "name"]
 
 
 class DefinitionListQuery(DefinitionQuery):
@@ -115,10 +103,6 @@ class DefinitionListQuery(DefinitionQuery):
         "name (id and name); any other value is taken for list",
         json_schema_extra={"examples": ["list", "detail", "name"]},
     )
-
-    @property
-    def shape(self) -> Format:
-        return self.format if self.format in ("detail", "name") else "list"  # type: ignore[return-value]
 
 
 class DefinitionPage(BaseModel):
@@ -164,18 +148,9 @@ class DefinitionIds(RootModel[list[Id]]):
 _SPECS: Final = TypeAdapter(list[DefinitionSpec])
 _REPLACEMENTS: Final = TypeAdapter(list[DefinitionReplacement])
 _IDS: Final = TypeAdapter(list[Id])
-_JSON: Final[TypeAdapter[JsonValue]] = TypeAdapter(JsonValue)
 
 
 # Reading requests.
-
-
-def definition_id(request: web.Request) -> str:
-    """The path's definition id: 404 when it cannot be one."""
-    value = request.match_info["id"]
-    if not ID_PATTERN.fullmatch(value):
-        raise Problem(404, f"there is no task definition {value!r}")
-    return value
 
 
 async def _connections(request: web.Request) -> frozenset[str] | None:
@@ -188,51 +163,6 @@ async def _connections(request: web.Request) -> frozenset[str] | None:
     return frozenset(await asyncio.to_thread(settings.load_connections))
 
 
-def field_errors(exc: ValidationError, *, array: bool) -> list[dict[str, str]]:
-    """Each invalid field: its dotted path, after `[INDEX]` in an array; and what is wrong."""
-    errors = []
-    for error in exc.errors(include_url=False, include_input=False):
-        location = [str(part) for part in error["loc"]]
-        if array and location and location[0].isdigit():
-            location = [f"[{location[0]}]" + ("." + location[1] if len(location) > 1 else "")]
-            location += [str(part) for part in error["loc"][2:]]
-        errors.append(
-            {
-                "field": ".".join(location) or "(body)",
-                "message": error["msg"].removeprefix("Value error, "),
-            }
-        )
-    return errors
-
-
-def invalid(what: str, exc: ValidationError, *, array: bool = False) -> Problem:
-    errors = field_errors(exc, array=array)
-    fields = ", ".join(dict.fromkeys(error["field"] for error in errors))
-    return Problem(400, f"the {what} is not valid; fix: {fields}", errors=errors)
-
-
-async def json_body(request: web.Request, limit: int = MAX_DEFINITIONS_BYTES) -> JsonValue:
-    """The body as JSON that can be stored; an empty body is null."""
-    body = await read_body(request, limit)
-    if b"\\u0000" in body:
-        raise Problem(400, "the body contains a NUL character (\\u0000), which cannot be stored")
-    if not body.strip():
-        return None
-    try:
-        parsed: JsonValue = _JSON.validate_json(body)
-        # What JSON allows and storing it does not: stored as JSON again, it would fail later.
-        orjson.dumps(parsed)
-    except ValidationError:
-        raise Problem(400, "the body is not JSON") from None
-    except orjson.JSONEncodeError:
-        raise Problem(
-            400,
-            "the body holds a value that cannot be stored: integers must fit in 64 bits, and "
-            "arrays and objects be nested fewer than 255 deep",
-        ) from None
-    return parsed
-
-
 async def _definitions_body(request: web.Request) -> JsonValue:
     """The body, an array of 1 to MAX_ITEMS if it is one."""
     parsed = await json_body(request)
@@ -241,65 +171,7 @@ async def _definitions_body(request: web.Request) -> JsonValue:
     return parsed
 
 
-def if_match(request: web.Request) -> int | None:
-    """The version If-Match asks for; None for none (or *, any version)."""
-    header = request.headers.get("If-Match")
-    if header is None or header.strip() == "*":
-        return None
-    match = _ENTITY_TAG.fullmatch(header)
-    if match is None or not match[1].isascii() or not match[1].isdigit() or len(match[1]) > 9:
-        raise Problem(
-            400,
-            f'If-Match must be the ETag read, "VERSION" (or * for any version), not {header!r}',
-        )
-    return int(match[1])
-
-
 # Answering.
-
-
-def stale(exc: StaleVersion) -> Problem:
-    return Problem(412, str(exc), headers={"ETag": f'"{exc.current}"'}, currentVersion=exc.current)
-
-
-def clash(exc: NameTaken) -> Problem:
-    extra: dict[str, Any] = {} if exc.index is None else {"index": exc.index}
-    return Problem(409, str(exc), name=exc.name, **extra)
-
-
-def absent(exc: DefinitionNotFound) -> Problem:
-    return Problem(404, f"there is no task definition {exc.ref!r}", id=exc.ref)
-
-
-def dumped(model: BaseModel) -> JsonValue:
-    data: JsonValue = model.model_dump(mode="json", by_alias=True)
-    return data
-
-
-def wants_page(request: web.Request) -> bool:
-    """A browser's request (Accept prefers text/html) without `?json`."""
-    return "json" not in request.query and prefers_html(request.headers.get("Accept"))
-
-
-def answer(
-    request: web.Request,
-    body: JsonValue,
-    title: str,
-    status: int = 200,
-    headers: dict[str, str] | None = None,
-) -> web.Response:
-    """The JSON; for a browser without `?json`, a page of it."""
-    if not wants_page(request):
-        return json_response(body, status, {**(headers or {}), "Vary": "Accept"})
-    json_href = request.rel_url.update_query(json="")
-    page = templates.get_template("definitions.html").render(
-        title=title,
-        body=body,
-        json_href=str(json_href),
-        now=services(request).store.clock.now(),
-        refresh_seconds=0,
-    )
-    return web.Response(text=page, content_type="text/html", headers={**HEADERS, "Vary": "Accept"})
 
 
 def changed_header(change: Change) -> dict[str, str]:
@@ -347,7 +219,7 @@ async def list_definitions(request: web.Request) -> web.Response:
         limit=limit,
     )
     body: dict[str, JsonValue] = {
-        "definitions": [dumped(_shaped(d, query.shape)) for d in listed.definitions],
+        "definitions": [dumped(_shaped(d, query.format)) for d in listed.definitions],
         "total": listed.total,
     }
     if ranged is None or wants_page(request):
@@ -363,7 +235,8 @@ async def list_definitions(request: web.Request) -> web.Response:
     )
 
 
-def _shaped(definition: Definition, shape: Format) -> BaseModel:
+def _shaped(definition: Definition, shape: str) -> BaseModel:
+    """The definition in a list's format; an unknown format is the default, list."""
     match shape:
         case "detail":
             return definition

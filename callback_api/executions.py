@@ -10,7 +10,7 @@ from typing import Annotated, Final, Literal
 from aiohttp import web
 from pydantic import BaseModel, Field, ValidationError
 
-from callback_api.definitions import (
+from callback_api.definition_io import (
     DefinitionQuery,
     answer,
     definition_id,

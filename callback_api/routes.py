@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from callback_api import (
     azure,
+    definition_io,
     definitions,
     events,
     executions,
@@ -104,7 +105,7 @@ _LOG_ANSWERS: dict[int, type[BaseModel] | Text | str] = {
 }
 _DEFINITION_BODY = {
     408: _LATE_BODY,
-    413: f"the body is over {definitions.MAX_DEFINITIONS_BYTES // 1_048_576} MiB",
+    413: f"the body is over {definition_io.MAX_DEFINITIONS_BYTES // 1_048_576} MiB",
 }
 _NO_DEFINITION = "no such task definition"
 _INVALID_DEFINITION = "the definition is not valid: `errors` names each field to fix"
@@ -376,7 +377,7 @@ ROUTES: tuple[Route, ...] = (
         "A task definition by its name, in any case",
         "api",
         "definitions",
-        query=definitions.DefinitionQuery,
+        query=definition_io.DefinitionQuery,
         responses={200: Definition, 404: _NO_DEFINITION},
         headers={200: ("ETag",)},
     ),
@@ -399,7 +400,7 @@ ROUTES: tuple[Route, ...] = (
         "A task definition",
         "api",
         "definitions",
-        query=definitions.DefinitionQuery,
+        query=definition_io.DefinitionQuery,
         responses={200: Definition, 404: _NO_DEFINITION},
         headers={200: ("ETag",)},
     ),
@@ -488,7 +489,7 @@ ROUTES: tuple[Route, ...] = (
         "One execution of a task definition",
         "api",
         "definitions",
-        query=definitions.DefinitionQuery,
+        query=definition_io.DefinitionQuery,
         responses={
             200: executions.ExecutionView,
             400: "the index is not a whole number from 1",
