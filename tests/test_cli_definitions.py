@@ -16,7 +16,7 @@ import pytest
 
 from tests import processes
 from tests.conftest import Target
-from worker.cli.definitions import parse_inputs
+from worker.cli.execute import parse_inputs
 from worker.cli.exits import EXIT_USAGE
 from worker.cli.main import COMMANDS
 from worker.cli.parser import build_parser

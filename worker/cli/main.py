@@ -12,8 +12,9 @@ from typing import NoReturn
 
 from worker import logs
 from worker.cli.check import cmd_check
-from worker.cli.definitions import cmd_apply, cmd_delete, cmd_execute, cmd_list, cmd_show
+from worker.cli.definitions import cmd_apply, cmd_delete, cmd_list, cmd_show
 from worker.cli.events import cmd_events
+from worker.cli.execute import cmd_execute
 from worker.cli.exits import (
     CONNECTION_LOST,
     EXIT_UNAVAILABLE,
