@@ -20,9 +20,11 @@ from worker.cli.execute import parse_inputs
 from worker.cli.exits import EXIT_USAGE
 from worker.cli.main import COMMANDS
 from worker.cli.parser import build_parser
+from worker.contract.definitions import DefinitionSpec
 from worker.contract.errors import UsageError
 from worker.contract.settings import Settings
 from worker.service import Worker
+from worker.store.database import Store
 
 
 async def agentless(
@@ -153,6 +155,19 @@ async def test_apply_creates_then_updates_only_what_changed(
         "description": "",
     }
     assert shown["successCriteria"] == "statusCode == `200`"
+
+
+async def test_the_same_definitions_applied_twice_at_once_are_created_once(
+    settings: Settings, db: asyncpg.Connection, target: Target
+) -> None:
+    specs = [DefinitionSpec.model_validate(definition(target, name=n)) for n in ("a", "b")]
+    async with Store.open(settings.database_url, pool_size=2) as store:
+        both = await asyncio.gather(*(store.definitions.apply(specs) for _ in range(2)))
+    # Whichever came second found them, or lost the race to create them and tried again.
+    created = [[each.previous is None for each in applied] for applied in both]
+    assert sorted(created) == [[False, False], [True, True]]
+    assert {each.definition.version for applied in both for each in applied} == {1}
+    assert await db.fetchval("SELECT count(*) FROM definitions") == 2
 
 
 async def test_an_invalid_file_applies_nothing_and_lists_every_bad_field(

@@ -65,6 +65,8 @@ ORDER_COLUMNS: Final = queries.ORDER_COLUMNS
 Lookup = Literal["id", "name", "any"]
 # Concurrent executions under one new id: the losers find the winner's on their next try.
 _EXECUTE_TRIES = 3
+# Concurrent applies that create one name: the loser replaces the winner's on its next try.
+_APPLY_TRIES = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,35 +140,24 @@ class DefinitionStore:
 
     async def apply(self, specs: Sequence[DefinitionSpec]) -> list[Applied]:
         """Create each whose name (in any case) is not stored, and replace the one that is, in
-        order, all or none (`agentless definitions apply`); NameTaken on a clash (two of them
-        with one name, or a renamed one taking another's)."""
+        order, all or none (`agentless definitions apply`); NameTaken when two of them share a
+        name. A definition another writer creates meanwhile is replaced on a second try, so that
+        the same file applied twice at once is created once and left unchanged once."""
         seen: set[str] = set()
         for index, spec in enumerate(specs):
             if spec.name.lower() in seen:
                 raise NameTaken(spec.name, index)
             seen.add(spec.name.lower())
-        applied = []
-        async with self._pool.acquire() as conn, conn.transaction():
-            for index, spec in enumerate(specs):
-                row = await conn.fetchrow(queries.LOCK_BY_NAME, spec.name)
-                if row is not None:
-                    current = _definition(row)
-                    change = await _replace(conn, Replacement(current.id, spec), index, current)
-                    applied.append(Applied(change.definition, current))
-                    continue
+        clash = None
+        async with self._pool.acquire() as conn:
+            for _ in range(_APPLY_TRIES):
                 try:
-                    row = await conn.fetchrow(
-                        queries.INSERT,
-                        str(uuid.uuid4()),
-                        spec.name,
-                        spec.description,
-                        _template_json(spec),
-                    )
-                except asyncpg.UniqueViolationError:
-                    raise NameTaken(spec.name, index) from None
-                assert row is not None  # RETURNING of an insert made
-                applied.append(Applied(_definition(row), None))
-        return applied
+                    async with conn.transaction():
+                        return await _apply(conn, specs)
+                except NameTaken as exc:
+                    clash = exc
+        assert clash is not None  # each try returned or raised
+        raise clash
 
     async def get(self, definition_id: str) -> Definition | None:
         row = await self._pool.fetchrow(queries.SELECT_BY_ID, definition_id)
@@ -316,6 +307,28 @@ class DefinitionStore:
         for row in rows:
             latest[row["definition_id"]].append(_execution_record(row))
         return latest
+
+
+async def _apply(conn: Executor, specs: Sequence[DefinitionSpec]) -> list[Applied]:
+    """Each spec created or replaced by name, in the caller's transaction; NameTaken when
+    another writer has created one of the names since this one looked."""
+    applied = []
+    for index, spec in enumerate(specs):
+        row = await conn.fetchrow(queries.LOCK_BY_NAME, spec.name)
+        if row is not None:
+            current = _definition(row)
+            change = await _replace(conn, Replacement(current.id, spec), index, current)
+            applied.append(Applied(change.definition, current))
+            continue
+        try:
+            row = await conn.fetchrow(
+                queries.INSERT, str(uuid.uuid4()), spec.name, spec.description, _template_json(spec)
+            )
+        except asyncpg.UniqueViolationError:
+            raise NameTaken(spec.name, index) from None
+        assert row is not None  # RETURNING of an insert made
+        applied.append(Applied(_definition(row), None))
+    return applied
 
 
 async def _replace(
