@@ -4,13 +4,14 @@ lists they make are whole (no task twice, none missing) across pages and parts."
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
 import orjson
 
-from worker.store import listing, queries
+from worker.store import listing, overview, queries
 from worker.store.schema import migrate
 
 COMPLETED = 36_000
@@ -46,6 +47,7 @@ async def test_plans_and_totals_on_a_full_table(db: asyncpg.Connection) -> None:
     # As autovacuum leaves a table that has settled: statistics, and a visibility map that lets
     # an index-only scan skip the rows before a deep page without reading them.
     await db.execute("VACUUM ANALYZE tasks")
+    await db.execute("VACUUM ANALYZE workers")
     await every_order_and_filter_reads_an_index_in_its_order(db)
     await the_queue_reads_the_unfinished_tasks_alone(db)
     await totals_past_ten_thousand_are_estimates(db)
@@ -108,11 +110,17 @@ async def every_order_and_filter_reads_an_index_in_its_order(full: asyncpg.Conne
         statements = queries.list_tasks(filters, order, descending)
         values = list(filters.values())
         what = f"{filters} by {order} {'desc' if descending else 'asc'}"
-        for offset in (0, DEEP):
+        # A deep page of a list shorter than its offset is never read: the count says it is
+        # empty (listing.page).
+        longer = await full.fetchval(statements.count, *values, DEEP + 1) > DEEP
+        for offset in (0, DEEP) if longer else (0,):
             # The first part is the one a page of the first 10,050 tasks reads.
             plan = await plan_of(full, statements.parts[0], *values, offset, PAGE)
-            assert_indexed(plan, f"{what} from {offset}")
-        if not filters or set(filters) == {"state"}:
+            # A plan's tasks are few, and sorted by completion time off the plan's index,
+            # which carries it.
+            by_plan = "planId" in filters and order == "completedAt"
+            assert_indexed(plan, f"{what} from {offset}", most_sorted=500 if by_plan else PAGE)
+        if longer and (not filters or set(filters) == {"state"}):
             # Past the offset, the rows are skipped in the index alone.
             plan = await plan_of(full, statements.parts[0], *values, DEEP, PAGE)
             assert any(n["Node Type"] == "Index Only Scan" for n in plan), what
@@ -125,27 +133,56 @@ async def every_order_and_filter_reads_an_index_in_its_order(full: asyncpg.Conne
 
 async def the_queue_reads_the_unfinished_tasks_alone(full: asyncpg.Connection) -> None:
     for name, statement, args in [
-        ("UNFINISHED_COUNTS", queries.UNFINISHED_COUNTS, ()),
-        ("STATE_COUNTS", queries.STATE_COUNTS, (listing.EXACT_UP_TO + 1,)),
-        ("OLDEST_WAITING", queries.OLDEST_WAITING, ()),
-        ("UNFINISHED", queries.UNFINISHED, (20,)),
-        ("RECENT_FAILURES", queries.RECENT_FAILURES, (20,)),
-        ("COMPLETED_SINCE", queries.COMPLETED_SINCE, (60,)),
-        ("CLUSTER_STATE", queries.CLUSTER_STATE, ()),
+        ("OVERVIEW", overview.OVERVIEW, (listing.EXACT_UP_TO + 1, 20)),
+        ("CLUSTER_STATE", overview.CLUSTER_STATE, (listing.EXACT_UP_TO + 1,)),
     ]:
-        # Three states' oldest 20 each are sorted: no more.
+        # Three states' oldest 20 each are sorted: no more. A count may read the table's first
+        # pages rather than an index (most of this one's tasks are completed), never past its
+        # cap: a scan right under a Limit (the plan's nodes are in pre-order).
+        plan = await plan_of(full, statement, *args)
+        capped = [
+            node
+            for above, node in itertools.pairwise(plan)
+            if above["Node Type"] == "Limit" and node["Node Type"] == "Seq Scan"
+        ]
+        assert all(node["Plan Rows"] > listing.EXACT_UP_TO for node in capped), (name, capped)
         assert_indexed(
-            await plan_of(full, statement, *args), name, most_sorted=60, most_read=WAITING
+            [node for node in plan if node not in capped], name, most_sorted=60, most_read=WAITING
         )
+    board = await overview.overview(full, 20)
+    assert board.states["completed"] >= listing.EXACT_UP_TO
+    assert board.estimated == {"completed"}
+    assert board.states["waiting"] == WAITING
+    assert len(board.unfinished) == len(board.failures) == 20
+    state = await overview.cluster_state(full)
+    assert (state.states, state.overdue) == (
+        {"queued": 0, "running": 0, "waiting": WAITING, "polling": 0},
+        0,
+    )
 
 
 async def test_pages_make_the_whole_list_across_parts(db: asyncpg.Connection) -> None:
-    """Completed tasks and then unfinished ones (no completion time: last in either direction),
-    every task once, whichever page size reads them."""
+    """Completed tasks, then unfinished ones (no completion time: last in either direction),
+    every task once, whichever page size reads them; the running tasks, which the order indexes
+    leave out, merged into each order where they belong."""
     await migrate(db)
     await db.execute(SEED, 90, 30)
+    await db.execute(
+        """UPDATE tasks SET state = 'running', result = NULL, completed_at = NULL,
+               started_at = queued_at + interval '1 s'
+           WHERE task_id IN (SELECT task_id FROM tasks ORDER BY task_id OFFSET 40 LIMIT 60)
+             AND task_id::text ~ '[37]$'"""
+    )
     expected = await db.fetchval("SELECT count(*) FROM tasks")
-    for order in ("completedAt", "result", "name", "planId", "queuedAt"):
+    for order, key in [
+        ("completedAt", "completed_at"),
+        ("result", "result"),
+        ("name", "name"),
+        ("planId", "lower(plan_id)"),
+        ("queuedAt", "queued_at"),
+        ("state", "state"),
+        ("attempts", "attempts"),
+    ]:
         for descending in (True, False):
             seen: list[str] = []
             offset = 0
@@ -158,10 +195,19 @@ async def test_pages_make_the_whole_list_across_parts(db: asyncpg.Connection) ->
                 if len(page.tasks) < 7:
                     break
                 offset += 7
-            assert len(set(seen)) == len(seen) == expected, order
-            if order == "completedAt":
-                states = [int(task_id[2:]) > 90 for task_id in seen]
-                assert states == sorted(states), "unfinished tasks come last"
+            direction = "DESC" if descending else "ASC"
+            # The order as one sort of the whole table gives it: empty values last.
+            whole = await db.fetch(
+                f"""SELECT task_id FROM tasks ORDER BY {key} {direction} NULLS LAST,
+                    queued_at {direction}, task_id {direction}"""
+            )
+            assert seen == [row["task_id"] for row in whole], (order, direction)
+    running = await listing.page(
+        db, {"state": "running"}, "queuedAt", descending=True, offset=0, limit=50
+    )
+    assert running.total == await db.fetchval("SELECT count(*) FROM tasks WHERE state = 'running'")
+    assert 0 < running.total < 50
+    assert {task.state for task in running.tasks} == {"running"}
     # A page past the end of the list is empty, with the exact total.
     past = await listing.page(db, {}, "queuedAt", descending=True, offset=500, limit=7)
     assert (past.tasks, past.total, past.exact) == ([], expected, True)

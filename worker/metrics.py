@@ -194,7 +194,8 @@ class ClusterGauges:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.tasks = Gauge(
             "agentless_tasks",
-            "Tasks not yet completed, by state, across all processes.",
+            "Tasks not yet completed, by state, across all processes: exact up to 10,000 a "
+            "state, past which the database planner's estimate.",
             ["state"],
             registry=registry,
         )
@@ -211,7 +212,7 @@ class ClusterGauges:
         self.overdue = Gauge(
             "agentless_tasks_overdue",
             "Waiting or polling tasks past their deadline by more than the sweep allows: above 0, "
-            "deadlines are not being swept.",
+            "deadlines are not being swept (exact up to 10,000, an estimate past it).",
             registry=registry,
         )
         self.workers = Gauge(

@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager, suppress
 from datetime import datetime
 
 import asyncpg
-import orjson
 from pydantic import JsonValue
 
 from worker.contract.clock import Clock
@@ -29,7 +28,7 @@ from worker.contract.records import (
     WorkerRecord,
 )
 from worker.contract.settings import redact_url
-from worker.store import batches, listing, queries
+from worker.store import batches, listing, overview, queries
 from worker.store.batch import Batcher
 from worker.store.changes import (
     CallbackCompletion,
@@ -45,7 +44,7 @@ from worker.store.listing import TaskList
 from worker.store.polls import PollStore
 from worker.store.recent import RecentWrites
 from worker.store.retention import RetentionStore
-from worker.store.rows import dead_letter, task_record, task_summary, worker_record
+from worker.store.rows import task_record, worker_record
 from worker.store.schema import migrate
 from worker.store.storable import outputs_json, response_json, storable_text
 from worker.store.throughput import MinuteCount, last_minutes
@@ -390,21 +389,7 @@ class Store:
     async def overview(self, *, limit: int = 20) -> Overview:
         """What the queue page and `agentless status` show from the database."""
         async with self._pool.acquire() as conn:
-            counts, estimated = await listing.state_counts(conn)
-            return Overview(
-                states=counts,
-                estimated=estimated,
-                oldest_waiting_since=await conn.fetchval(queries.OLDEST_WAITING),
-                completed_last_minute=await conn.fetchval(queries.COMPLETED_SINCE, 60),
-                unfinished=[task_summary(r) for r in await conn.fetch(queries.UNFINISHED, limit)],
-                failures=[
-                    task_summary(r) for r in await conn.fetch(queries.RECENT_FAILURES, limit)
-                ],
-                workers=[worker_record(r) for r in await conn.fetch(queries.LIVE_WORKERS)],
-                dead_letters=[
-                    dead_letter(r) for r in await conn.fetch(queries.RECENT_DEAD_LETTERS, limit)
-                ],
-            )
+            return await overview.overview(conn, limit)
 
     async def throughput(self) -> list[MinuteCount]:
         """Completions per minute over the last hour, oldest first (the operations page)."""
@@ -418,15 +403,8 @@ class Store:
 
     async def cluster_state(self) -> ClusterState:
         """What the metrics export of the whole deployment (metrics.ClusterGauges)."""
-        row = await self._pool.fetchrow(queries.CLUSTER_STATE)
-        assert row is not None
-        return ClusterState(
-            states=orjson.loads(row["states"]),
-            oldest_queued_at=row["oldest_queued_at"],
-            oldest_waiting_since=row["oldest_waiting_since"],
-            overdue=row["overdue"],
-            workers=row["workers"],
-        )
+        async with self._pool.acquire() as conn:
+            return await overview.cluster_state(conn)
 
     async def record_dead_letter(self, message_id: str | None, reason: str, body: bytes) -> None:
         excerpt = storable_text(body[:512].decode(errors="replace"))

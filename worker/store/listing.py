@@ -78,20 +78,6 @@ async def page(
     return TaskList(tasks, max(guess, counted, offset + len(tasks)), exact=False)
 
 
-async def state_counts(conn: Executor) -> tuple[dict[str, int], frozenset[str]]:
-    """How many tasks are in each state, and the states whose count is an estimate (past
-    EXACT_UP_TO tasks, as for a listing's total)."""
-    counts: dict[str, int] = {}
-    estimated = set()
-    for row in await conn.fetch(queries.STATE_COUNTS, EXACT_UP_TO + 1):
-        state, counted = row["state"], row["n"]
-        if counted > EXACT_UP_TO:
-            counted = max(await estimate(conn, queries.IN_STATE, [state]), counted)
-            estimated.add(state)
-        counts[state] = counted
-    return counts, frozenset(estimated)
-
-
 async def estimate(conn: Executor, statement: str, values: list[str]) -> int:
     """How many rows the planner expects `statement` to return: its statistics scaled to the
     table's current size, at the cost of planning it."""

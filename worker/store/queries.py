@@ -367,62 +367,146 @@ def list_tasks(filters: dict[str, str], order: str, descending: bool) -> Listing
     """The statements that list the tasks matching `filters` (by name: value) in this order."""
     state = filters.get("state")
     completed = state == "completed"
+    with_result = "result" in filters
 
-    def where(*extra: str, completed_implied: bool = False) -> str:
-        conditions = [
-            (
-                _IMPLIED if name == "state" and completed and completed_implied else _FILTERS[name]
-            ).format(f"${i}")
-            for i, name in enumerate(filters, 1)
+    def where(*extra: str, completed_implied: bool = False) -> list[str]:
+        return [
+            *(
+                (
+                    _IMPLIED
+                    if name == "state" and completed and completed_implied
+                    else _FILTERS[name]
+                ).format(f"${i}")
+                for i, name in enumerate(filters, 1)
+            ),
+            *extra,
         ]
-        return _where(*conditions, *extra)
 
     direction = "DESC" if descending else "ASC"
     # The task id is unique: it has no ties to break.
     ties = [] if order == "taskId" else [tie for tie in _TIES if tie != ORDER_COLUMNS[order]]
-    keyed = ", ".join(f"{key} {direction}" for key in (ORDER_COLUMNS[order], *ties))
-    unkeyed = ", ".join(f"{key} {direction}" for key in ties)
-    with_result = "result" in filters
-    parts: list[tuple[str, str]] = []
+    keyed = [ORDER_COLUMNS[order], *ties]
+    # Each part: its conditions, its keys, and whether only completed tasks can match it (its
+    # rows are then in the indexes of completion times and results, running tasks never).
+    parts: list[tuple[list[str], list[str], bool]] = []
     if order in _PARTS:
         with_value, without = _PARTS[order]
         on_completion = order in _SET_ON_COMPLETION
         if not (on_completion and state is not None and not completed):
-            parts.append((where(with_value, completed_implied=on_completion or with_result), keyed))
+            conditions = where(with_value, completed_implied=on_completion or with_result)
+            if on_completion and not with_result and _BY_ID.intersection(filters):
+                # Completed tasks only, none running: said, so that the plan's or hub's index,
+                # which leaves running tasks out, can serve it (0009).
+                conditions.append(_NOT_RUNNING)
+            parts.append((conditions, keyed, on_completion or with_result))
         if not (on_completion and (completed or with_result)):
             # An unfinished state implies the empty value: said again, it would only mislead the
             # planner's estimate (it takes the two for independent, and their rows for few).
             implied = on_completion and state is not None
             parts.append(
-                (where(*([] if implied else [without]), completed_implied=with_result), unkeyed)
+                (
+                    where(*([] if implied else [without]), completed_implied=with_result),
+                    ties,
+                    with_result,
+                )
             )
     else:
-        parts.append((where(completed_implied=with_result), keyed))
+        parts.append((where(completed_implied=with_result), keyed, with_result))
+    # By task id alone, the primary key holds every task, running or not.
+    whole = order == "taskId" and not filters
     offset, limit = len(filters) + 1, len(filters) + 2
-    everything = where(completed_implied=with_result)
+    selects = [
+        _not_running_or_running(
+            conditions,
+            keys,
+            completed_only or whole,
+            state,
+            direction=direction,
+            bound=f"${offset}::bigint + ${limit}::bigint",
+        )
+        for conditions, keys, completed_only in parts
+    ]
+    everything = _not_running_or_running(
+        where(completed_implied=with_result), [], with_result or not filters, state
+    )
     return Listing(
         # The page's task ids come off the index alone (an index-only scan past the offset);
         # only the page's own rows are read.
         parts=tuple(
             f"""SELECT {SUMMARY} FROM tasks t WHERE t.task_id IN (
-                SELECT t.task_id FROM tasks t {part} ORDER BY {keys}
+                SELECT u.task_id FROM ({select}) AS u
+                ORDER BY {_ordered(len(keys), direction)}
                 OFFSET ${offset} LIMIT ${limit})
-            ORDER BY {keys}"""
-            for part, keys in parts
+            ORDER BY {", ".join(f"{key} {direction}" for key in keys)}"""
+            for select, (_, keys, _) in zip(selects, parts, strict=True)
         ),
-        part_counts=tuple(_capped_count(part, offset) for part, _ in parts),
+        part_counts=tuple(
+            _capped_count(
+                _not_running_or_running(conditions, [], completed_only or whole, state), offset
+            )
+            for conditions, _, completed_only in parts
+        ),
         count=_capped_count(everything, offset),
-        estimate=f"SELECT 1 FROM tasks t {everything}",
+        estimate=f"SELECT 1 FROM tasks t {_where(*where(completed_implied=with_result))}",
     )
+
+
+# The order indexes leave out running tasks (migration 0009): the worker writes each task twice,
+# running then completed, and the running ones are few (no more than the workers' concurrency).
+# A list that may hold running tasks reads them apart, off their own index, and merges them
+# into its order (a Merge Append of the order index and the running tasks, sorted).
+_NOT_RUNNING = "t.state <> 'running'"
+_RUNNING = "t.state = 'running'"
+# Filters read off an index that leaves out the running tasks (and holds the completion time).
+_BY_ID = frozenset({"planId", "hubName"})
+
+
+def _not_running_or_running(
+    conditions: list[str],
+    keys: list[str],
+    completed_only: bool,
+    state: str | None,
+    *,
+    direction: str = "",
+    bound: str = "",
+) -> str:
+    """The tasks that match `conditions`, each with its task id and `keys` as k0, k1, …: a scan
+    of the order index and one of the running tasks, unless the conditions leave out either."""
+    columns = ", ".join(["t.task_id", *(f"{key} AS k{i}" for i, key in enumerate(keys))])
+    if completed_only:
+        return f"SELECT {columns} FROM tasks t {_where(*conditions)}"
+    scans = []
+    if state != "running":
+        scans.append(_where(*conditions, _NOT_RUNNING))
+    if state in (None, "running"):
+        scans.append(_where(*conditions, _RUNNING))
+    if len(scans) == 1:
+        return f"SELECT {columns} FROM tasks t {scans[0]}"
+    # Each scan in its own order and bounded by the page's end, said inside it: the planner then
+    # reads each as far as the page needs and merges them (a Merge Append). A union of bare scans
+    # is read whole and sorted; one ordered but unbounded may be planned as a sort of it all.
+    ordered = (
+        f"ORDER BY {', '.join(f'{key} {direction}' for key in keys)} LIMIT {bound}" if keys else ""
+    )
+    return "\n                UNION ALL ".join(
+        f"(SELECT {columns} FROM tasks t {where} {ordered})" for where in scans
+    )
+
+
+def _ordered(keys: int, direction: str) -> str:
+    """The ORDER BY of a union's rows, by the keys it selected as k0, k1, …, then the task id."""
+    named = [f"u.k{i}" for i in range(keys)]
+    return ", ".join(f"{key} {direction}" for key in named or ["u.task_id"])
 
 
 def _where(*conditions: str) -> str:
     return f"WHERE {' AND '.join(conditions)}" if conditions else ""
 
 
-def _capped_count(where: str, cap: int) -> str:
-    """How many rows match, counting no further than the cap: the cost stays bounded."""
-    return f"SELECT count(*) FROM (SELECT 1 FROM tasks t {where} LIMIT ${cap}) AS capped"
+def _capped_count(select: str, cap: int) -> str:
+    """How many rows `select` returns, counting no further than the cap: the cost stays
+    bounded."""
+    return f"SELECT count(*) FROM ({select} LIMIT ${cap}) AS capped"
 
 
 INSERT_QUEUED = """
@@ -433,73 +517,7 @@ ON CONFLICT (task_id) DO NOTHING
 RETURNING queued_at
 """
 
-# The states a task passes through before it completes, listed rather than written as
-# "<> 'completed'": each is then one range of the index on (state, queued_at), which reads the
-# unfinished tasks alone, however many completed ones the table keeps.
-_UNFINISHED_STATES = "('queued', 'running', 'waiting', 'polling')"
-
-# Unfinished tasks by state (the metrics count them all, exactly).
-UNFINISHED_COUNTS = f"""
-SELECT state, count(*) AS n FROM tasks WHERE state IN {_UNFINISHED_STATES} GROUP BY state
-"""
-
-# Tasks in each state, as a listing counts its total: up to $1 each, off the index on
-# (state, queued_at, task_id); a state with more has its count estimated (listing.py).
-STATE_COUNTS = """
-SELECT s.state, (SELECT count(*) FROM (SELECT 1 FROM tasks t WHERE t.state = s.state LIMIT $1) c)
-    AS n
-FROM unnest(ARRAY['queued', 'running', 'waiting', 'polling', 'completed']) AS s(state)
-"""
-IN_STATE = "SELECT 1 FROM tasks t WHERE t.state = $1"
-
-
-def _oldest_waiting(states: str) -> str:
-    """Since when the longest-waiting task in these states has waited: by the index on
-    waiting_since, and, for tasks that began to wait before migration 0006 stamped the time, by
-    their attempt's start (an index of its own holds those, migration 0008)."""
-    return f"""least(
-        (SELECT min(waiting_since) FROM tasks WHERE state IN {states}),
-        (SELECT min(started_at) FROM tasks
-         WHERE state IN {states} AND waiting_since IS NULL))"""
-
-
-_WAITING = "('waiting')"
-OLDEST_WAITING = f"SELECT {_oldest_waiting(_WAITING)}"
-
-# What the metrics export of the whole deployment, in one round trip. Only unfinished tasks are
-# counted, never the completed ones, which grow without bound. A task is overdue once its
-# deadline has passed by more than the sweep takes; each mode's deadlines have an index.
-CLUSTER_STATE = f"""
-SELECT
-    (SELECT coalesce(jsonb_object_agg(state, n), '{{}}')::text FROM ({UNFINISHED_COUNTS}) s
-    ) AS states,
-    (SELECT min(queued_at) FROM tasks WHERE state = 'queued') AS oldest_queued_at,
-    {_oldest_waiting("('waiting', 'polling')")} AS oldest_waiting_since,
-    (SELECT count(*) FROM tasks
-     WHERE state = 'waiting' AND deadline < now() - interval '30 seconds')
-    + (SELECT count(*) FROM tasks
-       WHERE state = 'polling' AND deadline < now() - interval '30 seconds') AS overdue,
-    (SELECT count(*) FROM workers WHERE last_seen > now() - interval '30 seconds') AS workers
-"""
-
-# The oldest unfinished tasks: the oldest few of each state, each read off the index on
-# (state, queued_at), then the oldest of those.
-UNFINISHED = f"""
-SELECT u.* FROM unnest(ARRAY['running', 'waiting', 'polling']) AS s(state)
-CROSS JOIN LATERAL (
-    SELECT {SUMMARY} FROM tasks t WHERE t.state = s.state ORDER BY t.queued_at LIMIT $1
-) AS u
-ORDER BY u.queued_at, u.task_id LIMIT $1
-"""
-
-RECENT_FAILURES = f"""
-SELECT {SUMMARY} FROM tasks t WHERE t.result = 'failed'
-ORDER BY t.completed_at DESC LIMIT $1
-"""
-
-COMPLETED_SINCE = """
-SELECT count(*) FROM tasks WHERE completed_at > now() - make_interval(secs => $1)
-"""
+# The overview's and the metrics' statements are worker/store/overview.py's.
 
 LIVE_WORKERS = """
 SELECT worker_id, host, pid, version, in_flight, started_at, last_seen FROM workers
