@@ -279,6 +279,12 @@ ONCE_SERVER_ERRORS = [
     ),
     pytest.param(
         "POST",
+        "/tasks",
+        {"taskId": "big", "planId": "p", "request": {"url": "http://x"}, "variables": {"a": 2**64}},
+        id="integer-beyond-64-bits-in-a-task",
+    ),
+    pytest.param(
+        "POST",
         "/definitions/d/executions",
         {"input": {"a": 2**64}},
         id="integer-beyond-64-bits-in-an-execution-input",
