@@ -169,9 +169,20 @@ async def test_batcher_stops_a_batch_short_of_its_weight() -> None:
     assert batches == [[4, 5, 1], [20], [6]]
 
 
-@pytest.mark.parametrize(("gather_turns", "sizes"), [(0, [1, 1, 1]), (10, [3])])
-async def test_batcher_gathers_callers_that_come_within_its_turns(
-    gather_turns: int, sizes: list[int]
+@pytest.mark.parametrize(
+    ("gather_turns", "turns", "sizes"),
+    [
+        (0, (0, 4, 8), [1, 1, 1]),
+        # Callers a turn apart, as tasks woken one after another by their responses, join.
+        (10, (0, 1, 2, 3), [4]),
+        # A turn that brings no caller ends the gathering: a lone caller goes on its own.
+        (10, (0, 4, 8), [1, 1, 1]),
+        # However many keep coming, a batch gathers for no more than its turns.
+        (2, tuple(range(8)), [4, 4]),
+    ],
+)
+async def test_batcher_gathers_callers_while_they_keep_coming(
+    gather_turns: int, turns: tuple[int, ...], sizes: list[int]
 ) -> None:
     flushed: list[int] = []
 
@@ -186,9 +197,88 @@ async def test_batcher_gathers_callers_that_come_within_its_turns(
             await asyncio.sleep(0)
         return await batcher.submit(turns)
 
-    # Callers a few turns of the loop apart, as tasks woken one after another by their responses.
-    assert await asyncio.gather(*(submit_after(t) for t in (0, 4, 8))) == [0, 4, 8]
+    assert await asyncio.gather(*(submit_after(t) for t in turns)) == list(turns)
     assert flushed == sizes
+
+
+@pytest.mark.parametrize(
+    ("first", "overlapped"),
+    [
+        # A small batch in flight: the next caller's flush goes at once, beside it.
+        (2, True),
+        # A batch as large as the bound: the next caller waits for its commit, as under load.
+        (3, False),
+    ],
+)
+async def test_batcher_overlaps_a_second_flush_only_with_small_ones(
+    first: int, overlapped: bool
+) -> None:
+    committed = asyncio.Event()
+    flushing: list[list[int]] = []
+    # How many flushes were in flight as each began, itself included.
+    beside: list[int] = []
+    running = 0
+
+    async def flush(items: list[int]) -> list[int]:
+        nonlocal running
+        running += 1
+        flushing.append(items)
+        beside.append(running)
+        try:
+            if len(flushing) == 1:
+                await committed.wait()
+            return items
+        finally:
+            running -= 1
+
+    batcher: Batcher[int, int] = Batcher(flush, key=lambda i: i, parallel=2, overlap_below=3)
+    firsts = asyncio.gather(*(batcher.submit(i) for i in range(first)))
+    while not flushing:
+        await asyncio.sleep(0)
+    late = asyncio.ensure_future(batcher.submit(99))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert late.done() is overlapped
+    committed.set()
+    assert await firsts == list(range(first))
+    assert await late == 99
+    assert flushing == [list(range(first)), [99]]
+    assert beside == ([1, 2] if overlapped else [1, 1])
+    # Once nothing is in flight, the next caller's flush goes alone again.
+    assert await batcher.submit(7) == 7
+    assert (flushing[-1], beside[-1]) == ([7], 1)
+
+
+async def test_batcher_runs_every_pending_caller_whichever_flush_ends_first() -> None:
+    """Callers that came while two flushes were in flight are taken by whichever ends first and
+    may start again; none is left pending."""
+    releases = [asyncio.Event(), asyncio.Event()]
+    sizes: list[int] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        if len(sizes) <= 2:
+            await releases[len(sizes) - 1].wait()
+        return items
+
+    batcher: Batcher[int, int] = Batcher(flush, key=lambda i: i, parallel=2, overlap_below=8)
+    first = asyncio.ensure_future(batcher.submit(1))
+    while len(sizes) < 1:
+        await asyncio.sleep(0)
+    second = asyncio.ensure_future(batcher.submit(2))
+    while len(sizes) < 2:
+        await asyncio.sleep(0)
+    # Both flushes in flight: these wait for one of them.
+    later = asyncio.gather(*(batcher.submit(i) for i in range(10, 14)))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(sizes) == 2
+    releases[1].set()
+    assert await later == [10, 11, 12, 13]
+    assert sizes == [1, 1, 4]
+    assert not first.done()
+    releases[0].set()
+    assert (await first, await second) == (1, 2)
 
 
 @pytest.mark.parametrize("parallel", [1, 3])

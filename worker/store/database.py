@@ -59,6 +59,10 @@ CANCEL_REASON = "canceled by request"
 # Fewer statements, and the tasks each one releases move on together, so the broker confirms
 # their events and takes their acks in fewer frames.
 GATHER_TURNS = 4
+# A second claim or completion batch may go while one is in flight if that one holds fewer
+# items than this: at moderate load a task need not wait out another's commit, while under load
+# the batches still go one at a time and large.
+OVERLAP_BELOW = 8
 # The response text one completion statement carries, beyond its first task's: asyncpg builds
 # a statement whole, so a batch of large responses would hold every one of them twice more.
 COMPLETION_BATCH_CHARS = 1024 * 1024
@@ -85,13 +89,20 @@ class Store:
         # What this worker recorded lately, to record again should a failover have lost it.
         self.recent = RecentWrites()
         self._claims: Batcher[ClaimRequest, Claimed | TaskRecord] = Batcher(
-            self._flush_claims, key=lambda c: c.task_id, isolate=refused, gather_turns=GATHER_TURNS
+            self._flush_claims,
+            key=lambda c: c.task_id,
+            isolate=refused,
+            gather_turns=GATHER_TURNS,
+            parallel=2,
+            overlap_below=OVERLAP_BELOW,
         )
         self._completions: Batcher[Completion, datetime | TaskRecord | TaskVanished] = Batcher(
             self._flush_completions,
             key=lambda c: c.task_id,
             isolate=refused,
             gather_turns=GATHER_TURNS,
+            parallel=2,
+            overlap_below=OVERLAP_BELOW,
             weigh=lambda c: len(c.response_json or ""),
             max_weight=COMPLETION_BATCH_CHARS,
         )
