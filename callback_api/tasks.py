@@ -138,14 +138,8 @@ async def submit_task(request: web.Request) -> web.Response:
     bind_task(task.task_id, task.plan_id)
     svc = services(request)
     refuse_while_blocked(svc)
-    try:
-        canonical = _canonical(task)
-    except orjson.JSONEncodeError:
-        # JSON allows any integer; the task is stored and queued as JSON that orjson writes.
-        raise Problem(
-            400,
-            "the task holds an integer beyond 64 bits, which cannot be stored; send it as a string",
-        ) from None
+    # The model refused what orjson cannot write (worker.contract.requests.storable).
+    canonical = _canonical(task)
     claim = ClaimRequest.of(task, canonical)
     recorded = await svc.store.submit(claim)
     location = f"/tasks/{task.task_id}"

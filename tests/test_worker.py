@@ -14,6 +14,7 @@ from aio_pika.abc import AbstractChannel
 from tests.conftest import Dead, Events, Target, publish, task_message
 from worker.contract.errors import ConfigError
 from worker.contract.models import MAX_TASK_BYTES
+from worker.contract.requests import UNSTORABLE
 from worker.contract.settings import Settings, load_connections
 from worker.service import Worker, running_worker
 
@@ -155,8 +156,29 @@ async def test_completion_also_goes_to_reply_to(
             + b'"}',
             f"message is {MAX_TASK_BYTES + 71} bytes, over the {MAX_TASK_BYTES}-byte limit",
         ),
+        (
+            b'{"taskId": "t", "planId": "p", "request": {"url": "http://x", "body": [1]}, '
+            b'"variables": {"n": 18446744073709551616}}',
+            f"message does not fit the task schema: variables: {UNSTORABLE}",
+        ),
+        (
+            b'{"taskId": "t", "planId": "p", "request": {"url": "http://x", '
+            b'"body": {"n": -9223372036854775809}}}',
+            f"message does not fit the task schema: request.body: {UNSTORABLE}",
+        ),
     ],
-    ids=["not-json", "not-object", "missing", "bad-fields", "typo", "criteria", "nul", "large"],
+    ids=[
+        "not-json",
+        "not-object",
+        "missing",
+        "bad-fields",
+        "typo",
+        "criteria",
+        "nul",
+        "large",
+        "huge-variable",
+        "huge-body",
+    ],
 )
 async def test_invalid_messages_are_dead_lettered_with_reason(
     worker: Worker,

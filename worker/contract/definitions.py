@@ -51,6 +51,7 @@ from worker.contract.requests import (
     PollPolicy,
     TaskRequest,
     WireModel,
+    storable,
 )
 
 # What the server makes and a client may send back unchanged: ignored in a definition's input.
@@ -71,20 +72,8 @@ def validation_context(connections: Collection[str] | None) -> dict[str, object]
     return None if connections is None else {CONNECTIONS: frozenset(connections)}
 
 
-_TOO_LARGE: Final = "has an integer beyond 64 bits, which cannot be stored; send it as a string"
-
-
-def _storable(value: JsonValue) -> bool:
-    """Whether `value` can be stored as JSON: orjson refuses integers beyond 64 bits."""
-    try:
-        orjson.dumps(value)
-    except TypeError:
-        return False
-    return True
-
-
 def _request_problems(request: TaskRequest, info: ValidationInfo) -> list[str]:
-    problems = [] if _storable(request.body) else [f"body {_TOO_LARGE}"]
+    problems = []
     known = info.context.get(CONNECTIONS) if isinstance(info.context, dict) else None
     if request.connection is not None and known is not None and request.connection not in known:
         listed = ", ".join(sorted(known)) or "none is configured"
@@ -139,13 +128,6 @@ class DefinitionSpec(TaskTemplate):
             except ValueError as exc:
                 raise ValueError(f"request: {exc}") from None
         return poll
-
-    @field_validator("variables")
-    @classmethod
-    def _variables_storable(cls, variables: dict[str, JsonValue]) -> dict[str, JsonValue]:
-        if not _storable(variables):
-            raise ValueError(_TOO_LARGE)
-        return variables
 
     def spec(self) -> DefinitionSpec:
         """The definition as written, without what the server made."""
@@ -274,8 +256,7 @@ class ExecutionFields(WireModel):
     @field_validator("input")
     @classmethod
     def _input_storable(cls, data: dict[str, JsonValue]) -> dict[str, JsonValue]:
-        if not _storable(data):
-            raise ValueError(_TOO_LARGE)
+        storable(data)
         return data
 
 

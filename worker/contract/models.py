@@ -35,6 +35,7 @@ from worker.contract.requests import (
     RetryPolicy,
     TaskRequest,
     WireModel,
+    storable,
 )
 
 REASON_HEADER: Final = "x-agentless-reason"
@@ -168,7 +169,9 @@ class TaskTemplate(WireModel):
     retry: RetryPolicy | None = None
     poll: PollPolicy | None = None
     outputs: dict[OutputName, OutputExpression] = Field(default_factory=dict, max_length=100)
-    variables: dict[str, JsonValue] = Field(default_factory=dict)
+    variables: Annotated[dict[str, JsonValue], AfterValidator(storable)] = Field(
+        default_factory=dict
+    )
 
     @field_validator("success_criteria")
     @classmethod

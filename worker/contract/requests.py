@@ -7,7 +7,9 @@ import re
 from enum import StrEnum
 from typing import Annotated, Final
 
+import orjson
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -19,6 +21,26 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 from yarl import URL
+
+# What orjson, which writes every stored and queued form of a task, refuses; found on the way in
+# rather than at the call, where the task could only be returned to the queue again and again.
+UNSTORABLE: Final = (
+    "has an integer beyond 64 bits (or nesting over 254 levels), which cannot be stored; "
+    "send such a number as a string"
+)
+
+
+def storable(value: JsonValue) -> JsonValue:
+    """`value`, or ValueError when it cannot be written as JSON (see UNSTORABLE)."""
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        raise ValueError(UNSTORABLE) from None
+    return value
+
+
+# Free-form JSON a task carries (a body, its variables): any JSON orjson can write.
+StorableJson = Annotated[JsonValue, AfterValidator(storable)]
 
 # Header names (lower case) whose values never reach a log, a stored record or an event.
 SECRET_HEADERS: Final = frozenset(
@@ -70,7 +92,7 @@ class TaskRequest(WireModel):
     connection: Id | None = None
     url_suffix: str = ""
     headers: dict[HeaderName, str] = Field(default_factory=dict)
-    body: JsonValue = None
+    body: StorableJson = None
 
     @field_validator("url")
     @classmethod
