@@ -21,12 +21,14 @@ The contenders:
 - worker: the worker (`python -m worker worker`, run by this file's `--role=worker` so that
   its claim and completion batches are timed: see below);
 - worker, ungathered: the same worker with its store's batches flushed at once rather than after
-  gathering for a few turns of the event loop (`worker.store.database.GATHER_TURNS` set to 0 in
-  its process before it starts); beside the worker, it shows what gathering costs in latency.
+  gathering while callers keep coming, for up to a few turns of the event loop
+  (`worker.store.database.GATHER_TURNS` set to 0 in its process before it starts); beside the
+  worker, it shows what gathering costs in latency.
 
 In both workers each claim and completion is timed from its submission to its batch (the wait:
-the gathering turns and any flush still under way) and each batch's flush (its statement and
-commit): a few microseconds of bookkeeping per task, reported for the measured tasks' batches.
+the gathering turns, and a flush still under way when no second one may start beside it) and
+each batch's flush (its statement and commit): a few microseconds of bookkeeping per task,
+reported for the measured tasks' batches.
 
 It exits 1 when the worker's p50 or p99 at 50% of the peak is further from the baseline's than
 the targets allow, or a run went wrong (then the contenders' logs are kept).
