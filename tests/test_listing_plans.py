@@ -105,6 +105,16 @@ LISTINGS = [
 ]
 
 
+async def all_visible(db: asyncpg.Connection) -> bool:
+    """Whether VACUUM marked the table's pages all-visible, which an index-only scan needs to
+    skip rows unread: it cannot while another session's snapshot predates them (the other test
+    process's long transaction, say), and the planner then rightly reads the rows instead."""
+    marked: bool = await db.fetchval(
+        "SELECT relallvisible >= relpages FROM pg_class WHERE oid = 'tasks'::regclass"
+    )
+    return marked
+
+
 async def every_order_and_filter_reads_an_index_in_its_order(full: asyncpg.Connection) -> None:
     for filters, order, descending in LISTINGS:
         statements = queries.list_tasks(filters, order, descending)
@@ -120,7 +130,7 @@ async def every_order_and_filter_reads_an_index_in_its_order(full: asyncpg.Conne
             # which carries it.
             by_plan = "planId" in filters and order == "completedAt"
             assert_indexed(plan, f"{what} from {offset}", most_sorted=500 if by_plan else PAGE)
-        if longer and (not filters or set(filters) == {"state"}):
+        if longer and (not filters or set(filters) == {"state"}) and await all_visible(full):
             # Past the offset, the rows are skipped in the index alone.
             plan = await plan_of(full, statements.parts[0], *values, DEEP, PAGE)
             assert any(n["Node Type"] == "Index Only Scan" for n in plan), what
