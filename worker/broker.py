@@ -18,7 +18,7 @@ from types import TracebackType
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, HeadersType
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, HeadersType
 from pamqp.commands import Basic
 from pamqp.common import FieldTable
 
@@ -62,6 +62,10 @@ class Broker(SupervisedConnection):
         self._published = 0
         # Publishes given up on by their caller (publish_within), finished all the same.
         self._background: set[asyncio.Task[None]] = set()
+        # The channel queue depths are read on, kept open with the connection it is on: opening
+        # and closing one for each read took two more round trips than the read itself.
+        self._reader: tuple[AbstractConnection, AbstractChannel] | None = None
+        self._opening_reader = asyncio.Lock()
 
     async def __aexit__(
         self,
@@ -195,7 +199,8 @@ class Broker(SupervisedConnection):
         if not self.is_ready:
             raise BrokerUnavailable(f"RabbitMQ at {self._shown_url} is not reachable right now")
         if (blocked := self._block.reason) is None:
-            return await self._depths(await self.connection())
+            connection = await self.connection()
+            return await self._depths(await self._reading_channel(connection))
         try:
             reading = await aio_pika.connect(
                 self._url,
@@ -204,20 +209,41 @@ class Broker(SupervisedConnection):
             )
         except BROKER_ERRORS as exc:
             raise BrokerBlocked(blocked) from exc
-        async with reading:
-            return replace(await self._depths(reading), blocked=blocked)
+        async with reading, reading.channel() as channel:
+            return replace(await self._depths(channel), blocked=blocked)
 
-    async def _depths(self, connection: AbstractConnection) -> QueueDepths:
+    async def _reading_channel(self, connection: AbstractConnection) -> AbstractChannel:
+        async with self._opening_reader:
+            if self._reader is not None:
+                held, channel = self._reader
+                if held is connection and not channel.is_closed:
+                    return channel
+                self._reader = None
+                with suppress(*BROKER_ERRORS):
+                    await channel.close()
+            try:
+                async with asyncio.timeout(READ_SECONDS):
+                    channel = await connection.channel()
+            except (*BROKER_ERRORS, TimeoutError) as exc:
+                raise self._no_answer(exc) from exc
+            self._reader = (connection, channel)
+            return channel
+
+    def _no_answer(self, exc: BaseException) -> BrokerUnavailable:
+        return BrokerUnavailable(
+            f"RabbitMQ at {self._shown_url} did not answer: {str(exc) or type(exc).__name__}"
+        )
+
+    async def _depths(self, channel: AbstractChannel) -> QueueDepths:
         try:
-            async with asyncio.timeout(READ_SECONDS), connection.channel() as channel:
+            async with asyncio.timeout(READ_SECONDS):
                 tasks = await channel.declare_queue(self.names.tasks, passive=True)
                 dead = await channel.declare_queue(self.names.dead, passive=True)
         except (*BROKER_ERRORS, asyncio.CancelledError) as exc:
+            # A refused declare (a queue deleted) closes the channel; the next read opens one.
             if not connection_failed(exc):
                 raise
-            raise BrokerUnavailable(
-                f"RabbitMQ at {self._shown_url} did not answer: {str(exc) or type(exc).__name__}"
-            ) from exc
+            raise self._no_answer(exc) from exc
         return QueueDepths(
             ready=tasks.declaration_result.message_count or 0,
             consumers=tasks.declaration_result.consumer_count or 0,
