@@ -127,9 +127,15 @@ async def every_order_and_filter_reads_an_index_in_its_order(full: asyncpg.Conne
             # The first part is the one a page of the first 10,050 tasks reads.
             plan = await plan_of(full, statements.parts[0], *values, offset, PAGE)
             # A plan's tasks are few, and sorted by completion time off the plan's index,
-            # which carries it.
+            # which carries it; or read off it with a bitmap and sorted, as ANALYZE's sample
+            # may make the planner prefer for so few rows.
             by_plan = "planId" in filters and order == "completedAt"
-            assert_indexed(plan, f"{what} from {offset}", most_sorted=500 if by_plan else PAGE)
+            assert_indexed(
+                plan,
+                f"{what} from {offset}",
+                most_sorted=500 if by_plan else PAGE,
+                most_read=500 if by_plan else None,
+            )
         if longer and (not filters or set(filters) == {"state"}) and await all_visible(full):
             # Past the offset, the rows are skipped in the index alone.
             plan = await plan_of(full, statements.parts[0], *values, DEEP, PAGE)
