@@ -5,6 +5,8 @@ browser, a page of it."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Final
 
 import orjson
@@ -113,17 +115,21 @@ def if_match(request: web.Request) -> int | None:
 # Answering.
 
 
-def stale(exc: StaleVersion) -> Problem:
-    return Problem(412, str(exc), headers={"ETag": f'"{exc.current}"'}, currentVersion=exc.current)
-
-
-def clash(exc: NameTaken) -> Problem:
-    extra: dict[str, Any] = {} if exc.index is None else {"index": exc.index}
-    return Problem(409, str(exc), name=exc.name, **extra)
-
-
-def absent(exc: DefinitionNotFound) -> Problem:
-    return Problem(404, f"there is no task definition {exc.ref!r}", id=exc.ref)
+@contextmanager
+def refusals_answered() -> Iterator[None]:
+    """The store's refusals of a definition write as the problems the routes answer: an absent
+    definition 404, a stale version 412, a name taken 409."""
+    try:
+        yield
+    except DefinitionNotFound as exc:
+        raise Problem(404, f"there is no task definition {exc.ref!r}", id=exc.ref) from exc
+    except StaleVersion as exc:
+        raise Problem(
+            412, str(exc), headers={"ETag": f'"{exc.current}"'}, currentVersion=exc.current
+        ) from exc
+    except NameTaken as exc:
+        extra: dict[str, Any] = {} if exc.index is None else {"index": exc.index}
+        raise Problem(409, str(exc), name=exc.name, **extra) from exc
 
 
 def dumped(model: BaseModel) -> JsonValue:

@@ -34,15 +34,13 @@ from pydantic import (
 
 from callback_api.definition_io import (
     DefinitionQuery,
-    absent,
     answer,
-    clash,
     definition_id,
     dumped,
     if_match,
     invalid,
     json_body,
-    stale,
+    refusals_answered,
     wants_page,
 )
 from callback_api.inputs import query_of
@@ -52,6 +50,7 @@ from callback_api.paging import (
     RowsPerPage,
     SortType,
     json_response,
+    one_of,
     page_response,
     window,
 )
@@ -67,7 +66,7 @@ from worker.contract.definitions import (
 )
 from worker.contract.requests import ID_PATTERN, Id
 from worker.store.definitions import ORDER_COLUMNS, Change, Replacement
-from worker.store.errors import DefinitionNotFound, NameTaken, StaleVersion
+from worker.store.errors import DefinitionNotFound
 
 MAX_ITEMS: Final = 1000
 CHANGED_HEADER: Final = "Agentless-Changed"
@@ -79,12 +78,6 @@ def _name_filter(value: str) -> str:
     return value
 
 
-def _order(value: str) -> str:
-    if value not in ORDER_COLUMNS:
-        raise ValueError(f"{value!r} is not one of {', '.join(ORDER_COLUMNS)}")
-    return value
-
-
 class DefinitionListQuery(DefinitionQuery):
     """GET /definitions: a name filter, a page, an order and a format."""
 
@@ -93,7 +86,7 @@ class DefinitionListQuery(DefinitionQuery):
     )
     rows_per_page: RowsPerPage = DEFAULT_ROWS_PER_PAGE
     page_number: PageNumber = 1
-    order_field: Annotated[str, AfterValidator(_order)] = Field(
+    order_field: Annotated[str, AfterValidator(one_of(ORDER_COLUMNS))] = Field(
         default="name", json_schema_extra={"enum": list(ORDER_COLUMNS)}
     )
     sort_type: SortType = "asc"
@@ -195,10 +188,8 @@ async def create_definitions(request: web.Request) -> web.Response:
             specs = [DefinitionSpec.model_validate(parsed, context=context)]
     except ValidationError as exc:
         raise invalid("definition", exc, array=array) from exc
-    try:
+    with refusals_answered():
         created = await services(request).store.definitions.create(specs)
-    except NameTaken as exc:
-        raise clash(exc) from exc
     if array:
         return json_response([dumped(d) for d in created], 201)
     made = created[0]
@@ -282,16 +273,10 @@ async def replace_definition(request: web.Request) -> web.Response:
         )
     except ValidationError as exc:
         raise invalid("definition", exc) from exc
-    try:
+    with refusals_answered():
         change = await services(request).store.definitions.replace(
             target, spec, expected_version=expected
         )
-    except DefinitionNotFound as exc:
-        raise absent(exc) from exc
-    except StaleVersion as exc:
-        raise stale(exc) from exc
-    except NameTaken as exc:
-        raise clash(exc) from exc
     return json_response(dumped(change.definition), headers=changed_header(change))
 
 
@@ -311,14 +296,8 @@ async def replace_definitions(request: web.Request) -> web.Response:
         raise invalid("definition", exc, array=True) from exc
     _refuse_repeats([item.id for item in items], "replaced")
     replacements = [Replacement(item.id, item.spec(), item.version) for item in items]
-    try:
+    with refusals_answered():
         changes = await services(request).store.definitions.replace_many(replacements)
-    except DefinitionNotFound as exc:
-        raise absent(exc) from exc
-    except StaleVersion as exc:
-        raise stale(exc) from exc
-    except NameTaken as exc:
-        raise clash(exc) from exc
     changed = [change.definition.id for change in changes if change.changed]
     return json_response(
         [dumped(change.definition) for change in changes],
@@ -343,32 +322,23 @@ async def patch_definition(request: web.Request) -> web.Response:
     if not isinstance(parsed, dict):
         raise Problem(400, "PATCH takes a JSON object of the attributes to change")
     try:
-        change = await services(request).store.definitions.patch(
-            target,
-            parsed,
-            expected_version=expected,
-            connections=await _connections(request),
-        )
+        with refusals_answered():
+            change = await services(request).store.definitions.patch(
+                target,
+                parsed,
+                expected_version=expected,
+                connections=await _connections(request),
+            )
     except ValidationError as exc:
         raise invalid("definition", exc) from exc
-    except DefinitionNotFound as exc:
-        raise absent(exc) from exc
-    except StaleVersion as exc:
-        raise stale(exc) from exc
-    except NameTaken as exc:
-        raise clash(exc) from exc
     return json_response(dumped(change.definition), headers=changed_header(change))
 
 
 async def delete_definition(request: web.Request) -> web.Response:
     target = definition_id(request)
     expected = if_match(request)
-    try:
+    with refusals_answered():
         await services(request).store.definitions.delete(target, expected_version=expected)
-    except DefinitionNotFound as exc:
-        raise absent(exc) from exc
-    except StaleVersion as exc:
-        raise stale(exc) from exc
     return web.Response(status=204)
 
 

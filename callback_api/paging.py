@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Collection
 from typing import Annotated, Final, Literal
 
 import orjson
@@ -49,6 +50,17 @@ def _sort(value: object) -> object:
 RowsPerPage = Annotated[int, Field(ge=1, le=MAX_ROWS_PER_PAGE), _whole(MAX_ROWS_PER_PAGE)]
 PageNumber = Annotated[int, Field(ge=1, le=MAX_PAGE_NUMBER), _whole(MAX_PAGE_NUMBER)]
 SortType = Annotated[Literal["asc", "desc"], BeforeValidator(_sort)]
+
+
+def one_of(columns: Collection[str]) -> Callable[[str], str]:
+    """An `orderField` validator: the value if it is one of `columns`."""
+
+    def validated(value: str) -> str:
+        if value not in columns:
+            raise ValueError(f"{value!r} is not one of {', '.join(columns)}")
+        return value
+
+    return validated
 
 
 def window(rows_per_page: int, page_number: int, ranged: str | None) -> tuple[int, int]:

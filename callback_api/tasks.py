@@ -26,6 +26,7 @@ from callback_api.paging import (
     RowsPerPage,
     SortType,
     json_response,
+    one_of,
     page_response,
     window,
 )
@@ -65,12 +66,6 @@ def _id(value: str) -> str:
     return value
 
 
-def _order(value: str) -> str:
-    if value not in ORDER_COLUMNS:
-        raise ValueError(f"{value!r} is not one of {', '.join(ORDER_COLUMNS)}")
-    return value
-
-
 class TaskListQuery(BaseModel):
     """GET /tasks: filters, a page and an order; parameters it does not take are refused."""
 
@@ -92,7 +87,7 @@ class TaskListQuery(BaseModel):
     )
     rows_per_page: RowsPerPage = DEFAULT_ROWS_PER_PAGE
     page_number: PageNumber = 1
-    order_field: Annotated[str, AfterValidator(_order)] = Field(
+    order_field: Annotated[str, AfterValidator(one_of(ORDER_COLUMNS))] = Field(
         default="queuedAt", json_schema_extra={"enum": list(ORDER_COLUMNS)}
     )
     sort_type: SortType = "desc"
