@@ -348,3 +348,45 @@ async def test_writes_a_failover_lost_are_recorded_again(
         assert rows["lost-1"] == ("completed", "succeeded", None)
         assert rows["lost-2"] == ("waiting", None, deadline)
         assert rows["kept-1"][:2] == ("completed", "failed")
+
+
+async def _seq_scans_of_tasks(store: Store, db: asyncpg.Connection) -> int:
+    # A backend reports its table statistics when idle, at most once a second unless asked.
+    async with store._pool.acquire() as conn:
+        await conn.execute("SELECT pg_stat_force_next_flush()")
+    await asyncio.sleep(0.05)
+    scans: int = await db.fetchval(
+        "SELECT seq_scan FROM pg_stat_user_tables WHERE relid = 'tasks'::regclass"
+    )
+    return scans
+
+
+async def test_the_hot_path_keeps_to_its_indexes_once_the_table_has_grown(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """Plans made while the tasks table was nearly empty, and cached (a statement goes generic
+    after five executions), must not read the whole table once it holds thousands of tasks:
+    with autovacuum off, or before it first runs, nothing makes the planner look again."""
+    async with (
+        Store.open(settings.database_url, pool_size=1) as store,
+        registered_worker(store, settings.database_url, lambda: 0),
+    ):
+
+        async def run(prefix: str, count: int) -> None:
+            for i in range(count):
+                task_id = f"{prefix}-{i}"
+                assert isinstance(await store.claim(claim_request(task_id)), Claimed)
+                await store.complete(task_id, 1, Outcome(Result.SUCCEEDED, "HTTP 200"))
+                await store.complete_by_callback(task_id, "p", Result.SUCCEEDED, "late")
+
+        await run("small", 8)
+        await db.execute(
+            """INSERT INTO tasks (task_id, plan_id, job_id, hub_name, mode, state, attempts,
+                                  digest, message, queued_at, started_at, completed_at, result)
+               SELECT 'grown-' || i, 'p', 'p', 'build', 'apiResponse', 'completed', 1,
+                      '\\x00', '{}', now(), now(), now(), 'succeeded'
+               FROM generate_series(1, 5000) AS i"""
+        )
+        before = await _seq_scans_of_tasks(store, db)
+        await run("large", 20)
+        assert await _seq_scans_of_tasks(store, db) == before

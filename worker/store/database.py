@@ -66,6 +66,13 @@ OVERLAP_BELOW = 8
 # The response text one completion statement carries, beyond its first task's: asyncpg builds
 # a statement whole, so a batch of large responses would hold every one of them twice more.
 COMPLETION_BATCH_CHARS = 1024 * 1024
+# Every statement of the store finds its rows through an index (a task's key, an order, a due
+# time). A statement's plan is cached per connection and, after five executions, kept: made
+# while the tasks table was nearly empty, it may read the whole table, and with autovacuum off
+# (or before it first runs) nothing makes the planner look again, so that each completion then
+# read every task, on the hot path, a little more with each task. Without sequential scans the
+# planner takes the index however small it thinks the table is.
+SESSION_SETTINGS = {"enable_seqscan": "off"}
 
 
 class Store:
@@ -126,6 +133,7 @@ class Store:
                 max_size=pool_size,
                 command_timeout=60,
                 reset=_keep_session,
+                server_settings=SESSION_SETTINGS,
             )
         except (*DB_UNAVAILABLE, asyncpg.PostgresError) as exc:
             raise ConfigError(
