@@ -71,8 +71,11 @@ COMPLETION_BATCH_CHARS = 1024 * 1024
 # while the tasks table was nearly empty, it may read the whole table, and with autovacuum off
 # (or before it first runs) nothing makes the planner look again, so that each completion then
 # read every task, on the hot path, a little more with each task. Without sequential scans the
-# planner takes the index however small it thinks the table is.
-SESSION_SETTINGS = {"enable_seqscan": "off"}
+# planner takes the index however small it thinks the table is. Where there is no index to take
+# (the workers table, a row a process), the scan's cost is counted as prohibitive, which would
+# make PostgreSQL compile the statement to machine code (JIT) at every execution: half a second
+# for the overview. Short statements never gain from that: no JIT.
+SESSION_SETTINGS = {"enable_seqscan": "off", "jit": "off"}
 
 
 class Store:
