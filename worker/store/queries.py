@@ -457,7 +457,7 @@ def list_tasks(filters: dict[str, str], order: str, descending: bool) -> Listing
 # into its order (a Merge Append of the order index and the running tasks, sorted).
 _NOT_RUNNING = "t.state <> 'running'"
 _RUNNING = "t.state = 'running'"
-# Filters read off an index that leaves out the running tasks (and holds the completion time).
+# Filters read off indexes that leave out the running tasks (their queue and completion orders).
 _BY_ID = frozenset({"planId", "hubName"})
 
 
