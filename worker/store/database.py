@@ -135,8 +135,8 @@ class Store:
                 min_size=1,
                 max_size=pool_size,
                 command_timeout=60,
+                init=_set_session,
                 reset=_keep_session,
-                server_settings=SESSION_SETTINGS,
             )
         except (*DB_UNAVAILABLE, asyncpg.PostgresError) as exc:
             raise ConfigError(
@@ -455,6 +455,15 @@ class Store:
             return await batches.completions(conn, batch, self.worker_id, self.lock_namespace)
 
 
+async def _set_session(conn: asyncpg.Connection) -> None:
+    """SESSION_SETTINGS, once for each new connection: set after it is made rather than asked
+    for as it is made, which a connection pooler in front of PostgreSQL may refuse."""
+    await conn.execute(
+        "; ".join(f"SET {name} = {value}" for name, value in SESSION_SETTINGS.items())
+    )
+
+
 async def _keep_session(_: asyncpg.Connection) -> None:
-    """No reset when a connection goes back to the pool: the store never changes session state
-    (only SET LOCAL, inside transactions), and a reset costs a round trip per batch."""
+    """No reset when a connection goes back to the pool: the store changes session state only
+    as it opens a connection (SESSION_SETTINGS) and then only by SET LOCAL, inside transactions;
+    and a reset costs a round trip per batch."""
