@@ -263,6 +263,48 @@ async def test_task_of_a_dead_worker_is_run_again(
     assert target.calls[task_id] == 1
 
 
+@pytest.mark.parametrize(
+    ("before", "retried"), [("queued", False), ("running", False), ("queued", True)]
+)
+async def test_a_result_whose_claim_a_failover_lost_is_recorded_under_a_new_claim(
+    before: str,
+    retried: bool,
+    worker: Worker,
+    channel: AbstractChannel,
+    settings: Settings,
+    events: Events,
+    target: Target,
+    db: asyncpg.Connection,
+) -> None:
+    """While the endpoint answers, the task's row is put back as it was before the claim (queued,
+    submitted over HTTP; or running, an attempt of a worker that died), as a replica promoted
+    before the claim's commit reached it has it: the result (or the retry it calls for) is
+    recorded under a new claim, and the endpoint is not called again for it."""
+    if retried:
+        task = task_message(
+            target, query="&delay=1&fail=1", retry={"attempts": 2, "delaySeconds": 0}
+        )
+    else:
+        task = task_message(target, query="&delay=1")
+    task_id = str(task["taskId"])
+    await publish(channel, settings, task)
+    async with asyncio.timeout(10):
+        while (await db.fetchval("SELECT state FROM tasks WHERE task_id = $1", task_id)) is None:
+            await asyncio.sleep(0.05)
+    await db.execute(
+        """UPDATE tasks SET state = $2, attempts = 0, started_at = NULL, lease_until = NULL,
+                            worker_id = CASE WHEN $2 = 'running' THEN 999999 END
+           WHERE task_id = $1""",
+        task_id,
+        before,
+    )
+    completed = await events.completed(task_id)
+    calls = 2 if retried else 1
+    assert (completed["result"], completed["attempts"]) == ("succeeded", calls)
+    assert (await row(db, task_id))["state"] == "completed"
+    assert target.calls[task_id] == calls
+
+
 async def test_service_connection_from_a_toml_file(
     channel: AbstractChannel,
     settings: Settings,
