@@ -264,11 +264,12 @@ async def test_task_of_a_dead_worker_is_run_again(
 
 
 @pytest.mark.parametrize(
-    ("before", "retried"), [("queued", False), ("running", False), ("queued", True)]
+    ("before", "recorded"),
+    [("queued", "result"), ("running", "result"), ("queued", "retry"), ("running", "wait")],
 )
-async def test_a_result_whose_claim_a_failover_lost_is_recorded_under_a_new_claim(
+async def test_what_a_failover_lost_the_claim_of_is_recorded_under_a_new_claim(
     before: str,
-    retried: bool,
+    recorded: str,
     worker: Worker,
     channel: AbstractChannel,
     settings: Settings,
@@ -278,12 +279,14 @@ async def test_a_result_whose_claim_a_failover_lost_is_recorded_under_a_new_clai
 ) -> None:
     """While the endpoint answers, the task's row is put back as it was before the claim (queued,
     submitted over HTTP; or running, an attempt of a worker that died), as a replica promoted
-    before the claim's commit reached it has it: the result (or the retry it calls for) is
-    recorded under a new claim, and the endpoint is not called again for it."""
-    if retried:
+    before the claim's commit reached it has it: the result, the retry it calls for or the wait
+    for a callback is recorded under a new claim, and the endpoint is not called again for it."""
+    if recorded == "retry":
         task = task_message(
             target, query="&delay=1&fail=1", retry={"attempts": 2, "delaySeconds": 0}
         )
+    elif recorded == "wait":
+        task = task_message(target, query="&delay=1", waitForCompletion="callback")
     else:
         task = task_message(target, query="&delay=1")
     task_id = str(task["taskId"])
@@ -298,8 +301,15 @@ async def test_a_result_whose_claim_a_failover_lost_is_recorded_under_a_new_clai
         task_id,
         before,
     )
+    if recorded == "wait":
+        async with asyncio.timeout(10), events.changed:
+            await events.changed.wait_for(lambda: bool(events.named("TaskWaiting", task_id)))
+        assert events.named("TaskWaiting", task_id)[0]["attempts"] == 1
+        assert (await row(db, task_id))["state"] == "waiting"
+        assert target.calls[task_id] == 1
+        return
     completed = await events.completed(task_id)
-    calls = 2 if retried else 1
+    calls = 2 if recorded == "retry" else 1
     assert (completed["result"], completed["attempts"]) == ("succeeded", calls)
     assert (await row(db, task_id))["state"] == "completed"
     assert target.calls[task_id] == calls

@@ -247,7 +247,7 @@ class Runner:
             if started is not None:
                 await started
         if isinstance(recorded, TaskRecord) and not _retry_recorded(recorded, claimed):
-            if _claim_lost(recorded, claimed):
+            if claimed.lost_in(recorded):
                 log.warning("a failover lost the attempt's claim; claiming it again to record")
                 again = await self._claim(message, task)
                 if again is not None:
@@ -293,7 +293,7 @@ class Runner:
             if started is not None:
                 await started
         if isinstance(recorded, TaskRecord):
-            if _claim_lost(recorded, claimed):
+            if claimed.lost_in(recorded):
                 # As above, for a task whose row was there before the claim (submitted over
                 # HTTP, retried, taken over): the failover left it as it was, not gone.
                 log.warning("a failover lost the attempt's claim; claiming it again to record")
@@ -452,14 +452,6 @@ class Runner:
         except TimeoutError:
             return
         raise Stopping
-
-
-def _claim_lost(record: TaskRecord, claimed: Claimed) -> bool:
-    """Whether `record`, found where `claimed`'s attempt should be, is the task as it was before
-    that claim: an earlier attempt's, not yet completed. A newer attempt would have counted past
-    this one; so the claim itself is gone, lost with the last commits of a failed primary, and
-    the message in hand is the only one left to carry the task."""
-    return record.state in (State.QUEUED, State.RUNNING) and record.attempts < claimed.attempts
 
 
 def _retry_recorded(record: TaskRecord, claimed: Claimed) -> bool:

@@ -151,20 +151,23 @@ class Waits:
                 task.task_id, attempts, outcome.response, deadline, started_deadline, outputs=values
             )
 
-        attempts = claimed.attempts
+        current = claimed
         while True:
             try:
-                first = await self._db(record(attempts))
-                break
+                first = await self._db(record(current.attempts))
             except TaskVanished as exc:
-                # The claim was lost with the last commits of a failed primary, after the call
-                # was made: the task waits under a new claim rather than calling again (the
-                # service holds a token for the task, whatever its attempt).
                 log.warning("%s (a failover lost its claim); claiming it again", exc)
-                again = await self._claim(message, task)
-                if again is None:
-                    return None
-                attempts = again.attempts
+            else:
+                if first is None or not current.lost_in(first):
+                    break
+                log.warning("a failover lost the attempt's claim; claiming it again")
+            # The claim was lost with the last commits of a failed primary, after the call was
+            # made: the task waits under a new claim rather than calling again (the service
+            # holds a token for the task, whatever its attempt).
+            again = await self._claim(message, task)
+            if again is None:
+                return None
+            current = again
         if first is not None:
             # The callback came before the invocation's response and completed the task (its
             # event is the API's to publish), or a newer attempt holds the task.
@@ -172,7 +175,7 @@ class Waits:
             await settle(message.ack())
             return None
         log.info("task waiting for its callback", extra={"deadline": deadline.isoformat()})
-        await self._announce(task, claimed, outcome.response)
+        await self._announce(task, current, outcome.response)
         await settle(message.ack())
         return None
 

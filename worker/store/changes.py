@@ -6,7 +6,8 @@ import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 
-from worker.contract.models import Outcome, Result, TaskMessage, stored_message
+from worker.contract.models import Outcome, Result, State, TaskMessage, stored_message
+from worker.contract.records import TaskRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,13 @@ class Claimed:
     retries: int
     queued_at: datetime
     started_at: datetime
+
+    def lost_in(self, record: TaskRecord) -> bool:
+        """Whether `record`, found where this attempt should be, is the task as it was before
+        this claim: an earlier attempt's, not yet completed. A newer attempt would have counted
+        past this one; so the claim itself is gone, lost with the last commits of a failed
+        primary, and the message in hand is the only one left to carry the task."""
+        return record.state in (State.QUEUED, State.RUNNING) and record.attempts < self.attempts
 
 
 @dataclass(frozen=True, slots=True)
