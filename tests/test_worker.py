@@ -265,7 +265,13 @@ async def test_task_of_a_dead_worker_is_run_again(
 
 @pytest.mark.parametrize(
     ("before", "recorded"),
-    [("queued", "result"), ("running", "result"), ("queued", "retry"), ("running", "wait")],
+    [
+        ("queued", "result"),
+        ("running", "result"),
+        ("queued", "retry"),
+        ("running", "wait"),
+        ("queued", "poll"),
+    ],
 )
 async def test_what_a_failover_lost_the_claim_of_is_recorded_under_a_new_claim(
     before: str,
@@ -279,14 +285,24 @@ async def test_what_a_failover_lost_the_claim_of_is_recorded_under_a_new_claim(
 ) -> None:
     """While the endpoint answers, the task's row is put back as it was before the claim (queued,
     submitted over HTTP; or running, an attempt of a worker that died), as a replica promoted
-    before the claim's commit reached it has it: the result, the retry it calls for or the wait
-    for a callback is recorded under a new claim, and the endpoint is not called again for it."""
+    before the claim's commit reached it has it: the result, the retry it calls for, the wait for
+    a callback or the polling is recorded under a new claim, and the endpoint is not called
+    again for it."""
     if recorded == "retry":
         task = task_message(
             target, query="&delay=1&fail=1", retry={"attempts": 2, "delaySeconds": 0}
         )
     elif recorded == "wait":
         task = task_message(target, query="&delay=1", waitForCompletion="callback")
+    elif recorded == "poll":
+        # Polled at the start's own URL, whose answers never meet the criteria.
+        task = task_message(
+            target,
+            query="&delay=1",
+            waitForCompletion="poll",
+            successCriteria="body.status == 'done'",
+            poll={"intervalSeconds": 30},
+        )
     else:
         task = task_message(target, query="&delay=1")
     task_id = str(task["taskId"])
@@ -301,11 +317,11 @@ async def test_what_a_failover_lost_the_claim_of_is_recorded_under_a_new_claim(
         task_id,
         before,
     )
-    if recorded == "wait":
+    if recorded in ("wait", "poll"):
         async with asyncio.timeout(10), events.changed:
             await events.changed.wait_for(lambda: bool(events.named("TaskWaiting", task_id)))
         assert events.named("TaskWaiting", task_id)[0]["attempts"] == 1
-        assert (await row(db, task_id))["state"] == "waiting"
+        assert (await row(db, task_id))["state"] == ("waiting" if recorded == "wait" else "polling")
         assert target.calls[task_id] == 1
         return
     completed = await events.completed(task_id)

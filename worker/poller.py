@@ -109,9 +109,10 @@ class Poller:
 
     async def begin(
         self, task: TaskMessage, attempts: int, start: HttpResponse, macros: Mapping[str, str]
-    ) -> bool | Outcome:
-        """Record that the task polls from now on: True; False when another attempt or a cancel
-        holds it; the failed outcome when no poll request can be made of the start response."""
+    ) -> TaskRecord | Outcome | None:
+        """Record that the task polls from now on: None; the record that holds it instead
+        (another attempt, a cancel), TaskVanished if it has none; the failed outcome when no poll
+        request can be made of the start response."""
         try:
             start_url, connection_url = self._invoker.target(task.request, macros)
             request = polling.poll_request(task, start, start_url, connection_url)

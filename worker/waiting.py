@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
+from functools import partial
 from typing import Protocol, TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -106,9 +107,25 @@ class Waits:
             return outcome, confirmed
         start = outcome.response
         try:
-            begun = await self._db(
-                lambda: self._poller.begin(task, claimed.attempts, start, macros)
-            )
+            current = claimed
+            while True:
+                try:
+                    begun = await self._db(
+                        partial(self._poller.begin, task, current.attempts, start, macros)
+                    )
+                except TaskVanished as exc:
+                    log.warning("%s (a failover lost its claim); claiming it again", exc)
+                else:
+                    if not isinstance(begun, TaskRecord) or not current.lost_in(begun):
+                        break
+                    log.warning("a failover lost the attempt's claim; claiming it again")
+                # As for a callback task's wait (below): the job was started, and polls under a
+                # new claim rather than being started again.
+                again = await self._claim(message, task)
+                if again is None:
+                    await asyncio.gather(confirmed, return_exceptions=True)
+                    return None
+                current = again
         except BaseException:
             await asyncio.gather(confirmed, return_exceptions=True)
             raise
@@ -116,9 +133,9 @@ class Waits:
             return begun, confirmed
         # Recorded first, without waiting for the confirm; TaskWaiting still follows TaskStarted.
         await confirmed
-        if begun:
+        if begun is None:
             log.info("task polling", extra={"statusCode": start.status_code})
-            await self._announce(task, claimed, start)
+            await self._announce(task, current, start)
         else:
             log.info("task taken over before it could poll (a newer attempt, a cancel)")
         await settle(message.ack())

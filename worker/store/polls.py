@@ -12,6 +12,7 @@ import time
 import asyncpg
 
 from worker.contract.records import TaskRecord
+from worker.store import batches
 from worker.store import poll_queries as queries
 from worker.store.batch import Batcher
 from worker.store.changes import DuePoll, PollAnswer
@@ -44,21 +45,25 @@ class PollStore:
         poll_request_json: str,
         poll_secrets: bytes | None,
         outputs_json: str,
-    ) -> bool:
+    ) -> TaskRecord | None:
         """Mark the attempt's task polling, its deadline `timeout_seconds` from now and its first
-        poll `first_delay` from now; False when another attempt, or a cancel, has it."""
-        started = await self._pool.fetchval(
-            queries.START_POLLING,
-            task_id,
-            attempts,
-            response_json,
-            timeout_seconds,
-            first_delay,
-            poll_request_json,
-            poll_secrets,
-            outputs_json,
-        )
-        return started is not None
+        poll `first_delay` from now: None; else the record that holds the task instead (another
+        attempt, a cancel); TaskVanished if the task has no row."""
+        async with self._pool.acquire() as conn:
+            started = await conn.fetchval(
+                queries.START_POLLING,
+                task_id,
+                attempts,
+                response_json,
+                timeout_seconds,
+                first_delay,
+                poll_request_json,
+                poll_secrets,
+                outputs_json,
+            )
+            if started is not None:
+                return None
+            return await batches.record(conn, task_id, self._lock_namespace)
 
     async def take(self, limit: int, lease_seconds: float, worker_id: int) -> list[DuePoll]:
         """Up to `limit` due polls, taken by this worker for `lease_seconds`."""
