@@ -107,28 +107,21 @@ class Waits:
             return outcome, confirmed
         start = outcome.response
         try:
-            current = claimed
-            while True:
-                try:
-                    begun = await self._db(
-                        partial(self._poller.begin, task, current.attempts, start, macros)
-                    )
-                except TaskVanished as exc:
-                    log.warning("%s (a failover lost its claim); claiming it again", exc)
-                else:
-                    if not isinstance(begun, TaskRecord) or not current.lost_in(begun):
-                        break
-                    log.warning("a failover lost the attempt's claim; claiming it again")
-                # As for a callback task's wait (below): the job was started, and polls under a
-                # new claim rather than being started again.
-                again = await self._claim(message, task)
-                if again is None:
-                    await asyncio.gather(confirmed, return_exceptions=True)
-                    return None
-                current = again
+            # The job was started: it polls under a new claim if a failover lost this one,
+            # rather than being started again.
+            found = await self._recorded(
+                message,
+                task,
+                claimed,
+                lambda attempts: self._poller.begin(task, attempts, start, macros),
+            )
         except BaseException:
             await asyncio.gather(confirmed, return_exceptions=True)
             raise
+        if found is None:
+            await asyncio.gather(confirmed, return_exceptions=True)
+            return None
+        begun, current = found
         if isinstance(begun, Outcome):
             return begun, confirmed
         # Recorded first, without waiting for the confirm; TaskWaiting still follows TaskStarted.
@@ -163,28 +156,19 @@ class Waits:
             return outcome
         values = outputs(task.outputs, outcome.response)
 
-        def record(attempts: int) -> Callable[[], Awaitable[TaskRecord | None]]:
-            return lambda: self._store.wait(
+        # The service holds a token for the task, whatever its attempt: the task waits under a
+        # new claim if a failover lost this one, rather than calling again.
+        found = await self._recorded(
+            message,
+            task,
+            claimed,
+            lambda attempts: self._store.wait(
                 task.task_id, attempts, outcome.response, deadline, started_deadline, outputs=values
-            )
-
-        current = claimed
-        while True:
-            try:
-                first = await self._db(record(current.attempts))
-            except TaskVanished as exc:
-                log.warning("%s (a failover lost its claim); claiming it again", exc)
-            else:
-                if first is None or not current.lost_in(first):
-                    break
-                log.warning("a failover lost the attempt's claim; claiming it again")
-            # The claim was lost with the last commits of a failed primary, after the call was
-            # made: the task waits under a new claim rather than calling again (the service
-            # holds a token for the task, whatever its attempt).
-            again = await self._claim(message, task)
-            if again is None:
-                return None
-            current = again
+            ),
+        )
+        if found is None:
+            return None
+        first, current = found
         if first is not None:
             # The callback came before the invocation's response and completed the task (its
             # event is the API's to publish), or a newer attempt holds the task.
@@ -195,6 +179,32 @@ class Waits:
         await self._announce(task, current, outcome.response)
         await settle(message.ack())
         return None
+
+    async def _recorded(
+        self,
+        message: AbstractIncomingMessage,
+        task: TaskMessage,
+        claimed: Claimed,
+        write: Callable[[int], Awaitable[T]],
+    ) -> tuple[T, Claimed] | None:
+        """`write` of the attempt (given its number), and the claim it was made under: `claimed`,
+        or a new one when a failover lost that claim after the call was made (the task's row
+        gone, or back as it was before it), so that the call's answer is recorded rather than
+        the call made again; None once the message is settled instead."""
+        current = claimed
+        while True:
+            try:
+                written = await self._db(partial(write, current.attempts))
+            except TaskVanished as exc:
+                log.warning("%s (a failover lost its claim); claiming it again", exc)
+            else:
+                if not isinstance(written, TaskRecord) or not current.lost_in(written):
+                    return written, current
+                log.warning("a failover lost the attempt's claim; claiming it again")
+            again = await self._claim(message, task)
+            if again is None:
+                return None
+            current = again
 
     async def _announce(
         self, task: TaskMessage, claimed: Claimed, response: HttpResponse | None
