@@ -125,6 +125,7 @@ async def all_visible(db: asyncpg.Connection) -> bool:
 
 
 async def every_order_and_filter_reads_an_index_in_its_order(full: asyncpg.Connection) -> None:
+    visible = await all_visible(full)
     for filters, order, descending in LISTINGS:
         statements = queries.list_tasks(filters, order, descending)
         values = list(filters.values())
@@ -139,13 +140,19 @@ async def every_order_and_filter_reads_an_index_in_its_order(full: asyncpg.Conne
             # ANALYZE's sample may make the planner prefer for so few rows; a long one is read
             # in its order (0011).
             by_plan = filters.get("planId") == "plan-77" and order == "completedAt"
+            few = 500 if by_plan else None
+            if offset and filters and not visible:
+                # Without the visibility map, each entry before a deep page costs its row: a
+                # filtered list's rows may rightly be read with a bitmap, in the table's order,
+                # and sorted (this table is small). Never the whole table, though.
+                few = COMPLETED + WAITING
             assert_indexed(
                 plan,
                 f"{what} from {offset}",
-                most_sorted=500 if by_plan else PAGE,
-                most_read=500 if by_plan else None,
+                most_sorted=few or PAGE,
+                most_read=few,
             )
-        if longer and (not filters or set(filters) == {"state"}) and await all_visible(full):
+        if longer and (not filters or set(filters) == {"state"}) and visible:
             # Past the offset, the rows are skipped in the index alone.
             plan = await plan_of(full, statements.parts[0], *values, DEEP, PAGE)
             assert any(n["Node Type"] == "Index Only Scan" for n in plan), what
