@@ -44,7 +44,7 @@ from worker.poller import Poller
 from worker.store.changes import Claimed, ClaimRequest
 from worker.store.database import Store
 from worker.store.errors import DB_UNAVAILABLE, TaskVanished
-from worker.waiting import Waits
+from worker.waiting import Waits, recorded_under_claim
 
 log = logging.getLogger(__name__)
 
@@ -240,19 +240,21 @@ class Runner:
         still be under way."""
         delay = retries.bucket(retry.delay)
         try:
-            recorded = await self._db(
-                lambda: self._store.retry(task.task_id, claimed.attempts, outcome, delay)
+            found = await recorded_under_claim(
+                message,
+                task,
+                claimed,
+                lambda attempts: self._store.retry(task.task_id, attempts, outcome, delay),
+                db=self._db,
+                claim=self._claim,
             )
         finally:
             if started is not None:
                 await started
-        if isinstance(recorded, TaskRecord) and not _retry_recorded(recorded, claimed):
-            if claimed.lost_in(recorded):
-                log.warning("a failover lost the attempt's claim; claiming it again to record")
-                again = await self._claim(message, task)
-                if again is not None:
-                    await self._retry(message, task, again, outcome, retry)
-                return
+        if found is None:
+            return
+        recorded, current = found
+        if isinstance(recorded, TaskRecord) and not _retry_recorded(recorded, current):
             await self._superseded(message, recorded)
             return
         log.info(
@@ -277,30 +279,21 @@ class Runner:
         if task.outputs and outcome.outputs is None:
             outcome = replace(outcome, outputs=outputs(task.outputs, outcome.response))
         try:
-            recorded = await self._db(
-                lambda: self._store.complete(task.task_id, claimed.attempts, outcome)
+            found = await recorded_under_claim(
+                message,
+                task,
+                claimed,
+                lambda attempts: self._store.complete(task.task_id, attempts, outcome),
+                db=self._db,
+                claim=self._claim,
             )
-        except TaskVanished as exc:
-            # The attempt's claim was lost with the last commits of a failed primary, after
-            # its call was made: the call's result is recorded under a new claim rather than
-            # the call made again.
-            log.warning("%s (a failover lost its claim); claiming it again to record", exc)
-            again = await self._claim(message, task)
-            if again is not None:
-                await self._complete(message, task, again, outcome, started=started)
-            return
         finally:
             if started is not None:
                 await started
+        if found is None:
+            return
+        recorded, claimed = found
         if isinstance(recorded, TaskRecord):
-            if claimed.lost_in(recorded):
-                # As above, for a task whose row was there before the claim (submitted over
-                # HTTP, retried, taken over): the failover left it as it was, not gone.
-                log.warning("a failover lost the attempt's claim; claiming it again to record")
-                again = await self._claim(message, task)
-                if again is not None:
-                    await self._complete(message, task, again, outcome)
-                return
             await self._superseded(message, recorded)
             return
         self._metrics.completed(

@@ -58,6 +58,36 @@ class Retrying(Protocol):
 Claiming = Callable[[AbstractIncomingMessage, TaskMessage], Awaitable[Claimed | None]]
 
 
+async def recorded_under_claim(
+    message: AbstractIncomingMessage,
+    task: TaskMessage,
+    claimed: Claimed,
+    write: Callable[[int], Awaitable[T]],
+    *,
+    db: Retrying,
+    claim: Claiming,
+) -> tuple[T, Claimed] | None:
+    """`write` of the attempt (given its number), and the claim it was made under: `claimed`,
+    or a new one when a failover lost that claim after the call was made (the task's row gone,
+    or back as it was before the claim: submitted over HTTP, retried, taken over), so that the
+    call's answer is recorded rather than the call made again; None once the message is settled
+    instead."""
+    current = claimed
+    while True:
+        try:
+            written = await db(partial(write, current.attempts))
+        except TaskVanished as exc:
+            log.warning("%s (a failover lost its claim); claiming it again", exc)
+        else:
+            if not isinstance(written, TaskRecord) or not current.lost_in(written):
+                return written, current
+            log.warning("a failover lost the attempt's claim; claiming it again")
+        again = await claim(message, task)
+        if again is None:
+            return None
+        current = again
+
+
 class Waits:
     """Starts callback and poll tasks on the runner's behalf, with its invoker and its patience
     with the database."""
@@ -109,11 +139,13 @@ class Waits:
         try:
             # The job was started: it polls under a new claim if a failover lost this one,
             # rather than being started again.
-            found = await self._recorded(
+            found = await recorded_under_claim(
                 message,
                 task,
                 claimed,
                 lambda attempts: self._poller.begin(task, attempts, start, macros),
+                db=self._db,
+                claim=self._claim,
             )
         except BaseException:
             await asyncio.gather(confirmed, return_exceptions=True)
@@ -158,13 +190,15 @@ class Waits:
 
         # The service holds a token for the task, whatever its attempt: the task waits under a
         # new claim if a failover lost this one, rather than calling again.
-        found = await self._recorded(
+        found = await recorded_under_claim(
             message,
             task,
             claimed,
             lambda attempts: self._store.wait(
                 task.task_id, attempts, outcome.response, deadline, started_deadline, outputs=values
             ),
+            db=self._db,
+            claim=self._claim,
         )
         if found is None:
             return None
@@ -179,32 +213,6 @@ class Waits:
         await self._announce(task, current, outcome.response)
         await settle(message.ack())
         return None
-
-    async def _recorded(
-        self,
-        message: AbstractIncomingMessage,
-        task: TaskMessage,
-        claimed: Claimed,
-        write: Callable[[int], Awaitable[T]],
-    ) -> tuple[T, Claimed] | None:
-        """`write` of the attempt (given its number), and the claim it was made under: `claimed`,
-        or a new one when a failover lost that claim after the call was made (the task's row
-        gone, or back as it was before it), so that the call's answer is recorded rather than
-        the call made again; None once the message is settled instead."""
-        current = claimed
-        while True:
-            try:
-                written = await self._db(partial(write, current.attempts))
-            except TaskVanished as exc:
-                log.warning("%s (a failover lost its claim); claiming it again", exc)
-            else:
-                if not isinstance(written, TaskRecord) or not current.lost_in(written):
-                    return written, current
-                log.warning("a failover lost the attempt's claim; claiming it again")
-            again = await self._claim(message, task)
-            if again is None:
-                return None
-            current = again
 
     async def _announce(
         self, task: TaskMessage, claimed: Claimed, response: HttpResponse | None
