@@ -41,9 +41,22 @@ class Child:
 
     process: asyncio.subprocess.Process
     log: Path
+    args: tuple[str, ...] = ()
 
     def logs(self) -> str:
         return self.log.read_text()
+
+    def complaints(self, last: int = 20) -> str:
+        """Its last warnings and errors: what a failed test shows of a process that ran beside
+        it."""
+        lines = [
+            line
+            for line in self.logs().splitlines()
+            if '"level":"warning"' in line or '"level":"error"' in line or "Traceback" in line
+        ]
+        shown = "\n".join(line[:400] for line in lines[-last:])
+        name = " ".join(self.args)
+        return f"--- {name} (pid {self.process.pid}): {len(lines)} warnings and errors:\n{shown}"
 
 
 async def _spawn(
@@ -69,7 +82,7 @@ async def start(settings: Settings, *args: str, **extra_env: str) -> Child:
         process = await _spawn(settings, args, handle, extra_env)
     finally:
         os.close(handle)
-    return Child(process, Path(name))
+    return Child(process, Path(name), args)
 
 
 async def wait_until_ready(url: str, child: Child) -> None:

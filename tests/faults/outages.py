@@ -86,23 +86,32 @@ async def completed_in_database(
     settings: Settings, total: int, timeout: float
 ) -> list[asyncpg.Record]:
     """Poll the task table (on fresh connections: the database may restart) until `total` tasks
-    are completed; their rows."""
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                conn = await asyncpg.connect(settings.database_url)
+    are completed; their rows. Past `timeout`, fail saying where the tasks are."""
+    rows: list[asyncpg.Record] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
                 try:
-                    rows = await conn.fetch(
-                        "SELECT task_id, state, result, attempts,"
-                        " jsonb_array_length(history) AS retries FROM tasks"
-                    )
-                finally:
-                    await conn.close()
-                if sum(1 for r in rows if r["state"] == "completed") >= total:
-                    return rows
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                pass
-            await asyncio.sleep(0.5)
+                    conn = await asyncpg.connect(settings.database_url)
+                    try:
+                        rows = await conn.fetch(
+                            "SELECT task_id, state, result, attempts,"
+                            " jsonb_array_length(history) AS retries FROM tasks"
+                        )
+                    finally:
+                        await conn.close()
+                    if sum(1 for r in rows if r["state"] == "completed") >= total:
+                        return rows
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    pass
+                await asyncio.sleep(0.5)
+    except TimeoutError:
+        states = Counter((r["state"], r["result"], r["attempts"]) for r in rows)
+        unfinished = [r["task_id"] for r in rows if r["state"] != "completed"][:10]
+        raise AssertionError(
+            f"{total} tasks not all completed within {timeout} s: {len(rows)} rows, by (state, "
+            f"result, attempts) {dict(states)}; some unfinished: {unfinished}"
+        ) from None
 
 
 async def drain_completions(

@@ -151,6 +151,10 @@ async def run_through(
         rows = await completed_in_database(settings, total, timeout=120)
         # While the processes still run: an event whose publisher was killed comes from a relay.
         completions = await drain_completions(channel, observer.name, {r["task_id"] for r in rows})
+    except BaseException:
+        for child in children:
+            print(child.complaints())
+        raise
     finally:
         for child in children:
             child.process.send_signal(signal.SIGTERM)
