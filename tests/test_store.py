@@ -13,7 +13,7 @@ from worker.contract.models import Outcome, Result
 from worker.contract.records import TaskRecord
 from worker.contract.settings import Settings
 from worker.store.batch import Batcher
-from worker.store.changes import Claimed, ClaimRequest
+from worker.store.changes import Claimed, ClaimRequest, PollStarted
 from worker.store.database import Store
 from worker.store.errors import TaskVanished
 from worker.store.registry import registered_worker
@@ -48,6 +48,20 @@ def claim_request(task_id: str, body: bytes = b"{}") -> ClaimRequest:
         lease_seconds=60,
         reply_to=None,
         correlation_id=None,
+    )
+
+
+def poll_started(task_id: str, attempts: int = 1) -> PollStarted:
+    """The attempt's start answered: its task polls every minute for an hour."""
+    return PollStarted(
+        task_id,
+        attempts,
+        response_json=None,
+        timeout_seconds=3600,
+        first_delay=60,
+        poll_request_json='{"method": "GET", "url": "http://127.0.0.1:9/status"}',
+        poll_secrets=None,
+        outputs_json="{}",
     )
 
 
@@ -320,33 +334,37 @@ async def test_an_attempt_whose_row_vanished_is_told_so(
 async def test_writes_a_failover_lost_are_recorded_again(
     settings: Settings, db: asyncpg.Connection
 ) -> None:
-    """Asynchronous replication loses a promoted primary's last commits: a result and a wait the
-    worker recorded (and acknowledged) come back as `running`. Recorded again once the worker
-    holds its lock on the new primary; on a database that lost nothing, nothing changes."""
+    """Asynchronous replication loses a promoted primary's last commits: a result, a wait and a
+    poll's start the worker recorded (and acknowledged) come back as `running`. Recorded again
+    once the worker holds its lock on the new primary; on a database that lost nothing, nothing
+    changes."""
     async with (
         Store.open(settings.database_url) as store,
         registered_worker(store, settings.database_url, lambda: 0),
     ):
-        for task_id in ("lost-1", "lost-2", "kept-1"):
+        for task_id in ("lost-1", "lost-2", "lost-3", "kept-1"):
             assert isinstance(await store.claim(claim_request(task_id)), Claimed)
         await store.complete("lost-1", 1, Outcome(Result.SUCCEEDED, "HTTP 200"))
         await store.complete("kept-1", 1, Outcome(Result.FAILED, "HTTP 500"))
         deadline = datetime.now(UTC) + timedelta(minutes=5)
         assert await store.wait("lost-2", 1, None, deadline, None) is None
+        assert await store.start_polling(poll_started("lost-3")) is None
         assert await store.write_recent_again() == 0
 
         # The promotion: the replica had the claims, not what came after them.
         await db.execute(
             "UPDATE tasks SET state = 'running', result = NULL, reason = NULL, deadline = NULL,"
-            " completed_at = NULL WHERE task_id IN ('lost-1', 'lost-2')"
+            " completed_at = NULL, next_poll_at = NULL, poll_request = NULL"
+            " WHERE task_id IN ('lost-1', 'lost-2', 'lost-3')"
         )
-        assert await store.write_recent_again() == 2
+        assert await store.write_recent_again() == 3
         rows = {
             r["task_id"]: (r["state"], r["result"], r["deadline"])
             for r in await db.fetch("SELECT task_id, state, result, deadline FROM tasks")
         }
         assert rows["lost-1"] == ("completed", "succeeded", None)
         assert rows["lost-2"] == ("waiting", None, deadline)
+        assert rows["lost-3"][:2] == ("polling", None)
         assert rows["kept-1"][:2] == ("completed", "failed")
 
 

@@ -27,7 +27,7 @@ from worker.contract.requests import TaskRequest
 from worker.contract.response_macros import UnresolvedMacro
 from worker.invoke import InvokeFailure
 from worker.logs import bind_task
-from worker.store.changes import DuePoll, PollAnswer
+from worker.store.changes import DuePoll, PollAnswer, PollStarted
 from worker.store.errors import DB_UNAVAILABLE
 from worker.store.storable import outputs_json, response_json, storable_text
 
@@ -122,15 +122,17 @@ class Poller:
             return Outcome(Result.FAILED, f"poll request: {describe(exc)}", start)
         stored, secrets = polling.split_secrets(request)
         sealed = self._sealer.seal(secrets, task.task_id) if secrets else None
-        return await self._store.polls.start(
-            task.task_id,
-            attempts,
-            response_json=response_json(start),
-            timeout_seconds=task.timeout_seconds or self._timeout,
-            first_delay=polling.first_delay(task.polling, start),
-            poll_request_json=stored.model_dump_json(by_alias=True),
-            poll_secrets=sealed,
-            outputs_json="{}",
+        return await self._store.start_polling(
+            PollStarted(
+                task.task_id,
+                attempts,
+                response_json=response_json(start),
+                timeout_seconds=task.timeout_seconds or self._timeout,
+                first_delay=polling.first_delay(task.polling, start),
+                poll_request_json=stored.model_dump_json(by_alias=True),
+                poll_secrets=sealed,
+                outputs_json="{}",
+            )
         )
 
     async def run(self) -> None:

@@ -31,6 +31,7 @@ from tests.conftest import Events, free_port, publish
 from tests.faults.outages import Service, served
 from tests.processes import Child, wait_until_ready
 from tests.proxy import Proxy
+from tests.test_store import poll_started
 from worker.contract.models import Outcome, Result, State
 from worker.contract.records import TaskRecord
 from worker.contract.settings import Settings
@@ -419,6 +420,8 @@ async def test_a_worker_whose_liveness_session_ends_claims_nothing_until_it_lock
             await a.retry("lv-1", 1, Outcome(Result.FAILED, "HTTP 503"), 5)
         with pytest.raises(NotLive):
             await a.wait("lv-1", 1, None, datetime.now(UTC) + timedelta(minutes=5), None)
+        with pytest.raises(NotLive):
+            await a.start_polling(poll_started("lv-1"))
 
         # A's heartbeat takes a new lock; then A claims again, and its old attempt stays fenced.
         monkeypatch.undo()

@@ -93,6 +93,21 @@ class Waited:
 
 
 @dataclass(frozen=True, slots=True)
+class PollStarted:
+    """A poll task's attempt recorded `polling` (poll_queries.START_POLLING's arguments): its
+    deadline and first poll run from the moment it is recorded."""
+
+    task_id: str
+    attempts: int
+    response_json: str | None
+    timeout_seconds: float
+    first_delay: float
+    poll_request_json: str
+    poll_secrets: bytes | None
+    outputs_json: str
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
     task_id: str
     attempts: int

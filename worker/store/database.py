@@ -35,6 +35,7 @@ from worker.store.changes import (
     Claimed,
     ClaimRequest,
     Completion,
+    PollStarted,
     Waited,
 )
 from worker.store.clock import follow, keep_measuring, measure
@@ -255,6 +256,15 @@ class Store:
                 return None
             await batches.ensure_live(conn, self.worker_id, self.lock_namespace)
             return await batches.record(conn, task_id, self.lock_namespace)
+
+    async def start_polling(self, write: PollStarted) -> TaskRecord | None:
+        """Mark the attempt's task polling: None, or the record that holds the task instead
+        (another attempt, a cancel); TaskVanished if it has no row; NotLive while this worker
+        does not hold its lock."""
+        found = await self.polls.start(write, self.worker_id)
+        if found is None:
+            self.recent.add(write)
+        return found
 
     async def complete_by_callback(
         self, task_id: str, plan_id: str, result: Result, reason: str

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from worker.store.queries import RECORD, holds_own_lock, state_in
 
-# A poll task whose start request was answered polls from now on; fenced like COMPLETE. Its
-# deadline and first poll are set by the database's clock, which sweeps and takes them.
-START_POLLING = """
+# A poll task whose start request was answered polls from now on; fenced like COMPLETE (the
+# attempt, and the worker's lock: a worker that lost its lock may have lost the task to another).
+# Its deadline and first poll are set by the database's clock, which sweeps and takes them.
+START_POLLING = f"""
 UPDATE tasks AS t
 SET state = 'polling', response = $3::jsonb, deadline = now() + make_interval(secs => $4),
     next_poll_at = now() + make_interval(secs => $5),
     poll_request = $6::jsonb, poll_secrets = $7, outputs = t.outputs || $8::jsonb,
     worker_id = NULL, lease_until = NULL, waiting_since = now(), updated_at = now()
-WHERE t.task_id = $1 AND t.state = 'running' AND t.attempts = $2
+WHERE t.task_id = $1 AND t.state = 'running' AND t.attempts = $2 AND {holds_own_lock("$10", "$9")}
 RETURNING t.updated_at
 """
 

@@ -15,8 +15,8 @@ from worker.contract.records import TaskRecord
 from worker.store import batches
 from worker.store import poll_queries as queries
 from worker.store.batch import Batcher
-from worker.store.changes import DuePoll, PollAnswer
-from worker.store.errors import refused
+from worker.store.changes import DuePoll, PollAnswer, PollStarted
+from worker.store.errors import Executor, refused
 from worker.store.rows import task_record
 
 # Turns of the event loop a batch of answers waits for more: polls come due together.
@@ -34,36 +34,16 @@ class PollStore:
             gather_turns=GATHER_TURNS,
         )
 
-    async def start(
-        self,
-        task_id: str,
-        attempts: int,
-        *,
-        response_json: str | None,
-        timeout_seconds: float,
-        first_delay: float,
-        poll_request_json: str,
-        poll_secrets: bytes | None,
-        outputs_json: str,
-    ) -> TaskRecord | None:
+    async def start(self, write: PollStarted, worker_id: int) -> TaskRecord | None:
         """Mark the attempt's task polling, its deadline `timeout_seconds` from now and its first
         poll `first_delay` from now: None; else the record that holds the task instead (another
-        attempt, a cancel); TaskVanished if the task has no row."""
+        attempt, a cancel); TaskVanished if the task has no row; NotLive while the worker does
+        not hold its lock."""
         async with self._pool.acquire() as conn:
-            started = await conn.fetchval(
-                queries.START_POLLING,
-                task_id,
-                attempts,
-                response_json,
-                timeout_seconds,
-                first_delay,
-                poll_request_json,
-                poll_secrets,
-                outputs_json,
-            )
-            if started is not None:
+            if await started(conn, write, worker_id, self._lock_namespace):
                 return None
-            return await batches.record(conn, task_id, self._lock_namespace)
+            await batches.ensure_live(conn, worker_id, self._lock_namespace)
+            return await batches.record(conn, write.task_id, self._lock_namespace)
 
     async def take(self, limit: int, lease_seconds: float, worker_id: int) -> list[DuePoll]:
         """Up to `limit` due polls, taken by this worker for `lease_seconds`."""
@@ -126,3 +106,22 @@ class PollStore:
                 )
                 done = {row["task_id"]: task_record(row) for row in rows}
         return [(a.task_id in polled) if a.result is None else done.get(a.task_id) for a in batch]
+
+
+async def started(conn: Executor, write: PollStarted, worker_id: int, lock_namespace: int) -> bool:
+    """START_POLLING of the attempt: whether it made its task poll (not without the worker's
+    lock)."""
+    updated = await conn.fetchval(
+        queries.START_POLLING,
+        write.task_id,
+        write.attempts,
+        write.response_json,
+        write.timeout_seconds,
+        write.first_delay,
+        write.poll_request_json,
+        write.poll_secrets,
+        write.outputs_json,
+        worker_id,
+        lock_namespace,
+    )
+    return updated is not None

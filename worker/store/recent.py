@@ -2,7 +2,8 @@
 
 A replica promoted before it received the primary's last commits (asynchronous replication)
 loses them: a result the worker recorded, published and acknowledged would be gone, its task back
-to `running` with nobody to run it. The worker's lock vanishes with the old primary, so a worker
+to `running` with nobody to run it (and a wait or a poll's start likewise, its task then run
+again by a takeover: the service called twice, the job started twice). The worker's lock vanishes with the old primary, so a worker
 that takes its lock again may be on a new one: it then writes again what it recorded in the
 window the replica may have missed. Each write is fenced as it was the first time (the task still
 running the same attempt, under this worker's lock), so on a database that lost nothing it
@@ -15,8 +16,8 @@ import logging
 import time
 from collections import deque
 
-from worker.store import batches
-from worker.store.changes import Completion, Waited
+from worker.store import batches, polls
+from worker.store.changes import Completion, PollStarted, Waited
 from worker.store.errors import Executor
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,10 @@ RECENT_CHARS = 16 * 1024 * 1024
 
 class RecentWrites:
     def __init__(self) -> None:
-        self._writes: deque[tuple[float, Completion | Waited]] = deque()
+        self._writes: deque[tuple[float, Completion | PollStarted | Waited]] = deque()
         self._chars = 0
 
-    def add(self, write: Completion | Waited) -> None:
+    def add(self, write: Completion | PollStarted | Waited) -> None:
         now = time.monotonic()
         self._writes.append((now, write))
         self._chars += len(write.response_json or "")
@@ -53,10 +54,14 @@ class RecentWrites:
         for write in writes:
             if isinstance(write, Waited):
                 restored += await batches.wait(conn, write, worker_id, lock_namespace)
+            elif isinstance(write, PollStarted):
+                # Its deadline and first poll run from now, a few seconds later than the first
+                # time: the job it started is polled, rather than started again by a takeover.
+                restored += await polls.started(conn, write, worker_id, lock_namespace)
         if restored:
             log.warning(
-                "recorded again %d results and waits that the database had lost (a failover "
-                "to a replica that had not received them)",
+                "recorded again %d results, waits and poll starts that the database had lost "
+                "(a failover to a replica that had not received them)",
                 restored,
                 extra={"workerId": worker_id},
             )
