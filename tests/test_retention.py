@@ -184,6 +184,25 @@ async def test_the_duty_says_when_the_server_will_not_reuse_purged_space(
     assert warned is not autovacuum
 
 
+async def test_the_tables_a_purge_deletes_from_are_vacuumed_at_the_hot_paths_pace(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    """Unthrottled and at 2% of their rows dead (0012): with the server's defaults, a vacuum of
+    tasks took long enough, beside a worker at its peak, for dead rows to pile up and the
+    table to grow long after retention set in (growth benchmark)."""
+    tables = ["tasks", "task_logs", "purged_tasks"]
+    rows = await db.fetch(
+        "SELECT relname, reloptions FROM pg_class"
+        " WHERE relnamespace = $1::regnamespace AND relname = ANY($2)",
+        store.schema,
+        tables,
+    )
+    paced = ("autovacuum_vacuum_cost_delay=0", "autovacuum_vacuum_scale_factor=0.02")
+    assert {row["relname"]: tuple(sorted(row["reloptions"])) for row in rows} == dict.fromkeys(
+        tables, paced
+    )
+
+
 # --- what the API and the command line say of a purged task --------------------------------------
 
 
