@@ -2,12 +2,12 @@
 
 A replica promoted before it received the primary's last commits (asynchronous replication)
 loses them: a result the worker recorded, published and acknowledged would be gone, its task back
-to `running` with nobody to run it (and a wait or a poll's start likewise, its task then run
-again by a takeover: the service called twice, the job started twice). The worker's lock vanishes with the old primary, so a worker
-that takes its lock again may be on a new one: it then writes again what it recorded in the
-window the replica may have missed. Each write is fenced as it was the first time (the task still
-running the same attempt, under this worker's lock), so on a database that lost nothing it
-changes nothing.
+to `running` with nobody to run it (a wait or a poll's start likewise, its task then run again by
+a takeover: the service called twice, the job started twice). The worker's lock vanishes with the
+old primary, so a worker that takes its lock again may be on a new one: it then writes again what
+it recorded in the window the replica may have missed. Each write is fenced as it was the first
+time (the task still running the same attempt, under this worker's lock), so on a database that
+lost nothing it changes nothing.
 """
 
 from __future__ import annotations
