@@ -450,6 +450,29 @@ async def test_a_worker_whose_liveness_session_ends_claims_nothing_until_it_lock
     )
 
 
+async def test_a_worker_takes_its_lock_again_past_its_own_writes_checking_it(
+    settings: Settings, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's writes check that it is alive by trying its key in shared mode, which holds the
+    key for an instant: a worker taking its lock again in that instant tries again at once,
+    rather than take the key for its lost session's and wait a whole heartbeat."""
+    async with (
+        Store.open(settings.database_url) as a,
+        registered_worker(a, settings.database_url, lambda: 0),
+    ):
+        monkeypatch.setattr(registry, "RELOCK_PAUSE_SECONDS", 0)
+        async with db.transaction():
+            assert await end_lock_session(db, a)
+            # As a write of A's that does not hold the lock would, for a little longer.
+            assert await db.fetchval(
+                "SELECT pg_try_advisory_xact_lock_shared($1, $2)", a.lock_namespace, a.worker_id
+            )
+            await asyncio.wait_for(until_cleared(a), 2)
+            await asyncio.sleep(0.1)
+        await asyncio.wait_for(a.live.wait(), HEARTBEAT_SECONDS - 1)
+        assert isinstance(await a.claim(claim_request("rl-1")), Claimed)
+
+
 async def test_a_worker_that_locks_again_records_again_what_a_failover_lost(
     settings: Settings, db: asyncpg.Connection
 ) -> None:

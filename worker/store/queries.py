@@ -21,8 +21,18 @@ def _worker_alive(namespace_param: str) -> str:
 
 def holds_own_lock(namespace_param: str, worker_param: str) -> str:
     """Whether the worker `worker_param` holds its session lock now. Worker id 0 is a store that
-    registered no worker (a tool, a test), which holds none and needs none."""
-    return f"({worker_param}::bigint = 0 OR {_lock_held(namespace_param, worker_param)})"
+    registered no worker (a tool, a test), which holds none and needs none.
+
+    Asked of the lock itself rather than of `pg_locks`: a shared try-lock on the key fails while
+    the worker's session holds it, and is one lookup where the view copies every partition of
+    the lock table under all their locks, on each of the worker's writes. (It also fails while
+    another session waits for the key; none does: the worker never waits to take it.) When
+    it succeeds, the worker is not alive, and the shared lock it took ends with the statement's
+    transaction."""
+    # A subquery, so that a statement asks once (an InitPlan), not once for each row it reads.
+    lock = f"{namespace_param}::int, {worker_param}::int"
+    held = f"NOT (SELECT pg_try_advisory_xact_lock_shared({lock}))"
+    return f"({worker_param}::bigint = 0 OR {held})"
 
 
 def state_in(*states: str) -> str:

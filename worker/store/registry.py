@@ -36,6 +36,11 @@ SESSION_KEEPALIVES = {
 }
 # Between the end of the lock's session and the first try to take the lock again.
 RELOCK_PAUSE_SECONDS = 0.5
+# The worker's own writes hold its key for an instant as they check that it is alive (a shared
+# try-lock, queries.holds_own_lock): a try to take it that meets one is made again, a few times,
+# before the lock is taken to be the lost session's still.
+RELOCK_TRIES = 5
+RELOCK_TRY_PAUSE_SECONDS = 0.05
 # A database out of reach, or one that refuses: among several hosts, none read-write (yet).
 _FAILURES = (*DB_UNAVAILABLE, asyncpg.PostgresError)
 
@@ -106,11 +111,15 @@ class _Session:
         conn = await self.connect()
         try:
             async with asyncio.timeout(HEARTBEAT_TIMEOUT):
-                held = await conn.fetchval(
-                    "SELECT pg_try_advisory_lock($1, $2)",
-                    self._store.lock_namespace,
-                    self._store.worker_id,
-                )
+                for _ in range(RELOCK_TRIES):
+                    held = await conn.fetchval(
+                        "SELECT pg_try_advisory_lock($1, $2)",
+                        self._store.lock_namespace,
+                        self._store.worker_id,
+                    )
+                    if held:
+                        break
+                    await asyncio.sleep(RELOCK_TRY_PAUSE_SECONDS)
         except BaseException:
             self.drop(conn)
             raise
