@@ -58,3 +58,31 @@ async def test_an_unblocked_confirm_bound_runs_as_usual() -> None:
 def test_a_connection_without_aiormqs_handlers_is_not_watched() -> None:
     # Publishes then simply wait for the block to end, as they did before it was watched.
     assert watch_blocking(object(), print, print) is False  # type: ignore[arg-type]
+
+
+async def test_bounds_end_each_at_its_own_time_and_only_their_own_cancels_become_timeouts() -> None:
+    block = PublishBlock(BOUND * 4)
+    first_started, later_started = asyncio.Event(), asyncio.Event()
+    first = asyncio.create_task(_awaiting_a_confirm(block, first_started))
+    await first_started.wait()
+    await asyncio.sleep(BOUND * 2)
+    later = asyncio.create_task(_awaiting_a_confirm(block, later_started))
+    cancelled = asyncio.create_task(_awaiting_a_confirm(block, asyncio.Event()))
+    await later_started.wait()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(first, 5)
+    # Started half a bound later, it is still waiting when the first one's bound ends.
+    assert not later.done()
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(later, 5)
+
+
+async def test_a_body_that_ends_in_time_is_not_cancelled_later() -> None:
+    block = PublishBlock(BOUND)
+    async with block.confirm_bound():
+        await asyncio.sleep(0)
+    # Past the bound, on the same task: nothing of the bound is left to cancel it.
+    await asyncio.sleep(BOUND * 3)
