@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 
-from worker.contract.models import Outcome, Result, State, TaskMessage, stored_message
+from worker.contract.models import Result, State, TaskMessage, stored_message
 from worker.contract.records import TaskRecord
 
 
@@ -109,9 +109,13 @@ class PollStarted:
 
 @dataclass(frozen=True, slots=True)
 class Completion:
+    """An attempt's result as COMPLETE writes it: what it holds is all a worker keeps of it among
+    its recent writes (recent.py), not the response it came from."""
+
     task_id: str
     attempts: int
-    outcome: Outcome
+    result: Result
+    reason: str
     response_json: str | None
     outputs_json: str
 

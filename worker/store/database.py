@@ -183,7 +183,9 @@ class Store:
         NotLive while this worker does not hold its lock, TaskVanished if the task has no row."""
         response = response_json(outcome.response)
         outputs = outputs_json(outcome.outputs)
-        completion = Completion(task_id, attempts, outcome, response, outputs)
+        completion = Completion(
+            task_id, attempts, outcome.result, outcome.reason, response, outputs
+        )
         recorded = await self._completions.submit(completion)
         if isinstance(recorded, TaskVanished):
             raise recorded
