@@ -26,9 +26,9 @@ def holds_own_lock(namespace_param: str, worker_param: str) -> str:
     Asked of the lock itself rather than of `pg_locks`: a shared try-lock on the key fails while
     the worker's session holds it, and is one lookup where the view copies every partition of
     the lock table under all their locks, on each of the worker's writes. (It also fails while
-    another session waits for the key; none does: the worker never waits to take it.) When
-    it succeeds, the worker is not alive, and the shared lock it took ends with the statement's
-    transaction."""
+    another session waits for the key; none does: a worker takes its key when it registers, a
+    new id that no row names yet, and with a try-lock after that.) When it succeeds, the worker
+    is not alive, and the shared lock it took ends with the statement's transaction."""
     # A subquery, so that a statement asks once (an InitPlan), not once for each row it reads.
     lock = f"{namespace_param}::int, {worker_param}::int"
     held = f"NOT (SELECT pg_try_advisory_xact_lock_shared({lock}))"
