@@ -21,7 +21,12 @@ count them.
 
 The baseline is the first round of the same run: the last round's tasks/s must be at least 90%
 of the first's. Beside it, throughput.py's bare baseline (no validation, no database) runs
-`--baseline-tasks` tasks once before the worker starts, on the same target, for scale.
+`--baseline-tasks` tasks before the worker starts, on the same target, for scale, and once more
+after the worker and the API have stopped: its second rate against its first is the host's own
+drift over the run, printed beside the verdict (which it does not change). So is each round's
+rate at the host's speed: scaled by RabbitMQ's CPU per task, whose work per task is the same in
+every round, so that it gauges how fast the host ran the round (on a shared host, 10-20% apart
+from one round to the next).
 
 With `--retention on`, an `agentless api` process (same schema and prefix) is started after the
 first round with AGENTLESS_RETENTION set to twice that round's duration (from its first publish
@@ -476,6 +481,7 @@ class Outcome:
     baseline_tasks: int = 0
     baseline_tasks_per_s: float | None = None
     baseline_cpu_ms: float | None = None
+    baseline_after_tasks_per_s: float | None = None
     rounds: list[Round] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     duplicates: int = 0
@@ -505,6 +511,13 @@ async def bench(outcome: Outcome, database_url: str, logs: Path) -> None:
                 outcome.problems += [f"baseline: {p}" for p in baseline.problems]
                 progress(f"baseline: {number(baseline.tasks_per_s, 1)} tasks/s")
             await run_worker(connection, database_url, target_url, target.pid, outcome, logs)
+            if outcome.baseline_tasks:
+                # Once more when the worker and the API are gone: the host's speed drifts over
+                # a run this long, and the bare baseline's two rates show how far.
+                after = await measure_baseline(context, 0)
+                outcome.baseline_after_tasks_per_s = after.tasks_per_s
+                outcome.problems += [f"baseline after the rounds: {p}" for p in after.problems]
+                progress(f"baseline after the rounds: {number(after.tasks_per_s, 1)} tasks/s")
     finally:
         await stop(target)
 
@@ -639,6 +652,26 @@ def progress(text: str) -> None:
 # --- verdicts and the report ----------------------------------------------------------------
 
 
+def at_host_speed(r: Round, first: Round) -> float | None:
+    """The round's tasks/s as a share of the first's, each scaled by RabbitMQ's CPU per task.
+
+    The broker does the same work for every task in every round (a delivery, an ack, an event
+    published with a confirm), so its CPU per task moves only with the host's own speed: what
+    other tenants take of the cores and caches under it. On a shared host that moves by 10-20%
+    from one round to the next, and the worker's and PostgreSQL's CPU per task move with it."""
+    if not first.tasks_per_s or not first.rabbitmq_cpu_ms:
+        return None
+    return (r.tasks_per_s * r.rabbitmq_cpu_ms) / (first.tasks_per_s * first.rabbitmq_cpu_ms)
+
+
+def host_drift(outcome: Outcome) -> float | None:
+    """The bare baseline's rate after the rounds as a share of its rate before them."""
+    before, after = outcome.baseline_tasks_per_s, outcome.baseline_after_tasks_per_s
+    if not before or after is None:
+        return None
+    return after / before
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     what: str
@@ -707,10 +740,12 @@ def report(outcome: Outcome, found: list[Verdict]) -> str:
         "  worker process's utime+stime over that interval / those completions; PG: the backends",
         "  of the worker's and the API's connections; PG all: every process of the cluster, and",
         "  those that ended (autovacuum, checkpoints, WAL; on a shared cluster, other clients');",
-        "  MQ: RabbitMQ; api:",
-        "  the API process (its purge duty). busy: all CPUs; other: busy time not spent by these",
-        "  nor by this benchmark and its target. read/task: rows of tasks read by index and",
-        "  sequential scans over the whole round, per task (pg_stat_user_indexes and _tables).",
+        "  MQ: RabbitMQ; at MQ: tasks/s as a share of the first round's, each scaled by MQ ms,",
+        "  which gauges the host's speed (the broker's work per task is the same every round);",
+        "  api: the API process (its purge duty). busy: all CPUs; other: busy time not spent",
+        "  by these nor by this benchmark and its target. read/task: rows of tasks read by",
+        "  index and sequential scans over the whole round, per task (pg_stat_user_indexes and",
+        "  _tables).",
         "  Sizes after the round: every table of the schema with indexes and TOAST; the tasks",
         "  table likewise, and its indexes alone; live/dead tuples and autovacuums of tasks as",
         "  pg_stat_user_tables counts them.",
@@ -721,9 +756,17 @@ def report(outcome: Outcome, found: list[Verdict]) -> str:
             f"{outcome.baseline_tasks_per_s:.1f} tasks/s, "
             f"{number(outcome.baseline_cpu_ms, 3)} CPU ms/task"
         )
+    drift = host_drift(outcome)
+    if drift is not None:
+        lines.append(
+            f"bare baseline again after the rounds: {outcome.baseline_after_tasks_per_s:.1f} "
+            f"tasks/s, {100 * drift:.0f}% of its first rate: the host's own drift over the run, "
+            "which the last round's share of the first includes"
+        )
     lines += [
         "",
-        f"{'round':>5}  {'done':>8}  {'tasks/s':>8}  {'of 1st':>6}  {'worker ms':>9}  "
+        f"{'round':>5}  {'done':>8}  {'tasks/s':>8}  {'of 1st':>6}  {'at MQ':>5}  "
+        f"{'worker ms':>9}  "
         f"{'PG ms':>6}  {'PG all':>6}  {'MQ ms':>6}  {'api ms':>6}  {'busy%':>5}  {'other%':>6}  "
         f"{'schema MB':>9}  {'tasks MB':>8}  {'idx MB':>7}  {'live':>9}  {'dead':>8}  {'av':>3}  "
         f"{'read/task':>9}",
@@ -733,8 +776,10 @@ def report(outcome: Outcome, found: list[Verdict]) -> str:
     for r in outcome.rounds:
         done += r.tasks
         share = f"{100 * r.tasks_per_s / first:.0f}%" if first else "-"
+        steady = at_host_speed(r, outcome.rounds[0])
+        gauged = f"{100 * steady:.0f}%" if steady is not None else "-"
         lines.append(
-            f"{r.number:>5}  {done:>8}  {r.tasks_per_s:>8.1f}  {share:>6}  "
+            f"{r.number:>5}  {done:>8}  {r.tasks_per_s:>8.1f}  {share:>6}  {gauged:>5}  "
             f"{r.worker_cpu_ms:>9.3f}  {r.postgres_cpu_ms:>6.3f}  {r.postgres_all_cpu_ms:>6.3f}  "
             f"{r.rabbitmq_cpu_ms:>6.3f}  "
             f"{number(r.api_cpu_ms, 3):>6}  {number(r.host_busy_percent, 0):>5}  "
@@ -773,6 +818,14 @@ def report(outcome: Outcome, found: list[Verdict]) -> str:
             f"{', '.join(disturbed)}; compare those rounds' CPU ms/task rather than their tasks/s, "
             "or run again on a quiet host."
         )
+    if len(outcome.rounds) >= 2:
+        steady = at_host_speed(outcome.rounds[-1], outcome.rounds[0])
+        if steady is not None:
+            lines.append(
+                f"note: at the host's speed (RabbitMQ's CPU per task as the gauge), the last "
+                f"round ran at {100 * steady:.1f}% of the first; the verdict above is on the "
+                "rates as measured."
+            )
     if outcome.duplicates:
         lines.append(f"note: {outcome.duplicates} completion events repeated (at least once)")
     lines += [f"problem: {p}" for p in outcome.problems]
