@@ -365,7 +365,6 @@ _RECORD = TaskRecord(
     deadline=None,
     reply_to=None,
     correlation_id=None,
-    event_pending=False,
     external_started_at=None,
     variables=None,
 )

@@ -176,7 +176,6 @@ def test_completed_event_from_a_record_is_the_task_event(
         completed_at=completed,
         mode=Mode.CALLBACK,
         completed_by=CompletedBy.CALLBACK,
-        event_pending=True,
         variables='{"v": [1, "two"]}',
     )
     expected = TaskEvent(

@@ -30,9 +30,9 @@ RETENTION = 1.0
 
 _TASK = """
 INSERT INTO tasks (task_id, plan_id, job_id, hub_name, mode, state, result, digest, message,
-                   queued_at, completed_at, event_pending, cancel_state)
+                   queued_at, completed_at, cancel_state)
 VALUES ($1, 'p', 'j', 'h', 'apiResponse', $2, $3, '\\x00', '{}', now() - interval '1 hour',
-        CASE WHEN $2 = 'completed' THEN now() - make_interval(secs => $4) END, $5, $6)
+        CASE WHEN $2 = 'completed' THEN now() - make_interval(secs => $4) END, $5)
 """
 
 
@@ -48,7 +48,9 @@ async def add_task(
 ) -> None:
     """A task row (completed `age` seconds ago, by the database's clock) with its log lines."""
     result = "succeeded" if state == "completed" else None
-    await db.execute(_TASK, task_id, state, result, age, event_pending, cancel_state)
+    await db.execute(_TASK, task_id, state, result, age, cancel_state)
+    if event_pending:
+        await db.execute("INSERT INTO event_outbox (task_id) VALUES ($1)", task_id)
     await db.executemany(
         "INSERT INTO task_logs (task_id, line) VALUES ($1, $2)",
         [(task_id, f"line {n}") for n in range(log_lines)],
@@ -135,7 +137,7 @@ async def test_only_completed_tasks_past_the_retention_go_with_their_logs(
     assert gone == 6
 
     # Once the event is published, the task goes at the next round.
-    await db.execute("UPDATE tasks SET event_pending = false WHERE task_id = 'unannounced'")
+    await db.execute("DELETE FROM event_outbox WHERE task_id = 'unannounced'")
     assert (await purger(store).purge_once())[Purged.TASKS] == 1
 
 

@@ -12,6 +12,7 @@ import pytest
 from worker.contract.models import Outcome, Result
 from worker.contract.records import TaskRecord
 from worker.contract.settings import Settings
+from worker.store import queries
 from worker.store.batch import Batcher
 from worker.store.changes import Claimed, ClaimRequest, PollStarted
 from worker.store.database import Store
@@ -31,6 +32,39 @@ async def test_concurrent_start_ups_migrate_once(
     assert len(set(schemas)) == 1
     versions = await db.fetch("SELECT version FROM schema_migrations ORDER BY version")
     assert [v["version"] for v in versions] == [m.version for m in migrations()]
+
+
+async def test_events_pending_before_the_outbox_move_into_it(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    # The schema as migration 0012 left it, with one event still to publish.
+    schema = settings.database_url.rsplit("search_path=", 1)[1]
+    await db.execute(f'CREATE SCHEMA "{schema}"')
+    await db.execute(
+        "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL, "
+        "applied_at timestamptz NOT NULL DEFAULT now())"
+    )
+    for migration in migrations():
+        if migration.version < 13:
+            await db.execute(migration.sql)
+            await db.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                migration.version,
+                migration.name,
+            )
+    await db.execute(
+        "INSERT INTO tasks (task_id, plan_id, job_id, hub_name, mode, state, digest, message, "
+        "queued_at, completed_at, updated_at, event_pending) VALUES "
+        "('told', 'p', 'j', 'h', 'callback', 'completed', '\\x00', '{}', now(), now(), now(), "
+        "false), ('untold', 'p', 'j', 'h', 'callback', 'completed', '\\x00', '{}', now(), "
+        "now(), now() - interval '1 minute', true)"
+    )
+    async with (
+        Store.open(settings.database_url, pool_size=1) as store,
+        store.pending_events(older_than=0) as records,
+    ):
+        assert [r.task_id for r in records] == ["untold"]
+    assert await db.fetchval("SELECT count(*) FROM event_outbox") == 0
 
 
 def claim_request(task_id: str, body: bytes = b"{}") -> ClaimRequest:
@@ -111,6 +145,24 @@ async def test_a_running_attempt_of_a_live_worker_is_not_claimed(
         busy = await store.claim(claim_request("s-3"))
         assert isinstance(busy, TaskRecord)
         assert busy.worker_alive
+
+
+async def test_an_event_stays_in_the_outbox_until_published_without_waiting_for_the_disk(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    async with Store.open(settings.database_url) as store:
+        assert isinstance(await store.claim(claim_request("e-1")), Claimed)
+        assert (await store.cancel("e-1")) is not None
+        assert await db.fetchval("SELECT count(*) FROM event_outbox WHERE task_id = 'e-1'") == 1
+        await store.events_published(["e-1"])
+        assert await db.fetchval("SELECT count(*) FROM event_outbox") == 0
+    # The statement turns synchronous commit off for its own transaction, and only for it.
+    await db.execute("INSERT INTO event_outbox (task_id) VALUES ('e-1')")
+    async with db.transaction():
+        await db.execute(queries.EVENTS_PUBLISHED, ["e-1"])
+        assert await db.fetchval("SELECT current_setting('synchronous_commit')") == "off"
+    assert await db.fetchval("SELECT current_setting('synchronous_commit')") == "on"
+    assert await db.fetchval("SELECT count(*) FROM event_outbox") == 0
 
 
 async def test_many_concurrent_claims_share_round_trips(

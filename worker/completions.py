@@ -43,7 +43,7 @@ async def publish_completions(broker: Broker, store: Store, records: Iterable[Ta
 
 class Announcer:
     """Publishes completion events after their commit, without holding up whoever completed the
-    task: the row's pending mark, committed with the completion, already guarantees the event
+    task: the outbox row, committed with the completion, already guarantees the event
     (the relay publishes what is not confirmed), so an answer need not wait for the broker."""
 
     def __init__(self, broker: Broker, store: Store) -> None:

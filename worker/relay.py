@@ -1,7 +1,8 @@
 """The event relay: publishes the TaskCompleted events whose publishing was not confirmed.
 
 A completion's own process publishes its event at once; a process that died before the broker
-confirmed it leaves the row's pending mark, and any worker's or API's relay publishes it then.
+confirmed it leaves the task in the event outbox, and any worker's or API's relay publishes it
+then.
 """
 
 from __future__ import annotations

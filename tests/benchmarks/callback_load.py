@@ -186,7 +186,7 @@ async def events_published(setting: Setting, api: Child) -> None:
     async def none_pending() -> bool:
         conn = await asyncpg.connect(setting.database_url)
         try:
-            pending: int = await conn.fetchval("SELECT count(*) FROM tasks WHERE event_pending")
+            pending: int = await conn.fetchval("SELECT count(*) FROM event_outbox")
         finally:
             await conn.close()
         return pending == 0

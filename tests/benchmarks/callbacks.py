@@ -481,7 +481,7 @@ async def check_ends(setting: Setting, run: Run) -> None:
         deadline = time.monotonic() + 10
         while True:
             run.events_unconfirmed = await conn.fetchval(
-                "SELECT count(*) FROM tasks WHERE task_id = ANY($1::text[]) AND event_pending",
+                "SELECT count(*) FROM event_outbox WHERE task_id = ANY($1::text[])",
                 task_ids,
             )
             if not run.events_unconfirmed or time.monotonic() > deadline:

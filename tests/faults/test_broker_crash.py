@@ -55,7 +55,8 @@ async def test_rabbitmq_killed_with_sigkill_in_the_middle_of_2000_tasks(
         confirmed = {
             r["task_id"]
             for r in await db.fetch(
-                "SELECT task_id FROM tasks WHERE state = 'completed' AND NOT event_pending"
+                "SELECT task_id FROM tasks t WHERE state = 'completed' "
+                "AND NOT EXISTS (SELECT FROM event_outbox o WHERE o.task_id = t.task_id)"
             )
         }
         await asyncio.to_thread(node.kill, pid)
@@ -68,7 +69,7 @@ async def test_rabbitmq_killed_with_sigkill_in_the_middle_of_2000_tasks(
             rows = await completed_in_database(settings, TOTAL, timeout=150)
             took = time.monotonic() - killed
             bodies = await drain_events(channel, deployment.observer, set(ids))
-            pending = await db.fetchval("SELECT count(*) FROM tasks WHERE event_pending")
+            pending = await db.fetchval("SELECT count(*) FROM event_outbox")
     await asyncio.gather(before.close(), return_exceptions=True)
 
     results = results_by_task(bodies)

@@ -43,7 +43,6 @@ class TaskRecord:
     deadline: datetime | None
     reply_to: str | None
     correlation_id: str | None
-    event_pending: bool
     external_started_at: datetime | None
     # The task's variables, as JSON text.
     variables: str | None

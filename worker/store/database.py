@@ -321,7 +321,7 @@ class Store:
         self, older_than: float, limit: int = 100
     ) -> AsyncIterator[list[TaskRecord]]:
         """Completions whose events no one has confirmed yet, locked until the block ends, and
-        then marked published (the block publishes them, or raises)."""
+        then taken out of the outbox (the block publishes them, or raises)."""
         async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(queries.PENDING_EVENTS, older_than, limit)
             records = [task_record(row) for row in rows]
@@ -346,11 +346,7 @@ class Store:
             log.warning("events not marked published (the relay will publish them again): %s", exc)
 
     async def _flush_published(self, batch: list[list[str]]) -> list[None]:
-        async with self._pool.acquire() as conn, conn.transaction():
-            # Losing this mark in a crash only makes the relay publish the event again, which
-            # at-least-once delivery allows: it need not wait for the disk.
-            await conn.execute("SET LOCAL synchronous_commit = off")
-            await conn.execute(queries.EVENTS_PUBLISHED, [i for ids in batch for i in ids])
+        await self._pool.execute(queries.EVENTS_PUBLISHED, [i for ids in batch for i in ids])
         return [None] * len(batch)
 
     async def append_log_lines(

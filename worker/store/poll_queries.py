@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.store.queries import RECORD, holds_own_lock, state_in
+from worker.store.queries import RECORD, holds_own_lock, state_in, with_event_outbox
 
 # A poll task whose start request was answered polls from now on; fenced like COMPLETE (the
 # attempt, and the worker's lock: a worker that lost its lock may have lost the task to another).
@@ -49,17 +49,17 @@ RETURNING t.task_id
 
 # A poll's answer that completes its task; fenced like POLLED. The event is published from the
 # row, as the sweeper's are: no task message is in hand.
-POLL_FINISHED = f"""
+POLL_FINISHED = with_event_outbox(f"""
 UPDATE tasks AS t
 SET state = 'completed', polls = t.polls + 1, result = i.result, reason = i.reason,
     response = coalesce(i.response::jsonb, t.response), outputs = t.outputs || i.outputs::jsonb,
-    completed_at = now(), completed_by = 'worker', event_pending = true, next_poll_at = NULL,
+    completed_at = now(), completed_by = 'worker', next_poll_at = NULL,
     worker_id = NULL, lease_until = NULL, updated_at = now()
 FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[])
      AS i(task_id, polls, result, reason, response, outputs)
 WHERE t.task_id = i.task_id AND {state_in("polling")} AND t.polls = i.polls
 RETURNING {RECORD}
-"""
+""")
 
 # Polls in flight on a worker that is gone (its session lock with it) are due again at once.
 RESCUE_POLLS = """

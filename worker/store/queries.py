@@ -52,7 +52,7 @@ _RETRIES = "jsonb_array_length(t.history)"
 RECORD = f"""t.task_id, t.plan_id, t.job_id, t.hub_name, t.state, t.result, t.reason, t.attempts,
     t.digest, t.message::text AS message, t.response::text AS response, t.outputs::text AS outputs,
     t.worker_id, t.lease_until, t.queued_at, t.started_at, t.completed_at, t.mode, t.completed_by,
-    t.deadline, t.reply_to, t.correlation_id, t.event_pending, t.external_started_at,
+    t.deadline, t.reply_to, t.correlation_id, t.external_started_at,
     (t.message -> 'variables')::text AS variables, {_RETRIES} AS retries,
     CASE WHEN t.state = 'queued' THEN (t.history -> -1 ->> 'retryAt')::timestamptz END AS retry_at,
     t.history::text AS history, t.polls,
@@ -133,6 +133,21 @@ WHERE t.task_id = $1 AND t.state = 'running' AND t.attempts = $2 AND {holds_own_
 RETURNING t.updated_at
 """
 
+
+def with_event_outbox(completing: str) -> str:
+    """`completing`, a statement that completes tasks and returns their records, with each
+    task's TaskCompleted event kept in the outbox by the same statement: the process that
+    completes it holds no task message, so the event is published from the outbox, and only
+    its confirmation deletes it there (the relay publishes what stays unconfirmed)."""
+    return f"""
+WITH completed AS ({completing}), outboxed AS (
+    INSERT INTO event_outbox (task_id) SELECT task_id FROM completed
+    ON CONFLICT (task_id) DO NOTHING
+)
+SELECT * FROM completed
+"""
+
+
 _HAS_CANCEL_REQUEST = "coalesce(jsonb_typeof(t.message -> 'cancelRequest'), 'null') <> 'null'"
 
 # The external service's TaskCompleted: accepted while the task runs or waits, whichever came
@@ -140,16 +155,16 @@ _HAS_CANCEL_REQUEST = "coalesce(jsonb_typeof(t.message -> 'cancelRequest'), 'nul
 # a valid token means that an earlier invocation reached the service (it may have timed out on
 # the way back). The retry then finds the task completed. Not past the deadline, by the
 # database's clock, though no sweep has yet failed the task.
-COMPLETE_BY_CALLBACK = f"""
+COMPLETE_BY_CALLBACK = with_event_outbox(f"""
 UPDATE tasks AS t
 SET state = 'completed', result = i.result, reason = i.reason, completed_at = now(),
-    completed_by = 'callback', event_pending = true, lease_until = NULL, updated_at = now()
+    completed_by = 'callback', lease_until = NULL, updated_at = now()
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS i(task_id, plan_id, result, reason)
 WHERE t.task_id = i.task_id AND t.plan_id = i.plan_id AND t.mode = 'callback'
   AND ({state_in("running", "waiting")} OR ({state_in("queued")} AND {_RETRIES} > 0))
   AND (t.deadline IS NULL OR now() < t.deadline)
 RETURNING {RECORD}
-"""
+""")
 
 SELECT_MANY_IN_PLANS = f"""
 SELECT {RECORD} FROM tasks t
@@ -178,7 +193,7 @@ SELECT_IN_PLAN = f"SELECT {RECORD} FROM tasks t WHERE t.task_id = $1 AND t.plan_
 # them (autovacuum off, the table never analyzed) the planner took every waiting task through
 # bitmaps of the state indexes and sorted them, 35-50 ms a sweep with 100,000 waiting.
 SWEEP_PLAN = "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off"
-SWEEP = f"""
+SWEEP = with_event_outbox(f"""
 WITH waiting AS (
     SELECT task_id FROM tasks
     WHERE state = 'waiting' AND deadline <= now()
@@ -206,7 +221,7 @@ SET state = 'completed', result = 'failed',
              || round(extract(epoch FROM t.deadline - t.started_at))::bigint || ' s'
         WHEN t.deadline <= now() THEN 'timed out waiting for callback'
         ELSE 'external service did not start' END,
-    completed_at = now(), completed_by = 'timeout', event_pending = true, updated_at = now(),
+    completed_at = now(), completed_by = 'timeout', updated_at = now(),
     next_poll_at = NULL, worker_id = NULL,
     cancel_state = CASE WHEN {_HAS_CANCEL_REQUEST} THEN 'pending' END
 FROM (
@@ -215,33 +230,38 @@ FROM (
 ) AS due
 WHERE t.task_id = due.task_id
 RETURNING {RECORD}
-"""
+""")
 
 # An invoked task's cancelRequest is due when it is cancelled; a queued one was never invoked,
 # unless it is queued for a retry.
-CANCEL = f"""
+CANCEL = with_event_outbox(f"""
 UPDATE tasks AS t
 SET state = 'completed', result = 'canceled', reason = $2, completed_at = now(),
-    completed_by = 'cancel', event_pending = true, lease_until = NULL, updated_at = now(),
+    completed_by = 'cancel', lease_until = NULL, updated_at = now(),
     next_poll_at = NULL, worker_id = NULL,
     cancel_state = CASE WHEN (t.state IN ('running', 'waiting', 'polling') OR {_RETRIES} > 0)
                              AND {_HAS_CANCEL_REQUEST}
                         THEN 'pending' END
 WHERE t.task_id = $1 AND t.state <> 'completed'
 RETURNING {RECORD}
-"""
+""")
 
 # Completions made by processes that hold no task message, whose events are not yet confirmed.
 PENDING_EVENTS = f"""
-SELECT {RECORD} FROM tasks t
-WHERE t.event_pending AND t.updated_at < now() - make_interval(secs => $1)
-ORDER BY t.updated_at
+SELECT {RECORD} FROM event_outbox o JOIN tasks t ON t.task_id = o.task_id
+WHERE o.since < now() - make_interval(secs => $1)
+ORDER BY o.since
 LIMIT $2
-FOR UPDATE SKIP LOCKED
+FOR UPDATE OF o SKIP LOCKED
 """
 
+# A mark lost in a crash only makes the relay publish the event again, which at-least-once
+# delivery allows: its commit need not wait for the disk. The setting is made by the statement
+# itself, for its own transaction, so that a mark is one round trip rather than four (BEGIN, SET
+# LOCAL, DELETE, COMMIT); a row is deleted only once the setting is made.
 EVENTS_PUBLISHED = """
-UPDATE tasks SET event_pending = false WHERE task_id = ANY($1::text[]) AND event_pending
+WITH unflushed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))
+DELETE FROM event_outbox o USING unflushed WHERE o.task_id = ANY($1::text[])
 """
 
 # Marked done before the call: a cancelRequest is invoked at most once, best effort.

@@ -39,7 +39,8 @@ WITH doomed AS (
     SELECT t.task_id FROM tasks t
     WHERE t.completed_at < now() - make_interval(secs => $1) AND t.completed_at >= $3
       AND t.state = 'completed'
-      AND NOT t.event_pending AND t.cancel_state IS DISTINCT FROM 'pending'
+      AND t.cancel_state IS DISTINCT FROM 'pending'
+      AND NOT EXISTS (SELECT FROM event_outbox o WHERE o.task_id = t.task_id)
     ORDER BY t.completed_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED

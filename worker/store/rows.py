@@ -38,7 +38,6 @@ def task_record(row: asyncpg.Record) -> TaskRecord:
         deadline=row["deadline"],
         reply_to=row["reply_to"],
         correlation_id=row["correlation_id"],
-        event_pending=row["event_pending"],
         external_started_at=row["external_started_at"],
         variables=row["variables"],
         history=row["history"],
