@@ -20,13 +20,17 @@ its indexes and TOAST), with the tasks table's live and dead tuples as PostgreSQ
 count them.
 
 The baseline is the first round of the same run: the last round's tasks/s must be at least 90%
-of the first's. Beside it, throughput.py's bare baseline (no validation, no database) runs
+of the first's, each taken at the host's speed. A shared host's speed moves by 10-25% from one
+round to the next (two runs of the same code: the last round at 86% and at 125% of the first),
+and the worker's, PostgreSQL's and RabbitMQ's CPU per task move with it. RabbitMQ does the same
+work for every task in every round (a delivery, an ack, an event published with a confirm), so
+its CPU per task gauges how fast the host ran each round: a round's rate at the host's speed is
+its tasks/s times its RabbitMQ CPU ms per task, against the first round's (97-101% in every
+round of those two runs). The rates as measured are printed beside it, and decide when RabbitMQ's
+CPU cannot be read. Beside them, throughput.py's bare baseline (no validation, no database) runs
 `--baseline-tasks` tasks before the worker starts, on the same target, for scale, and once more
-after the worker and the API have stopped: its second rate against its first is the host's own
-drift over the run, printed beside the verdict (which it does not change). So is each round's
-rate at the host's speed: scaled by RabbitMQ's CPU per task, whose work per task is the same in
-every round, so that it gauges how fast the host ran the round (on a shared host, 10-20% apart
-from one round to the next).
+after the worker and the API have stopped: its second rate against its first is the host's
+drift over the whole run.
 
 With `--retention on`, an `agentless api` process (same schema and prefix) is started after the
 first round with AGENTLESS_RETENTION set to twice that round's duration (from its first publish
@@ -678,6 +682,8 @@ class Verdict:
     value: str
     target: str
     passed: bool
+    # A figure shown beside the targets that decides nothing.
+    counts: bool = True
 
 
 def verdicts(outcome: Outcome) -> list[Verdict]:
@@ -691,13 +697,24 @@ def verdicts(outcome: Outcome) -> list[Verdict]:
         return found
     first, last = rounds[0], rounds[-1]
     ratio = last.tasks_per_s / first.tasks_per_s if first.tasks_per_s else 0.0
+    steady = at_host_speed(last, first)
+    # Rounded down: a share shown as 90.0% must not be one that fails a 90% target.
+    if steady is not None:
+        found.append(
+            Verdict(
+                "last/first round tasks/s, at host speed",
+                f"{math.floor(steady * 1000) / 10:.1f}%",
+                f">= {HOLD_TARGET:.0%}",
+                steady >= HOLD_TARGET,
+            )
+        )
     found.append(
         Verdict(
-            "last/first round tasks/s",
-            # Rounded down: a share shown as 90.0% must not be one that fails a 90% target.
+            "last/first round tasks/s" + (", as measured" if steady is not None else ""),
             f"{math.floor(ratio * 1000) / 10:.1f}%",
-            f">= {HOLD_TARGET:.0%}",
+            f">= {HOLD_TARGET:.0%}" if steady is None else "-",
             ratio >= HOLD_TARGET,
+            counts=steady is None,
         )
     )
     if outcome.retention:
@@ -723,6 +740,12 @@ def verdicts(outcome: Outcome) -> list[Verdict]:
                 )
             )
     return found
+
+
+def verdict_word(v: Verdict) -> str:
+    if not v.counts:
+        return "(shown)"
+    return "PASS" if v.passed else "FAIL"
 
 
 def report(outcome: Outcome, found: list[Verdict]) -> str:
@@ -803,10 +826,7 @@ def report(outcome: Outcome, found: list[Verdict]) -> str:
                 )
             )
     lines += ["", f"{'target':<40}  {'measured':>9}  {'wanted':>8}  verdict"]
-    lines += [
-        f"{v.what:<40}  {v.value:>9}  {v.target:>8}  {'PASS' if v.passed else 'FAIL'}"
-        for v in found
-    ]
+    lines += [f"{v.what:<40}  {v.value:>9}  {v.target:>8}  {verdict_word(v)}" for v in found]
     disturbed = [
         str(r.number)
         for r in outcome.rounds
@@ -818,14 +838,6 @@ def report(outcome: Outcome, found: list[Verdict]) -> str:
             f"{', '.join(disturbed)}; compare those rounds' CPU ms/task rather than their tasks/s, "
             "or run again on a quiet host."
         )
-    if len(outcome.rounds) >= 2:
-        steady = at_host_speed(outcome.rounds[-1], outcome.rounds[0])
-        if steady is not None:
-            lines.append(
-                f"note: at the host's speed (RabbitMQ's CPU per task as the gauge), the last "
-                f"round ran at {100 * steady:.1f}% of the first; the verdict above is on the "
-                "rates as measured."
-            )
     if outcome.duplicates:
         lines.append(f"note: {outcome.duplicates} completion events repeated (at least once)")
     lines += [f"problem: {p}" for p in outcome.problems]
@@ -842,7 +854,7 @@ def run_benchmark(outcome: Outcome, as_json: bool) -> int:
     if as_json:
         results = {**asdict(outcome), "verdicts": [asdict(v) for v in found]}
         print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
-    passed = all(v.passed for v in found) and not outcome.problems
+    passed = all(v.passed for v in found if v.counts) and not outcome.problems
     if passed:
         shutil.rmtree(logs)
     else:
