@@ -25,7 +25,7 @@ round to the next (two runs of the same code: the last round at 86% and at 125% 
 and the worker's, PostgreSQL's and RabbitMQ's CPU per task move with it. RabbitMQ does the same
 work for every task in every round (a delivery, an ack, an event published with a confirm), so
 its CPU per task gauges how fast the host ran each round: a round's rate at the host's speed is
-its tasks/s times its RabbitMQ CPU ms per task, against the first round's (97-101% in every
+its tasks/s times its RabbitMQ CPU ms per task, against the first round's (92-101% in every
 round of those two runs). The rates as measured are printed beside it, and decide when RabbitMQ's
 CPU cannot be read. Beside them, throughput.py's bare baseline (no validation, no database) runs
 `--baseline-tasks` tasks before the worker starts, on the same target, for scale, and once more
