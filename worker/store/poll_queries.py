@@ -48,7 +48,7 @@ RETURNING t.task_id
 """
 
 # A poll's answer that completes its task; fenced like POLLED. The event is published from the
-# row, as the sweeper's are: no task message is in hand.
+# outbox, as the sweeper's are: no task message is in hand.
 POLL_FINISHED = with_event_outbox(f"""
 UPDATE tasks AS t
 SET state = 'completed', polls = t.polls + 1, result = i.result, reason = i.reason,
