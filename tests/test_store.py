@@ -18,7 +18,7 @@ from worker.store.changes import Claimed, ClaimRequest, PollStarted
 from worker.store.database import Store
 from worker.store.errors import TaskVanished
 from worker.store.registry import registered_worker
-from worker.store.schema import migrations
+from worker.store.schema import migrate, migrations
 
 
 async def test_concurrent_start_ups_migrate_once(
@@ -38,20 +38,7 @@ async def test_events_pending_before_the_outbox_move_into_it(
     settings: Settings, db: asyncpg.Connection
 ) -> None:
     # The schema as migration 0012 left it, with one event still to publish.
-    schema = settings.database_url.rsplit("search_path=", 1)[1]
-    await db.execute(f'CREATE SCHEMA "{schema}"')
-    await db.execute(
-        "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL, "
-        "applied_at timestamptz NOT NULL DEFAULT now())"
-    )
-    for migration in migrations():
-        if migration.version < 13:
-            await db.execute(migration.sql)
-            await db.execute(
-                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                migration.version,
-                migration.name,
-            )
+    await migrate(db, up_to=12)
     await db.execute(
         "INSERT INTO tasks (task_id, plan_id, job_id, hub_name, mode, state, digest, message, "
         "queued_at, completed_at, updated_at, event_pending) VALUES "

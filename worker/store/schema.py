@@ -35,9 +35,12 @@ def migrations() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
-async def migrate(conn: asyncpg.Connection | PoolConnectionProxy) -> str:
-    """Bring the schema up to date and return its name. Safe when many processes start at once:
-    each waits for the lock, then re-reads the version another may have just applied."""
+async def migrate(
+    conn: asyncpg.Connection | PoolConnectionProxy, *, up_to: int | None = None
+) -> str:
+    """Bring the schema up to date (or to version `up_to`: an older schema, to upgrade from)
+    and return its name. Safe when many processes start at once: each waits for the lock, then
+    re-reads the version another may have just applied."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
         schema: str | None = await conn.fetchval("SELECT current_schema()")
@@ -55,7 +58,7 @@ async def migrate(conn: asyncpg.Connection | PoolConnectionProxy) -> str:
         )
         current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
         for migration in migrations():
-            if migration.version > current:
+            if migration.version > current and (up_to is None or migration.version <= up_to):
                 await conn.execute(migration.sql)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
