@@ -284,11 +284,27 @@ def _no_proxy_env() -> Iterator[None]:
 PORTS = range(20000, 32000)
 
 
+def _own_ports() -> Iterator[int]:
+    """This test process's share of PORTS, each port once, from a random start. A port is bound
+    only some time after it is handed out, so handing the same one out twice (two API processes
+    of one deployment, say) or to two test processes at once must not be left to chance."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    share = PORTS[int(worker) :: count] if worker.isdigit() else PORTS
+    start = secrets.randbelow(len(share))
+    while True:
+        yield from share[start:]
+        yield from share[:start]
+
+
+_ports = _own_ports()
+
+
 def free_port() -> int:
     """A port nobody listens on or is connected from on 127.0.0.1 now, outside the ephemeral
-    range (see PORTS)."""
+    range, and not handed out before by this test process (see _own_ports)."""
     while True:
-        port = PORTS.start + secrets.randbelow(len(PORTS))
+        port = next(_ports)
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
