@@ -8,6 +8,7 @@ import time
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 from aio_pika.abc import AbstractChannel
 
@@ -208,6 +209,41 @@ async def test_cancel_completes_a_waiting_task_canceled(
     async with asyncio.timeout(5):
         while not target.calls["cancel-op"]:
             await asyncio.sleep(0.05)
+
+
+async def test_a_task_published_again_while_it_waits_replies_to_the_new_caller(
+    api: Api,
+    channel: AbstractChannel,
+    events: Events,
+    target: Target,
+    db: asyncpg.Connection,
+) -> None:
+    """`submit --wait` run again for a task that waits (the first one gave up): the task is not
+    invoked again, and its result goes to the caller waiting now."""
+    task, headers = await waiting(api, channel, events, target)
+    task_id = task["taskId"]
+    replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await publish(channel, api.settings, task, reply_to=replies.name, correlation_id="again")
+    async with asyncio.timeout(10):
+        while await db.fetchval("SELECT reply_to FROM tasks WHERE task_id = $1", task_id) != (
+            replies.name
+        ):
+            await asyncio.sleep(0.02)
+    assert target.calls[task_id] == 1
+
+    completed = {"name": "TaskCompleted", "taskId": task_id, "result": "succeeded"}
+    assert (await post(f"{api.url}/plans/plan-1/events", completed, headers["AuthToken"]))[0] == 200
+    async with asyncio.timeout(10), replies.iterator() as messages:
+        async for message in messages:
+            await message.ack()
+            break
+    event = orjson.loads(message.body)
+    assert (message.correlation_id, event["name"], event["taskId"], event["result"]) == (
+        "again",
+        "TaskCompleted",
+        task_id,
+        "succeeded",
+    )
 
 
 async def test_log_lines_in_order_on_both_paths(

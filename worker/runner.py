@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
+from functools import partial
 from typing import TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -379,8 +380,15 @@ class Runner:
                 await self._publish_completion(message, got)
                 return None
             if got.state in (State.WAITING, State.POLLING):
-                # Its invocation was answered and recorded, and the message's settling lost:
-                # the task's row carries it on from here.
+                # Its invocation was answered and recorded, and the message's settling lost (or
+                # the task published again): the task's row carries it on from here.
+                reply_to = message.reply_to
+                if reply_to and not await self._db(
+                    partial(
+                        self._store.redirect_reply, task.task_id, reply_to, message.correlation_id
+                    )
+                ):
+                    continue  # completed meanwhile: the result goes to this caller too
                 log.info("task already past its invocation", extra={"state": got.state.value})
                 await settle(message.ack())
                 return None

@@ -300,6 +300,14 @@ class Store:
         row = await self._pool.fetchrow(queries.SELECT_IN_PLAN, task_id, plan_id)
         return None if row is None else task_record(row)
 
+    async def redirect_reply(self, task_id: str, reply_to: str, correlation_id: str | None) -> bool:
+        """Send the TaskCompleted of a task that waits or polls to `reply_to`; False when the
+        task does neither (any more)."""
+        changed = await self._pool.fetchval(
+            queries.REDIRECT_REPLY, task_id, reply_to, correlation_id
+        )
+        return changed is not None
+
     async def cancel(self, task_id: str) -> TaskRecord | None:
         """Complete the task `canceled`: its record, or None if it was already completed."""
         row = await self._pool.fetchrow(queries.CANCEL, task_id, CANCEL_REASON)

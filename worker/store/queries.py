@@ -182,6 +182,15 @@ RETURNING {RECORD}
 
 SELECT_IN_PLAN = f"SELECT {RECORD} FROM tasks t WHERE t.task_id = $1 AND t.plan_id = $2"
 
+# The task's message published again, with a reply address, while the task waits or polls: its
+# TaskCompleted goes to that address from now on, which is the caller waiting now (one before may
+# have given up, its reply queue gone with it).
+REDIRECT_REPLY = f"""
+UPDATE tasks AS t SET reply_to = $2, correlation_id = $3
+WHERE t.task_id = $1 AND {state_in("waiting", "polling")}
+RETURNING t.task_id
+"""
+
 # Waiting and polling tasks past their deadline, or waiting ones past the time by which the
 # service had to say it started; SKIP LOCKED lets every worker sweep at once without two completing
 # one task. A poll in flight then finds its task completed, and records nothing.
