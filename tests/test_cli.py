@@ -63,6 +63,24 @@ async def test_submit_wait_exits_1_when_the_task_fails(
     assert json.loads(out)["reason"] == "HTTP 503"
 
 
+async def test_submit_wait_says_at_once_that_the_task_was_dead_lettered(
+    worker: Worker, settings: Settings, target: Target
+) -> None:
+    """A different task sent under a taskId already taken: the worker dead-letters it, and
+    `submit --wait` says why instead of waiting out its timeout."""
+    task = ("submit", "--url", f"{target.url}/hook", "--task-id", "cli-twice", "--wait")
+    assert (await processes.run(settings, *task, "--plan-id", "first"))[0] == 0
+    code, out, err = await processes.run(
+        settings, *task, "--plan-id", "second", "--wait-timeout", "120"
+    )
+    assert (code, out, err.strip()) == (
+        2,
+        "",
+        "agentless: task cli-twice was dead-lettered: "
+        "taskId 'cli-twice' already belongs to a different task",
+    )
+
+
 async def test_submit_with_retries(worker: Worker, settings: Settings, target: Target) -> None:
     code, out, err = await processes.run(
         settings,

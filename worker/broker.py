@@ -298,7 +298,9 @@ class Broker(SupervisedConnection):
         )
 
     async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
-        """A copy of `message` on the dead-letter queue with the reason, its properties kept."""
+        """A copy of `message` on the dead-letter queue with the reason, its properties kept;
+        and one to its `reply_to`, if it has one: whoever waits there for the task's result
+        (`submit --wait`) learns at once that none will come, and why."""
         headers: dict[str, object] = dict(message.headers or {})
         headers[REASON_HEADER] = reason
         await self.publish(
@@ -309,6 +311,14 @@ class Broker(SupervisedConnection):
             correlation_id=message.correlation_id,
             reply_to=message.reply_to,
         )
+        if message.reply_to:
+            await self.publish(
+                message.body,
+                message.reply_to,
+                headers=_headers(headers),
+                message_id=message.message_id,
+                correlation_id=message.correlation_id,
+            )
 
 
 def _headers(values: Mapping[str, object]) -> HeadersType:

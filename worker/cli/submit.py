@@ -16,11 +16,12 @@ from pydantic import JsonValue
 
 from worker.amqp import watch_blocking
 from worker.cli.connect import broker_connection, group_size
+from worker.cli.dead import reason_of
 from worker.cli.events import EventFeed
 from worker.cli.exits import EXIT_DONE, EXIT_NOT_SUCCEEDED, EXIT_WAIT_TIMEOUT
 from worker.cli.progress import Progress
 from worker.contract.errors import InvalidTask, Unavailable, UsageError
-from worker.contract.models import Names, Result, TaskEvent, TaskMessage, parse_task
+from worker.contract.models import REASON_HEADER, Names, Result, TaskEvent, TaskMessage, parse_task
 from worker.contract.settings import Settings
 from worker.topology import declare_topology_on
 
@@ -239,9 +240,15 @@ def _unconfirmed(task: TaskMessage, blocked: list[str], command: str) -> str:
 
 
 async def _next_reply(queue: aio_pika.abc.AbstractQueue, task_id: str) -> bytes:
+    """The task's TaskCompleted event; UsageError if the worker dead-lettered the task instead
+    (it sends the dead-lettered message back, with the reason)."""
     async with queue.iterator() as replies:
         async for message in replies:
             await message.ack()
-            if message.correlation_id == task_id:
-                return message.body
+            if message.correlation_id != task_id:
+                continue
+            headers = message.headers or {}
+            if REASON_HEADER in headers:
+                raise UsageError(f"task {task_id} was dead-lettered: {reason_of(headers)}")
+            return message.body
     raise ConnectionError("the reply queue was closed")
