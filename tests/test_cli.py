@@ -63,6 +63,20 @@ async def test_submit_wait_exits_1_when_the_task_fails(
     assert json.loads(out)["reason"] == "HTTP 503"
 
 
+async def test_submit_again_under_the_same_task_id_gets_the_same_result(
+    worker: Worker, settings: Settings, target: Target
+) -> None:
+    """Without --plan-id the task sent again is the same message (its planId is its taskId): the
+    second `submit --wait` gets the first one's result, and the endpoint is not called again."""
+    task = ("submit", "--url", f"{target.url}/hook?key=cli-again", "--task-id", "cli-again")
+    first = await processes.run(settings, *task, "--wait")
+    second = await processes.run(settings, *task, "--wait")
+    assert (first[0], second[0]) == (0, 0), second[2]
+    assert json.loads(first[1]) == json.loads(second[1])
+    assert json.loads(first[1])["planId"] == "cli-again"
+    assert target.calls["cli-again"] == 1
+
+
 async def test_submit_wait_says_at_once_that_the_task_was_dead_lettered(
     worker: Worker, settings: Settings, target: Target
 ) -> None:

@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds before the first retry (default 1), doubled for each one after",
     )
     submit.add_argument("--task-id", help="default: a new UUID")
-    submit.add_argument("--plan-id", help="default: a new UUID")
+    submit.add_argument("--plan-id", help="default: the taskId")
     submit.add_argument("--job-id")
     submit.add_argument("--hub", help="hubName (default build)")
     submit.add_argument("--name", help="display name")

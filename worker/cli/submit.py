@@ -100,8 +100,10 @@ def _task_from_args(args: argparse.Namespace) -> dict[str, JsonValue]:
     retry = _flags(args, (("retry", "attempts"), ("retry_delay", "delaySeconds")))
     if retry:
         data["retry"] = {**_object(data.get("retry")), **retry}
-    data.setdefault("taskId", str(uuid.uuid4()))
-    data.setdefault("planId", str(uuid.uuid4()))
+    task_id = data.setdefault("taskId", str(uuid.uuid4()))
+    # Not a new UUID: sent again under the same --task-id (after a --wait-timeout, say), the task
+    # must be the same message, or the worker dead-letters it as a different task.
+    data.setdefault("planId", task_id)
     if args.var:
         variables = _object(data.get("variables"))
         variables.update(_pairs(args.var, "=", "--var", "NAME=VALUE"))
