@@ -463,10 +463,16 @@ async def test_a_worker_takes_its_lock_again_past_its_own_writes_checking_it(
         monkeypatch.setattr(registry, "RELOCK_PAUSE_SECONDS", 0)
         async with db.transaction():
             assert await end_lock_session(db, a)
-            # As a write of A's that does not hold the lock would, for a little longer.
-            assert await db.fetchval(
-                "SELECT pg_try_advisory_xact_lock_shared($1, $2)", a.lock_namespace, a.worker_id
-            )
+            # As a write of A's that does not hold the lock would, for a little longer; as soon
+            # as the ended session's backend has gone, and with it the lock (terminating it only
+            # signals the backend), which is before A can have opened a new session.
+            async with asyncio.timeout(2):
+                while not await db.fetchval(
+                    "SELECT pg_try_advisory_xact_lock_shared($1, $2)",
+                    a.lock_namespace,
+                    a.worker_id,
+                ):
+                    await asyncio.sleep(0.001)
             await asyncio.wait_for(until_cleared(a), 2)
             await asyncio.sleep(0.1)
         await asyncio.wait_for(a.live.wait(), HEARTBEAT_SECONDS - 1)
