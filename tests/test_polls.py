@@ -3,6 +3,7 @@ what they show, their requests and macros, a cancel, retries, and a thousand at 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -111,6 +112,40 @@ async def test_what_get_task_and_the_queue_show_of_a_polling_task(
     assert found["nextPollAt"] is None
     assert found["response"]["body"]["state"] == "done"
     assert (await call("GET", f"{api.url}/queue"))[1]["polling"] == 0
+
+
+async def test_a_poll_task_published_again_while_it_polls_replies_to_the_new_caller(
+    api: Api,
+    channel: AbstractChannel,
+    events: Events,
+    jobs: JobService,
+    db: asyncpg.Connection,
+) -> None:
+    """As for a waiting callback task: its job is not started again, and its result goes to the
+    reply address of the message published while it polls."""
+    task = poll_task(jobs, "again", script="hang,done")
+    await publish(channel, api.settings, task)
+    job = await jobs.until("again", 1)
+    replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await publish(channel, api.settings, task, reply_to=replies.name, correlation_id="again")
+    async with asyncio.timeout(10):
+        while (
+            await db.fetchval("SELECT reply_to FROM tasks WHERE task_id = 'poll-again'")
+            != replies.name
+        ):
+            await asyncio.sleep(0.02)
+    job.release.set()
+    async with asyncio.timeout(10), replies.iterator() as messages:
+        async for message in messages:
+            await message.ack()
+            break
+    event = orjson.loads(message.body)
+    assert (message.correlation_id, event["taskId"], event["result"]) == (
+        "again",
+        "poll-again",
+        "succeeded",
+    )
+    assert job.starts == 1
 
 
 async def test_retry_after_is_capped_at_ten_intervals(
