@@ -18,7 +18,12 @@ import asyncpg
 import orjson
 import pytest
 import pytest_asyncio
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 from pydantic import AnyUrl
@@ -182,6 +187,29 @@ async def publish(
         **properties,  # type: ignore[arg-type]
     )
     await channel.default_exchange.publish(message, routing_key=Names(settings.prefix).tasks)
+
+
+async def first_message(queue: AbstractQueue) -> AbstractIncomingMessage:
+    """The next message on `queue`, acknowledged."""
+    async with asyncio.timeout(10), queue.iterator() as messages:
+        async for message in messages:
+            await message.ack()
+            return message
+    raise AssertionError(f"queue {queue.name} was closed")
+
+
+async def published_again(
+    channel: AbstractChannel, settings: Settings, db: asyncpg.Connection, task: dict[str, Any]
+) -> AbstractQueue:
+    """Publish `task` again with a reply queue of its own (correlation id "again"): the queue,
+    once the task's row says its TaskCompleted goes there."""
+    replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await publish(channel, settings, task, reply_to=replies.name, correlation_id="again")
+    query = "SELECT reply_to FROM tasks WHERE task_id = $1"
+    async with asyncio.timeout(10):
+        while await db.fetchval(query, task["taskId"]) != replies.name:
+            await asyncio.sleep(0.02)
+    return replies
 
 
 @dataclass

@@ -16,7 +16,16 @@ from callback_api import events as callback_events
 from tests import processes
 from tests.barriers import api_caught_up
 from tests.callbacks import CALLBACK_HEADERS, callback_task, post, waiting
-from tests.conftest import Api, Events, Target, free_port, publish, task_message
+from tests.conftest import (
+    Api,
+    Events,
+    Target,
+    first_message,
+    free_port,
+    publish,
+    published_again,
+    task_message,
+)
 from tests.processes import wait_until_ready
 from worker.contract.settings import Settings
 
@@ -222,21 +231,12 @@ async def test_a_task_published_again_while_it_waits_replies_to_the_new_caller(
     invoked again, and its result goes to the caller waiting now."""
     task, headers = await waiting(api, channel, events, target)
     task_id = task["taskId"]
-    replies = await channel.declare_queue(exclusive=True, auto_delete=True)
-    await publish(channel, api.settings, task, reply_to=replies.name, correlation_id="again")
-    async with asyncio.timeout(10):
-        while await db.fetchval("SELECT reply_to FROM tasks WHERE task_id = $1", task_id) != (
-            replies.name
-        ):
-            await asyncio.sleep(0.02)
+    replies = await published_again(channel, api.settings, db, task)
     assert target.calls[task_id] == 1
 
     completed = {"name": "TaskCompleted", "taskId": task_id, "result": "succeeded"}
     assert (await post(f"{api.url}/plans/plan-1/events", completed, headers["AuthToken"]))[0] == 200
-    async with asyncio.timeout(10), replies.iterator() as messages:
-        async for message in messages:
-            await message.ack()
-            break
+    message = await first_message(replies)
     event = orjson.loads(message.body)
     assert (message.correlation_id, event["name"], event["taskId"], event["result"]) == (
         "again",

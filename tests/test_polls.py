@@ -3,7 +3,6 @@ what they show, their requests and macros, a cancel, retries, and a thousand at 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -16,7 +15,7 @@ from aio_pika.abc import AbstractChannel
 
 from tests.barriers import swept
 from tests.callbacks import post
-from tests.conftest import Api, Events, Target, publish
+from tests.conftest import Api, Events, Target, first_message, publish, published_again
 from tests.poll_target import JobService, detail, detail_when, poll_task
 from tests.task_api import call
 from worker.contract.settings import Settings
@@ -126,19 +125,9 @@ async def test_a_poll_task_published_again_while_it_polls_replies_to_the_new_cal
     task = poll_task(jobs, "again", script="hang,done")
     await publish(channel, api.settings, task)
     job = await jobs.until("again", 1)
-    replies = await channel.declare_queue(exclusive=True, auto_delete=True)
-    await publish(channel, api.settings, task, reply_to=replies.name, correlation_id="again")
-    async with asyncio.timeout(10):
-        while (
-            await db.fetchval("SELECT reply_to FROM tasks WHERE task_id = 'poll-again'")
-            != replies.name
-        ):
-            await asyncio.sleep(0.02)
+    replies = await published_again(channel, api.settings, db, task)
     job.release.set()
-    async with asyncio.timeout(10), replies.iterator() as messages:
-        async for message in messages:
-            await message.ack()
-            break
+    message = await first_message(replies)
     event = orjson.loads(message.body)
     assert (message.correlation_id, event["taskId"], event["result"]) == (
         "again",

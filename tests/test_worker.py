@@ -11,7 +11,7 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from tests.conftest import Dead, Events, Target, publish, task_message
+from tests.conftest import Dead, Events, Target, first_message, publish, task_message
 from worker.contract.errors import ConfigError
 from worker.contract.models import MAX_TASK_BYTES
 from worker.contract.requests import UNSTORABLE
@@ -111,11 +111,7 @@ async def test_completion_also_goes_to_reply_to(
     replies = await channel.declare_queue(exclusive=True, auto_delete=True)
     task = task_message(target)
     await publish(channel, settings, task, reply_to=replies.name, correlation_id="corr-9")
-    async with asyncio.timeout(10):
-        async with replies.iterator() as messages:
-            async for message in messages:
-                await message.ack()
-                break
+    message = await first_message(replies)
     assert message.correlation_id == "corr-9"
     assert orjson.loads(message.body)["taskId"] == task["taskId"]
     assert orjson.loads(message.body)["name"] == "TaskCompleted"
